@@ -1,0 +1,42 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Everything else is a building block.
+SHELL := /bin/bash
+PY_BOOTSTRAP ?= python3
+UV_VERSION := 0.13.8
+VENV := .venv
+UV := $(PY_BOOTSTRAP) -m uv
+UER := $(VENV)/bin/uer
+WORLD ?= default
+
+.PHONY: setup demo test lint bench bench-simulate clean services help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+# The venv is rebuilt only when the lock or the project file changes: repeated runs are no-ops.
+$(VENV)/.synced: uv.lock pyproject.toml
+	@$(UV) --version 2>/dev/null | grep -q "$(UV_VERSION)" || $(PY_BOOTSTRAP) -m pip install --quiet "uv==$(UV_VERSION)"
+	$(UV) sync --frozen
+	@touch $@
+
+setup: $(VENV)/.synced  ## create .venv from uv.lock (no-op when up to date)
+
+demo: setup  ## install, simulate the default world, and show what landed
+	$(UER) simulate --world $(WORLD)
+	$(VENV)/bin/python -m retrieval_core.world_report
+
+test: setup services  ## install what the tests need, then run them all
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+lint: setup  ## ruff
+	$(VENV)/bin/ruff check .
+
+services:  ## make sure the local Postgres and Redis servers (127.0.0.1) are up
+	@bash infra/services.sh ensure
+
+bench: bench-simulate  ## every benchmark; results land in benchmarks/results/
+
+bench-simulate: setup  ## the large world: time and peak memory of `uer simulate --world large`
+	$(VENV)/bin/python benchmarks/simulate_large.py
+
+clean:  ## remove generated data and artefacts (keeps .venv)
+	rm -rf data artifacts dbt_project/target dbt_project/logs .pytest_cache .ruff_cache

@@ -1,0 +1,192 @@
+"""The one settings object: every choice that differs between the embedded and production profiles.
+
+Values come, in order of precedence, from explicit arguments, environment variables (prefix ``UER_``,
+nested fields with ``__``, e.g. ``UER_POSTGRES__HOST``), then the defaults of the selected profile.
+Secrets (passwords, tokens, API keys) have no defaults and are only ever read from the environment.
+Nothing else in the code base branches on "are we local?": it reads a field of this object.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Profile = Literal["local", "production"]
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class PostgresSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 5432
+    database: str = "uer"
+    user: str = "postgres"
+    password: SecretStr | None = None
+    schema_name: str = "uer"
+
+    def dsn(self, database: str | None = None) -> str:
+        """A libpq connection string (the password, if any, is embedded: never log it)."""
+        auth = self.user
+        if self.password is not None:
+            auth += ":" + self.password.get_secret_value()
+        return f"postgresql://{auth}@{self.host}:{self.port}/{database or self.database}"
+
+
+class RedisSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 6379
+    db: int = 0
+    password: SecretStr | None = None
+
+    def connection_string(self) -> str:
+        """Feast's redis connection string form: ``host:port,db=N[,password=...]``."""
+        conn = f"{self.host}:{self.port},db={self.db}"
+        if self.password is not None:
+            conn += f",password={self.password.get_secret_value()}"
+        return conn
+
+
+class MilvusSettings(BaseModel):
+    # A local path (Milvus Lite) or an http(s) URI of a Milvus server / cluster.
+    uri: str = "data/milvus/milvus.db"
+    token: SecretStr | None = None
+    collection_prefix: str = "products"
+    alias: str = "products_serving"
+    keep_previous: int = 2
+    index_type: Literal["HNSW", "IVF_FLAT", "FLAT"] = "HNSW"
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 200
+    search_ef: int = 200
+    min_ann_recall_at_100: float = 0.97
+
+
+class KfpSettings(BaseModel):
+    mode: Literal["local", "cluster"] = "local"
+    host: str | None = None
+    token: SecretStr | None = None
+    pipeline_root: str = "artifacts/kfp"
+
+
+class ServingSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 3000
+    api_key: SecretStr | None = None
+    history_cache_ttl_s: float = 30.0
+    max_k: int = 1000
+
+
+class AirflowSettings(BaseModel):
+    notify_webhook: SecretStr | None = None
+    retries: int = 2
+    retry_delay_s: int = 60
+
+
+class Settings(BaseSettings):
+    """Effective configuration of one run of the platform."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="UER_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    profile: Profile = "local"
+    # Where raw partitions, marts, feature stores and artefacts live (relative paths resolve
+    # against the project root, so every entry point agrees whatever its working directory).
+    data_dir: Path = Path("data")
+    artifacts_dir: Path = Path("artifacts")
+    homedepot_dir: Path = Path("../shared/data/homedepot")
+
+    dbt_target: Literal["duckdb", "postgres"] = "duckdb"
+    offline_store: Literal["duckdb", "postgres"] = "duckdb"
+    online_store: Literal["sqlite", "redis"] = "sqlite"
+
+    postgres: PostgresSettings = Field(default_factory=PostgresSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    milvus: MilvusSettings = Field(default_factory=MilvusSettings)
+    kfp: KfpSettings = Field(default_factory=KfpSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
+    airflow: AirflowSettings = Field(default_factory=AirflowSettings)
+
+    seed: int = 7
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_profile_defaults(cls, data: Any) -> Any:
+        """Fill what the caller and the environment left unset from the profile's preset."""
+        if not isinstance(data, dict):
+            return data
+        profile = data.get("profile", "local")
+        if profile not in PROFILE_PRESETS:
+            raise ValueError(f"unknown profile {profile!r}: choose one of {sorted(PROFILE_PRESETS)}")
+        return _deep_setdefault(dict(data), PROFILE_PRESETS[profile])
+
+    @model_validator(mode="after")
+    def _resolve_paths(self) -> Settings:
+        for name in ("data_dir", "artifacts_dir", "homedepot_dir"):
+            path = getattr(self, name)
+            if not path.is_absolute():
+                object.__setattr__(self, name, (PROJECT_ROOT / path).resolve())
+        return self
+
+    # Derived locations: one place names every folder the stages share.
+    @property
+    def landing_dir(self) -> Path:
+        return self.data_dir / "landing"
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.data_dir / "raw"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.data_dir / "quarantine"
+
+    @property
+    def diagnostics_dir(self) -> Path:
+        return self.data_dir / "diagnostics"
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings as plain JSON-able data, with every secret masked."""
+        return json.loads(self.model_dump_json())
+
+
+# What each profile means. Only values that differ between profiles belong here.
+PROFILE_PRESETS: dict[str, dict[str, Any]] = {
+    "local": {
+        "dbt_target": "duckdb",
+        "offline_store": "duckdb",
+        "online_store": "sqlite",
+        "milvus": {"uri": "data/milvus/milvus.db"},
+        "kfp": {"mode": "local"},
+    },
+    "production": {
+        "dbt_target": "postgres",
+        "offline_store": "postgres",
+        "online_store": "redis",
+        "milvus": {"uri": "http://127.0.0.1:19530"},
+        "kfp": {"mode": "cluster"},
+    },
+}
+
+
+def _deep_setdefault(target: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    for key, value in defaults.items():
+        if isinstance(value, dict):
+            current = target.get(key)
+            if current is None:
+                target[key] = dict(value)
+            elif isinstance(current, dict):
+                target[key] = _deep_setdefault(dict(current), value)
+        else:
+            target.setdefault(key, value)
+    return target
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

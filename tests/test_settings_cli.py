@@ -1,0 +1,88 @@
+"""Settings profiles, environment overrides, secret masking, and the CLI's behaviour on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from retrieval_core.cli import app
+from retrieval_core.settings import PROJECT_ROOT, Settings, get_settings
+
+
+def test_local_profile_is_embedded() -> None:
+    s = Settings(profile="local")
+    assert (s.dbt_target, s.offline_store, s.online_store, s.kfp.mode) == ("duckdb", "duckdb", "sqlite", "local")
+    assert not s.milvus.uri.startswith("http")
+    assert s.serving.host == "127.0.0.1"
+    assert s.data_dir == PROJECT_ROOT / "data"
+
+
+def test_production_profile_uses_servers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UER_PROFILE", "production")
+    s = Settings()
+    assert (s.dbt_target, s.offline_store, s.online_store, s.kfp.mode) == ("postgres", "postgres", "redis", "cluster")
+    assert s.milvus.uri.startswith("http://127.0.0.1")
+
+
+def test_environment_overrides_profile_defaults_including_nested(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UER_PROFILE", "production")
+    monkeypatch.setenv("UER_ONLINE_STORE", "sqlite")
+    monkeypatch.setenv("UER_POSTGRES__HOST", "db.internal")
+    monkeypatch.setenv("UER_MILVUS__URI", "http://milvus:19530")
+    s = Settings()
+    assert s.online_store == "sqlite" and s.offline_store == "postgres"
+    assert s.postgres.host == "db.internal" and s.milvus.uri == "http://milvus:19530"
+
+
+def test_unknown_profile_and_unknown_setting_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValidationError, match="unknown profile"):
+        Settings(profile="staging")
+    with pytest.raises(ValidationError):
+        Settings(onlin_store="redis")
+
+
+def test_settings_command_masks_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UER_POSTGRES__PASSWORD", "hunter2-very-secret")
+    monkeypatch.setenv("UER_SERVING__API_KEY", "key-abc-123")
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(app, ["settings"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    assert "hunter2-very-secret" not in result.output and "key-abc-123" not in result.output
+    shown = json.loads(result.output)
+    assert shown["postgres"]["password"] == "**********"
+    assert shown["profile"] == "local"
+
+
+def test_dsn_carries_the_secret_only_when_asked() -> None:
+    s = Settings(postgres={"password": "pw"})
+    assert s.postgres.dsn() == "postgresql://postgres:pw@127.0.0.1:5432/uer"
+    assert "pw" not in repr(s)
+
+
+def test_simulate_command_rejects_bad_knobs() -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["simulate", "--world", "tiny", "--set", "tail_gap_rate=1.7"])
+    assert result.exit_code != 0
+    assert "tail_gap_rate" in result.output
+    result = runner.invoke(app, ["simulate", "--world", "galaxy"])
+    assert result.exit_code != 0 and "unknown world" in result.output
+
+
+def test_land_command_reports_rejection_with_exit_code_2(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UER_DATA_DIR", str(tmp_path / "data"))
+    get_settings.cache_clear()
+    bad = tmp_path / "bad.parquet"
+    bad.write_text("nope")
+    try:
+        result = CliRunner().invoke(app, ["land", "events", "2026-10-01", str(bad)])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 2
+    assert "rejected" in result.output and "readable parquet" in result.output
+    assert (tmp_path / "data" / "quarantine" / "events" / "ds=2026-10-01" / "reason.json").exists()
