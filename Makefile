@@ -7,7 +7,7 @@ UV := $(PY_BOOTSTRAP) -m uv
 UER := $(VENV)/bin/uer
 WORLD ?= default
 
-.PHONY: setup demo test lint bench bench-simulate clean services help
+.PHONY: setup demo test lint bench bench-simulate bench-setup clean services help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -34,6 +34,9 @@ services:  ## make sure the local Postgres and Redis servers (127.0.0.1) are up
 	@bash infra/services.sh ensure
 
 bench: bench-simulate  ## every benchmark; results land in benchmarks/results/
+
+bench-setup: setup  ## time `make setup` in a fresh clone with an empty uv cache
+	$(VENV)/bin/python benchmarks/setup_fresh.py
 
 bench-simulate: setup  ## the large world: time and peak memory of `uer simulate --world large`
 	$(VENV)/bin/python benchmarks/simulate_large.py
