@@ -1,0 +1,15 @@
+{# The moment a day's data becomes known: midnight UTC after day `d` closes. Every mart stamps its
+   rows with it, so a point-in-time join at time t only sees days that ended before t. #}
+{% macro day_closed_at(d) %}{{ return(adapter.dispatch('day_closed_at', 'uer')(d)) }}{% endmacro %}
+
+{% macro default__day_closed_at(d) %}(cast({{ d }} + 1 as timestamp) at time zone 'UTC'){% endmacro %}
+
+{% macro duckdb__day_closed_at(d) %}timezone('UTC', cast({{ d }} + 1 as timestamp)){% endmacro %}
+
+{# Days to (re)build: exactly var('ds') on an incremental run, every landed day up to it otherwise. #}
+{% macro days_to_build(events_relation) %}
+    select distinct ds from {{ events_relation }}
+    {% if is_incremental() %}
+    where ds = cast('{{ var("ds") }}' as date)
+    {% endif %}
+{% endmacro %}

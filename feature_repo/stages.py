@@ -1,0 +1,56 @@
+"""The feature pipeline's typed stage functions; the CLI and the Airflow DAGs both call these.
+
+One day ``ds``: (production: load raw partitions into Postgres) → dbt build (models + dbt tests)
+→ great-expectations gate → publish the day to the offline store → Feast apply → materialise to
+the online store. A refused day raises :class:`~feature_repo.warehouse.DayRejected` before
+anything is published, so the offline and online stores keep yesterday's state.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass, field
+
+from feature_repo import store, warehouse
+from feature_repo.quality_gate import validate_days
+from retrieval_core.settings import Settings
+
+FIRST_MATERIALIZATION_START = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+
+
+@dataclass
+class FeatureDayReport:
+    ds: dt.date
+    published_days: list[dt.date]
+    rows: dict[str, int]
+    warnings: list[str]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def closed_at(day: dt.date) -> dt.datetime:
+    """When a day's features become known: midnight UTC after it (see dbt macro day_closed_at)."""
+    return dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
+
+
+def build_feature_day(settings: Settings, ds: dt.date) -> FeatureDayReport:
+    """Build, check, publish and materialise the features of day ``ds`` (idempotent for ``ds``)."""
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, fn, *args):  # noqa: ANN001, ANN202 - tiny local helper
+        start = time.perf_counter()
+        out = fn(*args)
+        seconds[name] = round(time.perf_counter() - start, 3)
+        return out
+
+    if settings.dbt_target == "postgres":
+        timed("load_raw", warehouse.load_raw_to_postgres, settings, ds)
+    timed("dbt", warehouse.run_dbt, settings, ds)
+    first_publication = not warehouse.published_days(settings)
+    days = warehouse.pending_days(settings, ds)
+    report = timed("gx", validate_days, settings, ds, days)
+    rows = timed("publish", warehouse.publish_days, settings, days)
+    timed("apply", store.apply, settings)
+    start = FIRST_MATERIALIZATION_START if first_publication else closed_at(min(days)) - dt.timedelta(days=1)
+    timed("materialize", store.materialize, settings, start, closed_at(ds) + dt.timedelta(seconds=1))
+    return FeatureDayReport(ds=ds, published_days=days, rows=rows, warnings=report.warnings, seconds=seconds)

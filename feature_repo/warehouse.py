@@ -1,0 +1,268 @@
+"""The warehouse side of the feature pipeline: raw partitions in, dbt marts built, a day published.
+
+* local profile: dbt-duckdb builds into ``data/warehouse.duckdb`` reading the landed parquet
+  partitions; a published day is written as parquet under ``data/features/<mart>/``.
+* production profile: the landed partitions are loaded into Postgres (schema ``uer_raw``), dbt-postgres
+  builds into ``uer_build``, and a published day is copied into ``uer_features``, the tables
+  Feast's Postgres offline store reads.
+
+Marts are built into a build area and only *published* after the quality gate passes, so a bad day
+never reaches the offline or online store.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from retrieval_core.contract import CONTRACTS, TABLES, landed_days, partition_path, write_atomic
+from retrieval_core.settings import PROJECT_ROOT, Settings
+
+DBT_PROJECT_DIR = PROJECT_ROOT / "dbt_project"
+BUILD_SCHEMA = "uer_build"
+RAW_SCHEMA = "uer_raw"
+FEATURES_SCHEMA = "uer_features"
+# Marts rebuilt one day at a time (keyed by ds) versus marts rebuilt whole on every run.
+DAILY_MARTS = ("product_profile", "product_quality", "user_history", "query_product_edges")
+WHOLE_MARTS = ("training_examples", "query_stats")
+MARTS = DAILY_MARTS + WHOLE_MARTS
+
+
+class DayRejected(RuntimeError):
+    """The day's data was refused (by a dbt test or the quality gate): nothing of it was published."""
+
+
+class DbtBuildFailed(DayRejected):
+    """dbt could not build the day: a model failed or a dbt test found bad data."""
+
+
+def warehouse_path(settings: Settings) -> Path:
+    return settings.data_dir / "warehouse.duckdb"
+
+
+def features_dir(settings: Settings) -> Path:
+    return settings.data_dir / "features"
+
+
+def write_dbt_profile(settings: Settings) -> Path:
+    """profiles.yml for both targets, generated from the settings (the password stays an env var)."""
+    pg = settings.postgres
+    profile = {"uer": {"target": settings.dbt_target, "outputs": {
+        "duckdb": {"type": "duckdb", "path": str(warehouse_path(settings)), "schema": BUILD_SCHEMA,
+                   "threads": 1},
+        "postgres": {"type": "postgres", "host": pg.host, "port": pg.port, "user": pg.user,
+                     "password": "{{ env_var('UER_POSTGRES__PASSWORD', '') }}", "dbname": pg.database,
+                     "schema": BUILD_SCHEMA, "threads": 2},
+    }}}
+    out = settings.artifacts_dir / "dbt"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profiles.yml").write_text(yaml.safe_dump(profile, sort_keys=False))
+    return out
+
+
+def run_dbt(settings: Settings, ds: dt.date, command: str = "build", extra: list[str] | None = None) -> None:
+    """Run ``dbt <command>`` for day ``ds`` on the profile's target; raise with the failing nodes.
+
+    dbt runs in a child process: it keeps its DuckDB connection (a file lock) and global logging
+    state for the life of a process, which must not leak into the stage that called it."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    profiles_dir = write_dbt_profile(settings)
+    target_path = settings.artifacts_dir / "dbt" / "target"
+    dbt_vars = {"ds": ds.isoformat(), "raw_dir": str(settings.raw_dir)}
+    args = [sys.executable, "-c", "from dbt.cli.main import cli; cli()", command,
+            "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir", str(profiles_dir),
+            "--target", settings.dbt_target, "--vars", json.dumps(dbt_vars),
+            "--target-path", str(target_path), "--log-path", str(settings.artifacts_dir / "dbt" / "logs"),
+            *(extra or [])]
+    env = {**os.environ, "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}
+    if settings.postgres.password is not None:
+        env["UER_POSTGRES__PASSWORD"] = settings.postgres.password.get_secret_value()
+    done = subprocess.run(args, capture_output=True, text=True, env=env, cwd=DBT_PROJECT_DIR)
+    if done.returncode == 0:
+        return
+    failures = []
+    results = target_path / "run_results.json"
+    if results.exists():
+        for node in json.loads(results.read_text()).get("results", []):
+            if node.get("status") in {"error", "fail"}:
+                name = node["unique_id"].split(".", 2)[-1]
+                failures.append(f"{name}: {node['status']} ({(node.get('message') or '').strip()[:200]})")
+    detail = "; ".join(failures) or done.stdout[-1500:] + done.stderr[-1500:]
+    raise DbtBuildFailed(f"dbt {command} for {ds} on target {settings.dbt_target} failed: {detail}. "
+                         f"Logs: {settings.artifacts_dir / 'dbt' / 'logs'}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Production: landed parquet partitions → Postgres raw tables
+# --------------------------------------------------------------------------------------------------
+
+_PG_TYPES = {"int64": "bigint", "int32": "integer", "double": "double precision", "string": "text",
+             "list<item: string>": "text[]", "timestamp[us, tz=UTC]": "timestamptz", "date32[day]": "date"}
+
+
+@contextmanager
+def postgres(settings: Settings) -> Iterator[object]:
+    import psycopg
+
+    with psycopg.connect(settings.postgres.dsn(), autocommit=False) as conn:
+        yield conn
+
+
+def ensure_database(settings: Settings) -> None:
+    """Create the settings' database on the server if it does not exist yet."""
+    import psycopg
+
+    with psycopg.connect(settings.postgres.dsn(database="postgres"), autocommit=True) as conn:
+        exists = conn.execute("select 1 from pg_database where datname = %s", (settings.postgres.database,)).fetchone()
+        if not exists:
+            conn.execute(f'create database "{settings.postgres.database}"')
+
+
+def load_raw_to_postgres(settings: Settings, up_to: dt.date) -> int:
+    """Copy landed partitions up to ``up_to`` into ``uer_raw``: days not loaded yet, and ``up_to``
+    itself again (idempotent: a day's rows are replaced as a unit)."""
+    ensure_database(settings)
+    rows = 0
+    with postgres(settings) as conn:
+        conn.execute(f"create schema if not exists {RAW_SCHEMA}")
+        for table in TABLES:
+            schema = CONTRACTS[table].schema
+            cols = ", ".join(f'"{f.name}" {_PG_TYPES[str(f.type)]}' for f in schema)
+            conn.execute(f"create table if not exists {RAW_SCHEMA}.{table} ({cols}, ds date not null)")
+            loaded = {r[0] for r in conn.execute(f"select distinct ds from {RAW_SCHEMA}.{table}")}
+            days = [d for d in landed_days(settings.raw_dir, table) if d <= up_to and (d not in loaded or d == up_to)]
+            for day in days:
+                path = partition_path(settings.raw_dir, table, day)
+                if not path.exists():
+                    continue
+                data = pq.read_table(path).to_pylist()
+                conn.execute(f"delete from {RAW_SCHEMA}.{table} where ds = %s", (day,))
+                names = ", ".join(f'"{f.name}"' for f in schema) + ", ds"
+                with conn.cursor().copy(f"copy {RAW_SCHEMA}.{table} ({names}) from stdin") as copy:
+                    for record in data:
+                        copy.write_row([*record.values(), day])
+                rows += len(data)
+        conn.commit()
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading what dbt built, and publishing a day after the gate
+# --------------------------------------------------------------------------------------------------
+
+
+def read_build(settings: Settings, mart: str, days: list[dt.date] | None = None) -> pd.DataFrame:
+    """Rows of a mart from the build area (the given days' rows for a daily mart, all rows otherwise)."""
+    daily = days is not None and mart in DAILY_MARTS
+    if settings.dbt_target == "duckdb":
+        where = " where ds in (select unnest(?))" if daily else ""
+        with duckdb.connect(str(warehouse_path(settings)), read_only=True) as con:
+            return con.execute(f"select * from {BUILD_SCHEMA}.{mart}{where}", [days] if daily else []).df()
+    where = " where ds = any(%s)" if daily else ""
+    with postgres(settings) as conn:
+        cur = conn.execute(f"select * from {BUILD_SCHEMA}.{mart}{where}", [days] if daily else [])
+        return pd.DataFrame(cur.fetchall(), columns=[c.name for c in cur.description])
+
+
+def built_days(settings: Settings, mart: str = "product_quality") -> list[dt.date]:
+    """The days a daily mart holds in the build area."""
+    if settings.dbt_target == "duckdb":
+        with duckdb.connect(str(warehouse_path(settings)), read_only=True) as con:
+            rows = con.execute(f"select distinct ds from {BUILD_SCHEMA}.{mart} order by 1").fetchall()
+    else:
+        with postgres(settings) as conn:
+            rows = conn.execute(f"select distinct ds from {BUILD_SCHEMA}.{mart} order by 1").fetchall()
+    return [r[0] if isinstance(r[0], dt.date) else r[0].date() for r in rows]
+
+
+def published_days(settings: Settings, mart: str = "product_quality") -> list[dt.date]:
+    """The days of a daily mart already published to the offline store."""
+    if settings.offline_store == "duckdb":
+        base = features_dir(settings) / mart
+        return sorted(dt.date.fromisoformat(p.name[3:]) for p in base.glob("ds=*")) if base.exists() else []
+    with postgres(settings) as conn:
+        if conn.execute("select to_regclass(%s)", (f"{FEATURES_SCHEMA}.{mart}",)).fetchone()[0] is None:
+            return []
+        return [r[0] for r in conn.execute(f"select distinct ds from {FEATURES_SCHEMA}.{mart} order by 1")]
+
+
+def pending_days(settings: Settings, ds: dt.date) -> list[dt.date]:
+    """Days to validate and publish with ``ds``: ``ds`` itself and any built day never published
+    (the backlog of a first run or of a backfill)."""
+    done = set(published_days(settings))
+    return sorted({d for d in built_days(settings) if d <= ds and d not in done} | {ds})
+
+
+def published_path(settings: Settings, mart: str, ds: dt.date | None = None) -> Path:
+    base = features_dir(settings) / mart
+    return base / f"ds={ds.isoformat()}" / "part-0.parquet" if ds is not None else base / "data.parquet"
+
+
+def publish_days(settings: Settings, days: list[dt.date]) -> dict[str, int]:
+    """Copy the given days' rows of every daily mart, and the whole-table marts, to the offline store.
+
+    Each day is replaced as a unit, so publishing a day again yields the same offline store."""
+    counts: dict[str, int] = dict.fromkeys(MARTS, 0)
+    if settings.offline_store == "duckdb":
+        with duckdb.connect(str(warehouse_path(settings)), read_only=True) as con:
+            for mart in MARTS:
+                if mart in DAILY_MARTS:
+                    for day in days:
+                        table = con.execute(f"select * from {BUILD_SCHEMA}.{mart} where ds = ?", [day]).to_arrow_table()
+                        write_atomic(_utc_timestamps(table), published_path(settings, mart, day))
+                        counts[mart] += table.num_rows
+                else:
+                    table = con.execute(f"select * from {BUILD_SCHEMA}.{mart}").to_arrow_table()
+                    write_atomic(_utc_timestamps(table), published_path(settings, mart))
+                    counts[mart] = table.num_rows
+        return counts
+    with postgres(settings) as conn:
+        conn.execute(f"create schema if not exists {FEATURES_SCHEMA}")
+        for mart in MARTS:
+            conn.execute(f"create table if not exists {FEATURES_SCHEMA}.{mart} "
+                         f"as select * from {BUILD_SCHEMA}.{mart} where false")
+            if mart in DAILY_MARTS:
+                conn.execute(f"delete from {FEATURES_SCHEMA}.{mart} where ds = any(%s)", (days,))
+                cur = conn.execute(f"insert into {FEATURES_SCHEMA}.{mart} "
+                                   f"select * from {BUILD_SCHEMA}.{mart} where ds = any(%s)", (days,))
+            else:
+                conn.execute(f"delete from {FEATURES_SCHEMA}.{mart}")
+                cur = conn.execute(f"insert into {FEATURES_SCHEMA}.{mart} select * from {BUILD_SCHEMA}.{mart}")
+            counts[mart] = cur.rowcount
+        conn.commit()  # one transaction: readers see the whole day or none of it
+    return counts
+
+
+def _utc_timestamps(table: pa.Table) -> pa.Table:
+    """DuckDB hands timestamptz back in the session's zone; store every timestamp as UTC."""
+    for i, field in enumerate(table.schema):
+        if pa.types.is_timestamp(field.type) and field.type.tz is not None:
+            table = table.set_column(i, field.name, table.column(i).cast(pa.timestamp("us", "UTC")))
+    return table
+
+
+def previous_published_day(settings: Settings, mart: str, ds: dt.date) -> dt.date | None:
+    """The latest day before ``ds`` whose rows of a daily mart were published."""
+    earlier = [d for d in published_days(settings, mart) if d < ds]
+    return earlier[-1] if earlier else None
+
+
+def published_rows(settings: Settings, mart: str, ds: dt.date) -> int:
+    if settings.offline_store == "duckdb":
+        path = published_path(settings, mart, ds)
+        return pq.read_metadata(path).num_rows if path.exists() else 0
+    with postgres(settings) as conn:
+        return conn.execute(f"select count(*) from {FEATURES_SCHEMA}.{mart} where ds = %s", (ds,)).fetchone()[0]
+
