@@ -38,6 +38,9 @@ FEATURES_SCHEMA = "uer_features"
 DAILY_MARTS = ("product_profile", "product_quality", "user_history", "query_product_edges")
 WHOLE_MARTS = ("training_examples", "query_stats")
 MARTS = DAILY_MARTS + WHOLE_MARTS
+# Row order of a published mart: the same input must publish byte-identical files.
+MART_ORDER = {"product_profile": "product_id", "product_quality": "product_id", "user_history": "user_id",
+              "query_product_edges": "query, product_id", "training_examples": "example_id", "query_stats": "query"}
 
 
 class DayRejected(RuntimeError):
@@ -220,11 +223,12 @@ def publish_days(settings: Settings, days: list[dt.date]) -> dict[str, int]:
             for mart in MARTS:
                 if mart in DAILY_MARTS:
                     for day in days:
-                        table = con.execute(f"select * from {BUILD_SCHEMA}.{mart} where ds = ?", [day]).to_arrow_table()
+                        table = con.execute(f"select * from {BUILD_SCHEMA}.{mart} where ds = ? "
+                                            f"order by {MART_ORDER[mart]}", [day]).to_arrow_table()
                         write_atomic(_utc_timestamps(table), published_path(settings, mart, day))
                         counts[mart] += table.num_rows
                 else:
-                    table = con.execute(f"select * from {BUILD_SCHEMA}.{mart}").to_arrow_table()
+                    table = con.execute(f"select * from {BUILD_SCHEMA}.{mart} order by {MART_ORDER[mart]}").to_arrow_table()
                     write_atomic(_utc_timestamps(table), published_path(settings, mart))
                     counts[mart] = table.num_rows
         return counts

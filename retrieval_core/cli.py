@@ -103,5 +103,101 @@ def land_homedepot() -> None:
     console.print(f"[green]landed[/] Home Depot: {counts}")
 
 
+features = typer.Typer(help="The feature pipeline: dbt marts → quality gate → Feast.", no_args_is_help=True)
+app.add_typer(features, name="features")
+
+
+def _day(value: str | None) -> dt.date:
+    """A YYYY-MM-DD option, defaulting to the latest landed day of events."""
+    from retrieval_core.contract import landed_days
+
+    if value:
+        try:
+            return dt.date.fromisoformat(value)
+        except ValueError as exc:
+            raise typer.BadParameter(f"--ds must be YYYY-MM-DD, got {value!r}") from exc
+    days = landed_days(get_settings().raw_dir, "events")
+    if not days:
+        raise typer.BadParameter("no landed events: run `uer simulate` (or land your data) first")
+    return days[-1]
+
+
+DsOption = Annotated[str | None, typer.Option("--ds", help="the day, YYYY-MM-DD (default: latest landed day)")]
+
+
+@features.command("build")
+def features_build(ds: DsOption = None) -> None:
+    """Build one day's features: dbt build (+ dbt tests) → GX gate → publish → Feast apply → materialise.
+
+    A refused day (failed dbt test or critical expectation) exits with code 3 and publishes nothing:
+    the offline and online stores keep the previous day's state.
+    """
+    from feature_repo.stages import build_feature_day
+    from feature_repo.warehouse import DayRejected
+
+    day = _day(ds)
+    with console.status(f"building features for {day}"):
+        try:
+            report = build_feature_day(get_settings(), day)
+        except DayRejected as exc:
+            console.print(f"[red]refused[/] {exc}")
+            raise typer.Exit(code=3) from exc
+    console.print(f"[green]published[/] {', '.join(map(str, report.published_days))}: {report.rows}")
+    for warning in report.warnings:
+        console.print(f"[yellow]warning[/] {warning}")
+    console.print(f"timings (s): {report.seconds}")
+
+
+@features.command("apply")
+def features_apply() -> None:
+    """Register Feast entities, feature views and feature services (idempotent)."""
+    from feature_repo.store import apply
+
+    console.print(f"[green]applied[/] {', '.join(apply(get_settings()))}")
+
+
+@features.command("materialize")
+def features_materialize(ds: DsOption = None) -> None:
+    """Load published feature rows up to the close of DS into the online store."""
+    from feature_repo.stages import FIRST_MATERIALIZATION_START, closed_at
+    from feature_repo.store import materialize
+
+    day = _day(ds)
+    materialize(get_settings(), FIRST_MATERIALIZATION_START, closed_at(day) + dt.timedelta(seconds=1))
+    console.print(f"[green]materialised[/] up to {closed_at(day)}")
+
+
+@features.command("lookup")
+def features_lookup(
+    user_id: Annotated[list[int], typer.Option("--user-id", help="repeatable")],
+    service: Annotated[str, typer.Option(help="feature service")] = "query_tower_v1",
+) -> None:
+    """Read users' features from the online store through a feature service, as JSON."""
+    from feature_repo.store import online_user_history
+
+    print(json.dumps(online_user_history(get_settings(), user_id, service), indent=2, default=str))
+
+
+@features.command("serve")
+def features_serve(port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 6566) -> None:
+    """Run Feast's feature server on 127.0.0.1 for other teams (Ctrl-C stops it)."""
+    import os
+    import subprocess
+    import sys
+
+    from feature_repo.store import write_store_yaml
+
+    s = get_settings()
+    repo = write_store_yaml(s)
+    env = dict(os.environ)
+    for name, secret in (("UER_POSTGRES__PASSWORD", s.postgres.password), ("UER_REDIS__PASSWORD", s.redis.password)):
+        if secret is not None:
+            env[name] = secret.get_secret_value()
+    feast = [sys.executable, "-m", "feast.cli.cli", "-c", str(repo), "serve", "-h", "127.0.0.1", "-p", str(port),
+             "--no-access-log"]
+    console.print(f"feature server on http://127.0.0.1:{port} (repo {repo})")
+    raise typer.Exit(subprocess.call(feast, env=env))
+
+
 if __name__ == "__main__":
     app()

@@ -48,10 +48,10 @@ select
     rating,
     review_count,
     age_days,
-    ntile({{ buckets }}) over (partition by ds order by ctr) as ctr_bucket,
-    ntile({{ buckets }}) over (partition by ds order by purchase_rate) as purchase_rate_bucket,
-    ntile({{ buckets }}) over (partition by ds order by rating) as rating_bucket,
-    ntile({{ buckets }}) over (partition by ds order by review_count) as review_count_bucket,
-    ntile({{ buckets }}) over (partition by ds order by age_days) as age_bucket,
-    ntile({{ buckets }}) over (partition by ds order by price) as price_bucket
+    ntile({{ buckets }}) over (partition by ds order by ctr, product_id) as ctr_bucket,
+    ntile({{ buckets }}) over (partition by ds order by purchase_rate, product_id) as purchase_rate_bucket,
+    ntile({{ buckets }}) over (partition by ds order by rating, product_id) as rating_bucket,
+    ntile({{ buckets }}) over (partition by ds order by review_count, product_id) as review_count_bucket,
+    ntile({{ buckets }}) over (partition by ds order by age_days, product_id) as age_bucket,
+    ntile({{ buckets }}) over (partition by ds order by price, product_id) as price_bucket
 from stats

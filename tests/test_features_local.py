@@ -1,0 +1,151 @@
+"""The feature chain on the embedded profile: simulated world → dbt → GX → Feast (DuckDB + SQLite)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from feature_repo import store
+from feature_repo.stages import build_feature_day
+from feature_repo.warehouse import DayRejected, published_days, published_path
+from retrieval_core.contract import partition_path, read_table
+from retrieval_core.settings import Settings
+from tests.feature_helpers import FIRST_BUILD, HELD_OUT, NEXT_DAY, simulate_tiny
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    root = tmp_path_factory.mktemp("features-local")
+    settings = Settings(profile="local", data_dir=root / "data", artifacts_dir=root / "artifacts")
+    simulate_tiny(settings)
+    build_feature_day(settings, FIRST_BUILD)
+    build_feature_day(settings, NEXT_DAY)
+    return settings
+
+
+def _digest(paths: list[Path]) -> list[str]:
+    return [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+
+
+def test_backlog_and_next_day_are_published(local: Settings) -> None:
+    assert published_days(local) == [FIRST_BUILD.replace(day=d) for d in range(1, 6)]
+    history = pd.read_parquet(published_path(local, "user_history", NEXT_DAY))
+    assert len(history) > 50 and history.user_id.is_unique
+    assert (history.recent_queries.map(len) <= 10).all()
+
+
+def test_online_history_is_the_latest_published_row(local: Settings) -> None:
+    history = pd.concat(pd.read_parquet(published_path(local, "user_history", d)) for d in published_days(local))
+    latest = history.sort_values("ds").groupby("user_id").tail(1).set_index("user_id")
+    users = latest.index[:20].tolist()
+    online = store.online_user_history(local, [*users, 10_000_000])
+    for i, user in enumerate(users):
+        assert online["recent_queries"][i] == list(latest.loc[user, "recent_queries"])
+        assert online["country"][i] == latest.loc[user, "country"]
+    assert online["recent_queries"][-1] is None  # an unknown user has no history, not an error
+
+
+def test_product_tower_service_serves_profile_and_quality(local: Settings) -> None:
+    feast = store.get_store(local)
+    catalogue = read_table(local.raw_dir, "catalogue").drop_duplicates("product_id", keep="last")
+    ids = catalogue.product_id.head(5).tolist()
+    got = feast.get_online_features(features=feast.get_feature_service("product_tower_v1"),
+                                    entity_rows=[{"product_id": p} for p in ids]).to_dict()
+    assert got["title"] == catalogue.title.head(5).tolist()
+    assert any(v is not None for v in got["ctr"])
+
+
+def test_history_never_contains_events_after_the_example(local: Settings) -> None:
+    """Point-in-time: the history joined to an example holds only queries the user issued before it."""
+    examples = pd.read_parquet(published_path(local, "training_examples")).dropna(subset=["user_id"])
+    examples = examples.sample(min(len(examples), 400), random_state=0)
+    entity = pd.DataFrame({"user_id": examples.user_id.astype("int64").to_numpy(),
+                           "event_timestamp": examples.event_timestamp.to_numpy()})
+    feast = store.get_store(local)
+    joined = feast.get_historical_features(entity_df=entity, features=feast.get_feature_service("query_tower_v1")).to_df()
+    events = read_table(local.raw_dir, "events")
+    events = events[events.event_type == "impression"].dropna(subset=["user_id"])
+    checked = 0
+    for row in joined.itertuples():
+        queries = row.recent_queries
+        if queries is None or (isinstance(queries, float) and np.isnan(queries)) or len(queries) == 0:
+            continue
+        mine = events[(events.user_id == row.user_id)]
+        before = set(mine[mine.ts < row.event_timestamp]["query"].str.strip().str.lower())
+        leaked = set(queries) - before
+        assert not leaked, f"user {row.user_id} at {row.event_timestamp} sees future queries {leaked}"
+        checked += 1
+    assert checked >= 50, "too few examples with history to check the join"
+
+
+def test_rerunning_a_day_changes_nothing(local: Settings) -> None:
+    files = [published_path(local, m, NEXT_DAY) for m in ("user_history", "product_quality", "query_product_edges")]
+    before = _digest(files)
+    online_before = store.online_user_history(local, list(range(1, 40)))
+    build_feature_day(local, NEXT_DAY)
+    assert _digest(files) == before
+    assert store.online_user_history(local, list(range(1, 40))) == online_before
+
+
+def _null_product_keys(table: pa.Table) -> pa.Table:
+    ids = table["product_id"].to_pylist()
+    ids[::50] = [None] * len(ids[::50])
+    return table.set_column(table.column_names.index("product_id"), "product_id", pa.array(ids, pa.int64()))
+
+
+def _negative_prices(table: pa.Table) -> pa.Table:
+    return table.set_column(table.column_names.index("price"), "price", pc.negate(table["price"]))
+
+
+def _tenth_of_the_sessions(table: pa.Table) -> pa.Table:
+    sessions = pc.unique(table["session_id"])
+    keep = sessions.take(pa.array(np.arange(0, len(sessions), 10)))
+    return table.filter(pc.is_in(table["session_id"], value_set=keep))
+
+
+CORRUPTIONS: dict[str, tuple[str, Callable[[pa.Table], pa.Table], str]] = {
+    "null keys": ("events", _null_product_keys, "not_null_stg_events_product_id"),
+    "negative price": ("catalogue", _negative_prices, "price"),
+    "10x fewer events": ("events", _tenth_of_the_sessions, "expect_table_row_count_to_be_between"),
+}
+
+
+@pytest.fixture
+def corrupt_held_out_day(local: Settings, request: pytest.FixtureRequest) -> Iterator[str]:
+    """Write a corrupted partition straight into raw (as a source that skips landing would)."""
+    table, corrupt, expected = CORRUPTIONS[request.param]
+    path = partition_path(local.raw_dir, table, HELD_OUT)
+    backup = path.with_suffix(".orig")
+    shutil.copy(path, backup)
+    pq.write_table(corrupt(pq.read_table(path)), path)
+    yield expected
+    shutil.move(backup, path)
+
+
+@pytest.mark.parametrize("corrupt_held_out_day", list(CORRUPTIONS), indirect=True)
+def test_corrupted_day_is_stopped_and_yesterday_keeps_serving(local: Settings, corrupt_held_out_day: str) -> None:
+    users = list(range(1, 60))
+    online_before = store.online_user_history(local, users)
+    days_before = published_days(local)
+    with pytest.raises(DayRejected) as refused:
+        build_feature_day(local, HELD_OUT)
+    assert corrupt_held_out_day in str(refused.value), str(refused.value)
+    assert "2026-10-06" in str(refused.value)
+    assert published_days(local) == days_before
+    assert store.online_user_history(local, users) == online_before
+
+
+def test_clean_held_out_day_then_builds(local: Settings) -> None:
+    report = build_feature_day(local, HELD_OUT)
+    assert report.published_days == [HELD_OUT]
+    assert HELD_OUT in published_days(local)
+    assert (local.artifacts_dir / "gx" / "data_docs" / "index.html").exists()
