@@ -228,7 +228,8 @@ def publish_days(settings: Settings, days: list[dt.date]) -> dict[str, int]:
                         write_atomic(_utc_timestamps(table), published_path(settings, mart, day))
                         counts[mart] += table.num_rows
                 else:
-                    table = con.execute(f"select * from {BUILD_SCHEMA}.{mart} order by {MART_ORDER[mart]}").to_arrow_table()
+                    sql = f"select * from {BUILD_SCHEMA}.{mart} order by {MART_ORDER[mart]}"
+                    table = con.execute(sql).to_arrow_table()
                     write_atomic(_utc_timestamps(table), published_path(settings, mart))
                     counts[mart] = table.num_rows
         return counts

@@ -71,7 +71,8 @@ def test_history_never_contains_events_after_the_example(local: Settings) -> Non
     entity = pd.DataFrame({"user_id": examples.user_id.astype("int64").to_numpy(),
                            "event_timestamp": examples.event_timestamp.to_numpy()})
     feast = store.get_store(local)
-    joined = feast.get_historical_features(entity_df=entity, features=feast.get_feature_service("query_tower_v1")).to_df()
+    service = feast.get_feature_service("query_tower_v1")
+    joined = feast.get_historical_features(entity_df=entity, features=service).to_df()
     events = read_table(local.raw_dir, "events")
     events = events[events.event_type == "impression"].dropna(subset=["user_id"])
     checked = 0

@@ -14,7 +14,7 @@ import redis
 
 from feature_repo import store
 from feature_repo.stages import build_feature_day
-from feature_repo.warehouse import FEATURES_SCHEMA, published_days, postgres
+from feature_repo.warehouse import FEATURES_SCHEMA, postgres, published_days
 from retrieval_core.settings import Settings
 from tests.feature_helpers import FIRST_BUILD, NEXT_DAY, simulate_tiny
 
@@ -40,7 +40,8 @@ def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
 def test_marts_are_published_to_postgres(production: Settings) -> None:
     assert published_days(production) == [FIRST_BUILD.replace(day=d) for d in range(1, 6)]
     with postgres(production) as conn:
-        n = conn.execute(f"select count(*) from {FEATURES_SCHEMA}.user_history where ds = %s", (NEXT_DAY,)).fetchone()[0]
+        sql = f"select count(*) from {FEATURES_SCHEMA}.user_history where ds = %s"
+        n = conn.execute(sql, (NEXT_DAY,)).fetchone()[0]
     assert n > 50
 
 
@@ -65,5 +66,6 @@ def test_historical_join_reads_postgres(production: Settings) -> None:
     feast = store.get_store(production)
     entity = pd.DataFrame({"user_id": [1, 2, 3],
                            "event_timestamp": pd.to_datetime(["2026-10-05T12:00:00Z"] * 3, utc=True)})
-    joined = feast.get_historical_features(entity_df=entity, features=feast.get_feature_service("query_tower_v1")).to_df()
+    service = feast.get_feature_service("query_tower_v1")
+    joined = feast.get_historical_features(entity_df=entity, features=service).to_df()
     assert len(joined) == 3 and "recent_queries" in joined.columns
