@@ -63,22 +63,42 @@ counts as (
            count(*) filter (where event_type = 'purchase') as purchases_{{ window }}d
     from recent
     group by as_of, user_id
+),
+newest_first as (
+    select as_of, user_id,
+           (array_agg(item order by last_seen desc, item))[1:{{ n }}] as recent_queries
+    from queries group by as_of, user_id
+),
+newest_shops as (
+    select as_of, user_id,
+           (array_agg(item order by last_seen desc, item))[1:{{ n }}] as recent_shops
+    from shops group by as_of, user_id
+),
+newest_terms as (
+    select as_of, user_id,
+           (array_agg(item order by last_seen desc, item))[1:{{ n_terms }}] as recent_click_terms
+    from terms group by as_of, user_id
+),
+newest_tags as (
+    select as_of, user_id,
+           (array_agg(item order by last_seen desc, item))[1:{{ n_terms }}] as purchased_tags
+    from tags group by as_of, user_id
 )
 select
     c.user_id,
     c.as_of as ds,
     {{ day_closed_at('c.as_of') }} as event_timestamp,
     coalesce(u.country, 'ZZ') as country,
-    (select (array_agg(q.item order by q.last_seen desc, q.item))[1:{{ n }}]
-       from queries as q where q.as_of = c.as_of and q.user_id = c.user_id) as recent_queries,
-    (select (array_agg(s.item order by s.last_seen desc, s.item))[1:{{ n }}]
-       from shops as s where s.as_of = c.as_of and s.user_id = c.user_id) as recent_shops,
-    (select (array_agg(t.item order by t.last_seen desc, t.item))[1:{{ n_terms }}]
-       from terms as t where t.as_of = c.as_of and t.user_id = c.user_id) as recent_click_terms,
-    (select (array_agg(g.item order by g.last_seen desc, g.item))[1:{{ n_terms }}]
-       from tags as g where g.as_of = c.as_of and g.user_id = c.user_id) as purchased_tags,
+    q.recent_queries,
+    s.recent_shops,
+    t.recent_click_terms,
+    g.purchased_tags,
     c.sessions_{{ window }}d,
     c.clicks_{{ window }}d,
     c.purchases_{{ window }}d
 from counts as c
+left join newest_first as q on q.as_of = c.as_of and q.user_id = c.user_id
+left join newest_shops as s on s.as_of = c.as_of and s.user_id = c.user_id
+left join newest_terms as t on t.as_of = c.as_of and t.user_id = c.user_id
+left join newest_tags as g on g.as_of = c.as_of and g.user_id = c.user_id
 left join {{ ref('stg_users') }} as u on u.user_id = c.user_id

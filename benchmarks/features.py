@@ -1,0 +1,163 @@
+"""Benchmark: the feature pipeline's cost per day, and online lookup latency for one user's history.
+
+For each world (default, and large unless --skip-large): simulate into a scratch dir, build the
+backlog up to the second-to-last day (first build), then the last day as the daily incremental
+run; record dbt / GX / materialise seconds of both. Then time online lookups of one user's history
+through the feature service `query_tower_v1`: in-process SDK and through `feast serve` over HTTP on
+127.0.0.1, for SQLite (local profile) and Redis (production profile, Postgres offline store).
+Writes benchmarks/results/features.json. Reference: Feast's published Python server p99 15.3 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psycopg
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result  # noqa: E402
+
+from feature_repo import store  # noqa: E402
+from feature_repo.stages import build_feature_day  # noqa: E402
+from retrieval_core.contract import landed_days, read_table  # noqa: E402
+from retrieval_core.settings import Settings  # noqa: E402
+from retrieval_core.simulator import simulate, world_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+LOOKUPS = 1000
+
+
+def _settings(root: Path, profile: str, database: str | None = None) -> Settings:
+    extra = {"postgres": {"database": database}, "redis": {"db": 4}} if profile == "production" else {}
+    return Settings(profile=profile, data_dir=root / "data", artifacts_dir=root / "artifacts", **extra)
+
+
+def _pipeline(settings: Settings) -> dict[str, dict[str, float]]:
+    days = landed_days(settings.raw_dir, "events")
+    first = build_feature_day(settings, days[-2])
+    daily = build_feature_day(settings, days[-1])
+    return {"first_build": first.seconds, "daily": daily.seconds}
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    ms = np.array(samples) * 1000
+    return {"p50": round(float(np.percentile(ms, 50)), 3), "p99": round(float(np.percentile(ms, 99)), 3),
+            "n": len(samples)}
+
+
+def _active_users(settings: Settings) -> list[int]:
+    events = read_table(settings.raw_dir, "events", landed_days(settings.raw_dir, "events")[-3:])
+    return events.user_id.dropna().astype(int).unique()[:LOOKUPS].tolist()
+
+
+def _sdk_latency(settings: Settings, users: list[int]) -> dict[str, float]:
+    feast = store.get_store(settings)
+    service = feast.get_feature_service("query_tower_v1")
+    for u in users[:20]:  # warm-up: the first call loads the registry and opens connections
+        feast.get_online_features(features=service, entity_rows=[{"user_id": u}])
+    samples = []
+    for u in users:
+        start = time.perf_counter()
+        feast.get_online_features(features=service, entity_rows=[{"user_id": u}]).to_dict()
+        samples.append(time.perf_counter() - start)
+    return _percentiles(samples)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _server_latency(settings: Settings, users: list[int]) -> dict[str, float]:
+    port = _free_port()
+    env = {**os.environ, "UER_PROFILE": settings.profile, "UER_DATA_DIR": str(settings.data_dir),
+           "UER_ARTIFACTS_DIR": str(settings.artifacts_dir), "UER_POSTGRES__DATABASE": settings.postgres.database,
+           "UER_REDIS__DB": str(settings.redis.db)}
+    server = subprocess.Popen([str(ROOT / ".venv/bin/uer"), "features", "serve", "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            for _ in range(120):
+                try:
+                    if client.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.5)
+            else:
+                raise RuntimeError("feature server did not come up in 60 s")
+            body = {"feature_service": "query_tower_v1"}
+            for u in users[:20]:
+                client.post("/get-online-features", json={**body, "entities": {"user_id": [u]}})
+            samples = []
+            for u in users:
+                start = time.perf_counter()
+                response = client.post("/get-online-features", json={**body, "entities": {"user_id": [u]}})
+                response.raise_for_status()
+                samples.append(time.perf_counter() - start)
+        return _percentiles(samples)
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--skip-large", action="store_true", help="only the default world")
+    args = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="uer-features-"))
+    result: dict[str, object] = {"world": {}, "dbt_seconds": {}, "gx_seconds": {}, "materialize_seconds": {},
+                                 "online_lookup_ms": {}}
+    worlds = ["default"] if args.skip_large else ["default", "large"]
+    database = f"uer_bench_{uuid.uuid4().hex[:6]}"
+    try:
+        for world in worlds:
+            local = _settings(scratch / world, "local")
+            config = world_config(world)
+            simulate(config, local.raw_dir, local.landing_dir, local.quarantine_dir, local.diagnostics_dir,
+                     show_progress=False)
+            timings = _pipeline(local)
+            result["world"][world] = {"products": config.n_products, "users": config.n_users, "days": config.days}
+            for key, name in (("dbt_seconds", "dbt"), ("gx_seconds", "gx"), ("materialize_seconds", "materialize")):
+                result[key][world] = {run: t[name] for run, t in timings.items()}
+            print(world, timings, flush=True)
+            if world == "default":
+                users = _active_users(local)
+                result["online_lookup_ms"]["sqlite_sdk"] = _sdk_latency(local, users)
+                result["online_lookup_ms"]["sqlite_server"] = _server_latency(local, users)
+                prod = _settings(scratch / world, "production", database)
+                redis.Redis(port=prod.redis.port, db=prod.redis.db).flushdb()
+                prod_timings = _pipeline(prod)
+                result["production_pipeline_seconds"] = prod_timings
+                result["online_lookup_ms"]["redis_sdk"] = _sdk_latency(prod, users)
+                result["online_lookup_ms"]["redis_server"] = _server_latency(prod, users)
+                print(result["online_lookup_ms"], flush=True)
+            shutil.rmtree(scratch / world, ignore_errors=True)
+    finally:
+        with psycopg.connect(Settings().postgres.dsn(database="postgres"), autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{database}" with (force)')
+        redis.Redis(db=4).flushdb()
+        shutil.rmtree(scratch, ignore_errors=True)
+    result["reference"] = {"feast_python_server_p99_ms": 15.3}
+    result["date_utc"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    command = "make bench-features" + ("  # --skip-large" if args.skip_large else "")
+    print(write_result("features", result, command=command).read_text())
+
+
+if __name__ == "__main__":
+    main()
