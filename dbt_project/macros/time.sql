@@ -13,3 +13,8 @@
     where ds = cast('{{ var("ds") }}' as date)
     {% endif %}
 {% endmacro %}
+
+{# Fresh statistics after a table is (re)built, so Postgres plans the marts' joins well. #}
+{% macro analyze_table(relation) %}{{ return(adapter.dispatch('analyze_table', 'uer')(relation)) }}{% endmacro %}
+{% macro default__analyze_table(relation) %}analyze {{ relation }}{% endmacro %}
+{% macro duckdb__analyze_table(relation) %}select 1{% endmacro %}

@@ -1,0 +1,40 @@
+"""The shared term featuriser: stable hashing, typo-robust trigrams, bounded bags."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from training.featurizer import FeaturizerConfig, encode_texts, join_terms, term_ids
+
+CONFIG = FeaturizerConfig(n_buckets=1 << 16, max_terms=64)
+
+
+def test_ids_are_stable_across_processes() -> None:
+    """Python's hash() is salted per process; the featuriser must not be, or serving would skew."""
+    here = term_ids("Boho Sterling Silver Necklace", CONFIG)
+    code = ("from training.featurizer import FeaturizerConfig, term_ids;"
+            "print(term_ids('Boho Sterling Silver Necklace', FeaturizerConfig(n_buckets=1 << 16, max_terms=64)))")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": "123"}).stdout
+    assert str(here) == other.strip()
+
+
+def test_a_typo_keeps_most_trigrams_but_no_word() -> None:
+    right, typo = set(term_ids("necklace", CONFIG)), set(term_ids("neckless", CONFIG))
+    assert len(right & typo) >= 4  # #ne, nec, eck, ckl, kle
+    word_only = FeaturizerConfig(n_buckets=1 << 16, char_trigrams=False, bigrams=False)
+    assert not set(term_ids("necklace", word_only)) & set(term_ids("neckless", word_only))
+
+
+def test_bags_are_bounded_and_padding_bucket_is_never_used() -> None:
+    ids = term_ids(" ".join(["word"] * 500), CONFIG)
+    assert len(ids) == CONFIG.max_terms
+    assert 0 not in ids and max(ids) < CONFIG.n_buckets
+
+
+def test_encode_texts_offsets_and_empty_text() -> None:
+    flat, offsets = encode_texts(["red mug", "", "mug"], CONFIG)
+    assert offsets.tolist()[0] == 0 and offsets[1] == offsets[2]  # the empty bag has no ids
+    assert flat[offsets[2]:].tolist() == term_ids("mug", CONFIG)
+    assert join_terms(None) == "" and join_terms(float("nan")) == "" and join_terms(["a", "b"]) == "a b"

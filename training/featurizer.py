@@ -1,0 +1,69 @@
+"""Text featurisation shared by both towers, by training and by serving (one code path, no skew).
+
+A text becomes a bag of hashed *terms*: word unigrams, word bigrams and character trigrams of each
+word (with boundary marks, so "neckless" still shares most trigrams with "necklace"). Hashing uses
+CRC32 with a per-kind salt: stable across processes and machines, unlike Python's ``hash``.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+class FeaturizerConfig(BaseModel):
+    """Saved with every model version; serving rebuilds the exact featuriser from it."""
+
+    n_buckets: int = Field(1 << 18, ge=1024, description="hash space of the term embedding table")
+    max_terms: int = Field(96, ge=8, description="terms kept per text (unigrams first)")
+    bigrams: bool = True
+    char_trigrams: bool = True
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased alphanumeric words (HTML already unescaped upstream)."""
+    return _WORD.findall(text.lower())
+
+
+def _bucket(kind: bytes, term: str, n_buckets: int) -> int:
+    # Bucket 0 is reserved for padding.
+    return 1 + zlib.crc32(kind + term.encode()) % (n_buckets - 1)
+
+
+def term_ids(text: str, config: FeaturizerConfig) -> list[int]:
+    """Hashed term ids of one text: unigrams, then bigrams, then character trigrams, truncated."""
+    toks = words(text)
+    n = config.n_buckets
+    ids = [_bucket(b"w", t, n) for t in toks]
+    if config.bigrams:
+        ids += [_bucket(b"b", f"{a} {b}", n) for a, b in zip(toks, toks[1:], strict=False)]
+    if config.char_trigrams:
+        for t in toks:
+            padded = f"#{t}#"
+            ids += [_bucket(b"c", padded[i:i + 3], n) for i in range(len(padded) - 2)]
+    return ids[: config.max_terms]
+
+
+def encode_texts(texts: Sequence[str], config: FeaturizerConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Flat term ids and per-text offsets, the input of ``torch.nn.EmbeddingBag``.
+
+    An empty text contributes no ids (its bag is empty and embeds to zeros)."""
+    flat: list[int] = []
+    offsets = np.empty(len(texts), dtype=np.int64)
+    for i, text in enumerate(texts):
+        offsets[i] = len(flat)
+        flat.extend(term_ids(text or "", config))
+    return np.asarray(flat, dtype=np.int64), offsets
+
+
+def join_terms(items: Iterable[object] | None) -> str:
+    """A list feature (queries, tags, words) as one text for the term encoder; None/NaN → ''."""
+    if items is None or isinstance(items, float):
+        return ""
+    return " ".join(str(i) for i in items)
