@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import shutil
 import socket
@@ -28,7 +29,7 @@ import psycopg
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import RESULTS, write_result  # noqa: E402
 
 from feature_repo import store  # noqa: E402
 from feature_repo.stages import build_feature_day  # noqa: E402
@@ -37,6 +38,7 @@ from retrieval_core.settings import Settings  # noqa: E402
 from retrieval_core.simulator import simulate, world_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULT_FILE = RESULTS / "features.json"
 LOOKUPS = 1000
 
 
@@ -119,11 +121,17 @@ def _server_latency(settings: Settings, users: list[int]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-large", action="store_true", help="only the default world")
+    parser.add_argument("--only-large", action="store_true",
+                        help="only the large world, merged into the existing result file")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="uer-features-"))
     result: dict[str, object] = {"world": {}, "dbt_seconds": {}, "gx_seconds": {}, "materialize_seconds": {},
                                  "online_lookup_ms": {}}
     worlds = ["default"] if args.skip_large else ["default", "large"]
+    previous = RESULT_FILE.exists() and json.loads(RESULT_FILE.read_text())
+    if args.only_large and previous:
+        worlds = ["large"]
+        result = {k: v for k, v in previous.items() if k not in ("command", "date", "machine")}
     database = f"uer_bench_{uuid.uuid4().hex[:6]}"
     try:
         for world in worlds:
@@ -156,6 +164,9 @@ def main() -> None:
     result["reference"] = {"feast_python_server_p99_ms": 15.3}
     result["date_utc"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     command = "make bench-features" + ("  # --skip-large" if args.skip_large else "")
+    if args.only_large:
+        result["large_world_command"] = "python benchmarks/features.py --only-large"
+        command = previous["command"] if previous else command
     print(write_result("features", result, command=command).read_text())
 
 

@@ -62,6 +62,13 @@ def encode_texts(texts: Sequence[str], config: FeaturizerConfig) -> tuple[np.nda
     return np.asarray(flat, dtype=np.int64), offsets
 
 
+def stable_bucket(value: object, n_buckets: int) -> int:
+    """A categorical value (category path, country, shop id) hashed into 1..n_buckets-1; None → 0."""
+    if value is None or (isinstance(value, float) and value != value):
+        return 0
+    return _bucket(b"v", str(value), n_buckets)
+
+
 def join_terms(items: Iterable[object] | None) -> str:
     """A list feature (queries, tags, words) as one text for the term encoder; None/NaN → ''."""
     if items is None or isinstance(items, float):

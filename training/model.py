@@ -1,0 +1,151 @@
+"""The unified two-tower model (Jha et al. 2023): heavy product tower offline, light query tower online.
+
+* **Product tower**: shared term encoder over title + tags, category / shop-country embeddings,
+  embeddings of the quantile buckets of quality signals, and the precomputed transformer (text)
+  and graph encodings → projection → L2 normalisation.
+* **Query tower**: the same term encoder over the query, the user's country, and a 1-layer
+  transformer over the user's history items (recent queries, clicked shops, clicked-title words,
+  purchased tags), read through a [CLS] slot → projection → L2 normalisation. A signed-out user has
+  an empty history: the [CLS] slot alone still gives a vector.
+
+Batches are built by :mod:`training.batching` from the same feature dicts in training and serving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, Field
+from torch import nn
+
+from training.featurizer import FeaturizerConfig
+
+N_BUCKET_FEATURES = 6  # ctr, purchase_rate, rating, review_count, age, price (see product_quality)
+HISTORY_TYPES = ("query", "shop", "term", "tag")
+
+
+class ModelConfig(BaseModel):
+    featurizer: FeaturizerConfig = Field(default_factory=FeaturizerConfig)
+    term_dim: int = 64
+    output_dim: int = 128
+    hidden_dim: int = 256
+    category_buckets: int = 1024
+    country_buckets: int = 64
+    shop_buckets: int = 1 << 15
+    quantile_buckets: int = 10
+    text_dim: int = 384  # MiniLM; 0 to disable
+    graph_dim: int = 64  # 0 to disable
+    history_heads: int = 4
+    use_history: bool = True
+    dropout: float = 0.1
+
+
+@dataclass
+class ProductBatch:
+    term_ids: torch.Tensor  # flat ids (EmbeddingBag input)
+    term_offsets: torch.Tensor  # (B,)
+    category: torch.Tensor  # (B,) hashed category path
+    country: torch.Tensor  # (B,) hashed shop country
+    buckets: torch.Tensor  # (B, N_BUCKET_FEATURES), 0 = unknown, 1..quantile_buckets
+    text: torch.Tensor | None = None  # (B, text_dim)
+    graph: torch.Tensor | None = None  # (B, graph_dim)
+
+
+@dataclass
+class QueryBatch:
+    term_ids: torch.Tensor
+    term_offsets: torch.Tensor  # (B,)
+    country: torch.Tensor  # (B,) hashed user country (0 = unknown / signed out)
+    history_ids: torch.Tensor  # flat term ids of every history item
+    history_offsets: torch.Tensor  # (I,) one bag per history item
+    history_shop: torch.Tensor  # (I,) hashed shop id for shop items, 0 otherwise
+    history_type: torch.Tensor  # (I,) index into HISTORY_TYPES
+    history_slot: torch.Tensor  # (I,) position of the item in its user's sequence (1-based; 0 is [CLS])
+    history_row: torch.Tensor  # (I,) the batch row the item belongs to
+    max_items: int = 0
+
+
+def _mlp(in_dim: int, hidden: int, out: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out))
+
+
+class TermEncoder(nn.Module):
+    """Mean of hashed-term embeddings; shared by both towers (the paper's shared term encoder)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(config.featurizer.n_buckets, config.term_dim, mode="mean", padding_idx=0)
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.bag(ids, offsets)
+
+
+class ProductTower(nn.Module):
+    def __init__(self, config: ModelConfig, terms: TermEncoder):
+        super().__init__()
+        self.config, self.terms = config, terms
+        d = config.term_dim
+        self.category = nn.Embedding(config.category_buckets, 32)
+        self.country = nn.Embedding(config.country_buckets, 16)
+        self.buckets = nn.ModuleList(nn.Embedding(config.quantile_buckets + 1, 8) for _ in range(N_BUCKET_FEATURES))
+        in_dim = d + 32 + 16 + 8 * N_BUCKET_FEATURES + config.text_dim + config.graph_dim
+        self.project = _mlp(in_dim, config.hidden_dim, config.output_dim, config.dropout)
+
+    def forward(self, batch: ProductBatch) -> torch.Tensor:
+        parts = [self.terms(batch.term_ids, batch.term_offsets), self.category(batch.category),
+                 self.country(batch.country)]
+        parts += [emb(batch.buckets[:, i]) for i, emb in enumerate(self.buckets)]
+        n = len(batch.category)
+        for dim, value in ((self.config.text_dim, batch.text), (self.config.graph_dim, batch.graph)):
+            if dim:
+                parts.append(value if value is not None else torch.zeros(n, dim))
+        return nn.functional.normalize(self.project(torch.cat(parts, dim=1)), dim=1)
+
+
+class QueryTower(nn.Module):
+    def __init__(self, config: ModelConfig, terms: TermEncoder):
+        super().__init__()
+        self.config, self.terms = config, terms
+        d = config.term_dim
+        self.country = nn.Embedding(config.country_buckets, 16)
+        self.shop = nn.Embedding(config.shop_buckets, d, padding_idx=0)
+        self.item_type = nn.Embedding(len(HISTORY_TYPES), d)
+        self.cls = nn.Parameter(torch.zeros(1, 1, d))
+        self.history = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(d, config.history_heads, dim_feedforward=2 * d, dropout=config.dropout,
+                                       batch_first=True), num_layers=1, enable_nested_tensor=False)
+        self.project = _mlp(d + 16 + (d if config.use_history else 0), config.hidden_dim, config.output_dim,
+                            config.dropout)
+
+    def encode_history(self, batch: QueryBatch) -> torch.Tensor:
+        n, d = len(batch.term_offsets), self.config.term_dim
+        length = batch.max_items + 1
+        seq = torch.zeros(n, length, d)
+        seq[:, 0] = self.cls[0, 0]
+        mask = torch.ones(n, length, dtype=torch.bool)  # True = padding
+        mask[:, 0] = False
+        if len(batch.history_type):
+            items = self.terms(batch.history_ids, batch.history_offsets) + self.shop(batch.history_shop)
+            items = items + self.item_type(batch.history_type)
+            seq[batch.history_row, batch.history_slot] = items
+            mask[batch.history_row, batch.history_slot] = False
+        return self.history(seq, src_key_padding_mask=mask)[:, 0]
+
+    def forward(self, batch: QueryBatch) -> torch.Tensor:
+        parts = [self.terms(batch.term_ids, batch.term_offsets), self.country(batch.country)]
+        if self.config.use_history:
+            parts.append(self.encode_history(batch))
+        return nn.functional.normalize(self.project(torch.cat(parts, dim=1)), dim=1)
+
+
+class UnifiedModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.terms = TermEncoder(config)
+        self.product_tower = ProductTower(config, self.terms)
+        self.query_tower = QueryTower(config, self.terms)
+
+    def forward(self, queries: QueryBatch, products: ProductBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.query_tower(queries), self.product_tower(products)
