@@ -70,7 +70,9 @@ def get_store(settings: Settings) -> Any:
 def apply(settings: Settings) -> list[str]:
     """Register every entity, view and service (idempotent)."""
     from feature_repo.definitions import definitions
+    from feature_repo.warehouse import ensure_embeddings_source
 
+    ensure_embeddings_source(settings)
     store = get_store(settings)
     objects = definitions(settings)
     with contextlib.redirect_stdout(io.StringIO()):

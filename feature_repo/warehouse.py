@@ -271,3 +271,36 @@ def published_rows(settings: Settings, mart: str, ds: dt.date) -> int:
     with postgres(settings) as conn:
         return conn.execute(f"select count(*) from {FEATURES_SCHEMA}.{mart} where ds = %s", (ds,)).fetchone()[0]
 
+
+
+def read_published(settings: Settings, mart: str) -> pd.DataFrame:
+    """A published mart as the offline store holds it (every published day of a daily mart)."""
+    if settings.offline_store == "duckdb":
+        path = published_path(settings, mart) if mart in WHOLE_MARTS else features_dir(settings) / mart / "*" / "*"
+        with duckdb.connect() as con:
+            return con.execute(f"select * from read_parquet('{path}')").df()
+    with postgres(settings) as conn:
+        cur = conn.execute(f"select * from {FEATURES_SCHEMA}.{mart}")
+        return pd.DataFrame(cur.fetchall(), columns=[c.name for c in cur.description])
+
+
+EMBEDDINGS = "product_embeddings"
+EMBEDDINGS_SCHEMA = pa.schema([("product_id", pa.int64()), ("event_timestamp", pa.timestamp("us", "UTC")),
+                               ("text_embedding", pa.list_(pa.float32())), ("graph_embedding", pa.list_(pa.float32())),
+                               ("embedding_version", pa.string())])
+
+
+def ensure_embeddings_source(settings: Settings) -> None:
+    """Training writes product embeddings; until it has, the source exists and is empty, so the
+    feature services that include it already work (the embeddings read as null)."""
+    if settings.offline_store == "duckdb":
+        base = features_dir(settings) / EMBEDDINGS
+        if not list(base.glob("*/*.parquet")):
+            write_atomic(EMBEDDINGS_SCHEMA.empty_table(), base / "version=none" / "part-0.parquet")
+        return
+    with postgres(settings) as conn:
+        conn.execute(f"create schema if not exists {FEATURES_SCHEMA}")
+        conn.execute(f"create table if not exists {FEATURES_SCHEMA}.{EMBEDDINGS} (product_id bigint, "
+                     "event_timestamp timestamptz, text_embedding real[], graph_embedding real[], "
+                     "embedding_version text)")
+        conn.commit()

@@ -28,3 +28,17 @@ def files_digest(root: Path) -> dict[str, str]:
 
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*.parquet"))}
+
+
+@pytest.fixture(scope="session")
+def tiny_features(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """The tiny world with its features built through 2026-10-05 on the local profile (10-06 held out)."""
+    from feature_repo.stages import build_feature_day
+    from tests.feature_helpers import FIRST_BUILD, NEXT_DAY, simulate_tiny
+
+    root = tmp_path_factory.mktemp("features-local")
+    settings = Settings(profile="local", data_dir=root / "data", artifacts_dir=root / "artifacts")
+    simulate_tiny(settings)
+    build_feature_day(settings, FIRST_BUILD)
+    build_feature_day(settings, NEXT_DAY)
+    return settings

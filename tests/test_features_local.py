@@ -19,17 +19,12 @@ from feature_repo.stages import build_feature_day
 from feature_repo.warehouse import DayRejected, published_days, published_path
 from retrieval_core.contract import partition_path, read_table
 from retrieval_core.settings import Settings
-from tests.feature_helpers import FIRST_BUILD, HELD_OUT, NEXT_DAY, simulate_tiny
+from tests.feature_helpers import FIRST_BUILD, HELD_OUT, NEXT_DAY
 
 
 @pytest.fixture(scope="module")
-def local(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    root = tmp_path_factory.mktemp("features-local")
-    settings = Settings(profile="local", data_dir=root / "data", artifacts_dir=root / "artifacts")
-    simulate_tiny(settings)
-    build_feature_day(settings, FIRST_BUILD)
-    build_feature_day(settings, NEXT_DAY)
-    return settings
+def local(tiny_features: Settings) -> Settings:
+    return tiny_features
 
 
 def _digest(paths: list[Path]) -> list[str]:

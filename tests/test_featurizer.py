@@ -33,8 +33,10 @@ def test_bags_are_bounded_and_padding_bucket_is_never_used() -> None:
     assert 0 not in ids and max(ids) < CONFIG.n_buckets
 
 
-def test_encode_texts_offsets_and_empty_text() -> None:
-    flat, offsets = encode_texts(["red mug", "", "mug"], CONFIG)
-    assert offsets.tolist()[0] == 0 and offsets[1] == offsets[2]  # the empty bag has no ids
-    assert flat[offsets[2]:].tolist() == term_ids("mug", CONFIG)
+def test_encode_texts_pads_with_zero_and_keeps_empty_texts_empty() -> None:
+    padded = encode_texts(["red mug", "", "mug"], CONFIG)
+    assert padded.shape == (3, CONFIG.max_terms)
+    assert not padded[1].any()  # the empty text has only padding
+    mug = term_ids("mug", CONFIG)
+    assert padded[2, : len(mug)].tolist() == mug and not padded[2, len(mug):].any()
     assert join_terms(None) == "" and join_terms(float("nan")) == "" and join_terms(["a", "b"]) == "a b"

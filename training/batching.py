@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from training.featurizer import encode_texts, join_terms, stable_bucket, term_ids, words
+from training.featurizer import encode_texts, join_terms, stable_bucket, words
 from training.model import HISTORY_TYPES, ModelConfig, ProductBatch, QueryBatch
 
 BUCKET_COLUMNS = ("ctr_bucket", "purchase_rate_bucket", "rating_bucket", "review_count_bucket", "age_bucket",
@@ -27,29 +27,22 @@ def _items(value: object) -> list:
 def query_batch(rows: Sequence[Mapping[str, object]], config: ModelConfig) -> QueryBatch:
     """Rows with ``query`` and (optionally, signed-in users only) the ``query_tower_v1`` features."""
     f = config.featurizer
-    ids, offsets = encode_texts([str(r.get("query") or "") for r in rows], f)
-    flat: list[int] = []
-    item_offsets, shops, types, slots, row_of = [], [], [], [], []
-    for i, row in enumerate(rows):
+    texts, shops, types, slots, row_of = [], [], [], [], []
+    for i, row in enumerate(rows if config.use_history else []):
         slot = 0
-        if not config.use_history:
-            continue
         for type_id, kind in enumerate(HISTORY_TYPES):
             for item in _items(row.get(HISTORY_COLUMNS[kind])):
                 slot += 1
-                item_offsets.append(len(flat))
-                if kind == "shop":
-                    shops.append(stable_bucket(int(item), config.shop_buckets))
-                else:
-                    shops.append(0)
-                    flat.extend(term_ids(str(item), f))
+                is_shop = kind == "shop"
+                shops.append(stable_bucket(int(item), config.shop_buckets) if is_shop else 0)
+                texts.append("" if is_shop else str(item))
                 types.append(type_id)
                 slots.append(slot)
                 row_of.append(i)
     return QueryBatch(
-        term_ids=torch.from_numpy(ids), term_offsets=torch.from_numpy(offsets),
+        terms=torch.from_numpy(encode_texts([str(r.get("query") or "") for r in rows], f)),
         country=torch.tensor([stable_bucket(r.get("country"), config.country_buckets) for r in rows]),
-        history_ids=torch.tensor(flat, dtype=torch.long), history_offsets=torch.tensor(item_offsets, dtype=torch.long),
+        history_terms=torch.from_numpy(encode_texts(texts, f)),
         history_shop=torch.tensor(shops, dtype=torch.long), history_type=torch.tensor(types, dtype=torch.long),
         history_slot=torch.tensor(slots, dtype=torch.long), history_row=torch.tensor(row_of, dtype=torch.long),
         max_items=max(slots, default=0))
@@ -62,8 +55,6 @@ def product_text(row: Mapping[str, object]) -> str:
 
 def product_batch(rows: Sequence[Mapping[str, object]], config: ModelConfig) -> ProductBatch:
     """Rows of ``product_tower_v1`` features (missing quality or embeddings are allowed)."""
-    ids, offsets = encode_texts([product_text(r) for r in rows], config.featurizer)
-
     def bucket(v: object) -> int:
         return 0 if v is None or (isinstance(v, float) and np.isnan(v)) else int(v)
 
@@ -78,7 +69,7 @@ def product_batch(rows: Sequence[Mapping[str, object]], config: ModelConfig) -> 
         return torch.from_numpy(out)
 
     return ProductBatch(
-        term_ids=torch.from_numpy(ids), term_offsets=torch.from_numpy(offsets),
+        terms=torch.from_numpy(encode_texts([product_text(r) for r in rows], config.featurizer)),
         category=torch.tensor([stable_bucket(r.get("category_path"), config.category_buckets) for r in rows]),
         country=torch.tensor([stable_bucket(r.get("shop_country"), config.country_buckets) for r in rows]),
         buckets=torch.tensor([[bucket(r.get(c)) for c in BUCKET_COLUMNS] for r in rows], dtype=torch.long),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import zlib
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -38,28 +39,32 @@ def _bucket(kind: bytes, term: str, n_buckets: int) -> int:
 
 def term_ids(text: str, config: FeaturizerConfig) -> list[int]:
     """Hashed term ids of one text: unigrams, then bigrams, then character trigrams, truncated."""
+    return list(_term_ids(text, config.n_buckets, config.max_terms, config.bigrams, config.char_trigrams))
+
+
+@lru_cache(maxsize=500_000)
+def _term_ids(text: str, n: int, max_terms: int, bigrams: bool, char_trigrams: bool) -> tuple[int, ...]:
+    # Cached: queries, history items and titles repeat a lot, and hashing is the hot path of training.
     toks = words(text)
-    n = config.n_buckets
     ids = [_bucket(b"w", t, n) for t in toks]
-    if config.bigrams:
+    if bigrams:
         ids += [_bucket(b"b", f"{a} {b}", n) for a, b in zip(toks, toks[1:], strict=False)]
-    if config.char_trigrams:
+    if char_trigrams:
         for t in toks:
             padded = f"#{t}#"
             ids += [_bucket(b"c", padded[i:i + 3], n) for i in range(len(padded) - 2)]
-    return ids[: config.max_terms]
+    return tuple(ids[:max_terms])
 
 
-def encode_texts(texts: Sequence[str], config: FeaturizerConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Flat term ids and per-text offsets, the input of ``torch.nn.EmbeddingBag``.
-
-    An empty text contributes no ids (its bag is empty and embeds to zeros)."""
-    flat: list[int] = []
-    offsets = np.empty(len(texts), dtype=np.int64)
+def encode_texts(texts: Sequence[str], config: FeaturizerConfig) -> np.ndarray:
+    """Term ids of each text, right-padded with 0 to (len(texts), max_terms): the input of an
+    ``EmbeddingBag`` with ``padding_idx=0`` (an empty text embeds to zeros)."""
+    out = np.zeros((len(texts), config.max_terms), dtype=np.int64)
+    key = (config.n_buckets, config.max_terms, config.bigrams, config.char_trigrams)
     for i, text in enumerate(texts):
-        offsets[i] = len(flat)
-        flat.extend(term_ids(text or "", config))
-    return np.asarray(flat, dtype=np.int64), offsets
+        ids = _term_ids(text or "", *key)
+        out[i, : len(ids)] = ids
+    return out
 
 
 def stable_bucket(value: object, n_buckets: int) -> int:

@@ -43,22 +43,25 @@ class ModelConfig(BaseModel):
 
 @dataclass
 class ProductBatch:
-    term_ids: torch.Tensor  # flat ids (EmbeddingBag input)
-    term_offsets: torch.Tensor  # (B,)
+    terms: torch.Tensor  # (B, max_terms) hashed term ids, 0-padded
     category: torch.Tensor  # (B,) hashed category path
     country: torch.Tensor  # (B,) hashed shop country
     buckets: torch.Tensor  # (B, N_BUCKET_FEATURES), 0 = unknown, 1..quantile_buckets
     text: torch.Tensor | None = None  # (B, text_dim)
     graph: torch.Tensor | None = None  # (B, graph_dim)
 
+    def take(self, index: torch.Tensor) -> ProductBatch:
+        """The rows ``index`` (a LongTensor) of this batch."""
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return ProductBatch(self.terms[index], self.category[index], self.country[index], self.buckets[index],
+                            pick(self.text), pick(self.graph))
+
 
 @dataclass
 class QueryBatch:
-    term_ids: torch.Tensor
-    term_offsets: torch.Tensor  # (B,)
+    terms: torch.Tensor  # (B, max_terms)
     country: torch.Tensor  # (B,) hashed user country (0 = unknown / signed out)
-    history_ids: torch.Tensor  # flat term ids of every history item
-    history_offsets: torch.Tensor  # (I,) one bag per history item
+    history_terms: torch.Tensor  # (I, max_terms) one bag per history item, over all rows
     history_shop: torch.Tensor  # (I,) hashed shop id for shop items, 0 otherwise
     history_type: torch.Tensor  # (I,) index into HISTORY_TYPES
     history_slot: torch.Tensor  # (I,) position of the item in its user's sequence (1-based; 0 is [CLS])
@@ -77,8 +80,8 @@ class TermEncoder(nn.Module):
         super().__init__()
         self.bag = nn.EmbeddingBag(config.featurizer.n_buckets, config.term_dim, mode="mean", padding_idx=0)
 
-    def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        return self.bag(ids, offsets)
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.bag(ids)
 
 
 class ProductTower(nn.Module):
@@ -93,7 +96,7 @@ class ProductTower(nn.Module):
         self.project = _mlp(in_dim, config.hidden_dim, config.output_dim, config.dropout)
 
     def forward(self, batch: ProductBatch) -> torch.Tensor:
-        parts = [self.terms(batch.term_ids, batch.term_offsets), self.category(batch.category),
+        parts = [self.terms(batch.terms), self.category(batch.category),
                  self.country(batch.country)]
         parts += [emb(batch.buckets[:, i]) for i, emb in enumerate(self.buckets)]
         n = len(batch.category)
@@ -119,21 +122,21 @@ class QueryTower(nn.Module):
                             config.dropout)
 
     def encode_history(self, batch: QueryBatch) -> torch.Tensor:
-        n, d = len(batch.term_offsets), self.config.term_dim
+        n, d = len(batch.terms), self.config.term_dim
         length = batch.max_items + 1
         seq = torch.zeros(n, length, d)
         seq[:, 0] = self.cls[0, 0]
         mask = torch.ones(n, length, dtype=torch.bool)  # True = padding
         mask[:, 0] = False
         if len(batch.history_type):
-            items = self.terms(batch.history_ids, batch.history_offsets) + self.shop(batch.history_shop)
+            items = self.terms(batch.history_terms) + self.shop(batch.history_shop)
             items = items + self.item_type(batch.history_type)
             seq[batch.history_row, batch.history_slot] = items
             mask[batch.history_row, batch.history_slot] = False
         return self.history(seq, src_key_padding_mask=mask)[:, 0]
 
     def forward(self, batch: QueryBatch) -> torch.Tensor:
-        parts = [self.terms(batch.term_ids, batch.term_offsets), self.country(batch.country)]
+        parts = [self.terms(batch.terms), self.country(batch.country)]
         if self.config.use_history:
             parts.append(self.encode_history(batch))
         return nn.functional.normalize(self.project(torch.cat(parts, dim=1)), dim=1)
