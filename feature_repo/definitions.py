@@ -73,22 +73,18 @@ def _source(settings: Settings, name: str) -> Any:
 
 def definitions(settings: Settings) -> list[Any]:
     """Every Feast object of the repository, for ``FeatureStore.apply``."""
-    user_history = FeatureView(
-        name="user_history", entities=[user], ttl=timedelta(days=30), schema=USER_HISTORY_FIELDS,
-        source=_source(settings, "user_history"), online=True,
-        description="A user's recent behaviour as of the close of each day they were active.")
-    product_profile = FeatureView(
-        name="product_profile", entities=[product], ttl=timedelta(days=3650), schema=PRODUCT_PROFILE_FIELDS,
-        source=_source(settings, "product_profile"), online=True,
-        description="The listing in force: text, category, shop and price.")
-    product_quality = FeatureView(
-        name="product_quality", entities=[product], ttl=timedelta(days=30), schema=PRODUCT_QUALITY_FIELDS,
-        source=_source(settings, "product_quality"), online=True,
-        description="Trailing 30-day engagement rates and quality, with quantile buckets.")
-    product_embeddings = FeatureView(
-        name="product_embeddings", entities=[product], ttl=timedelta(days=3650), schema=PRODUCT_EMBEDDING_FIELDS,
-        source=_source(settings, "product_embeddings"), online=True,
-        description="Precomputed product-side encodings written by training (text, graph).")
+    def view(name: str, entity: Entity, ttl_days: int, schema: list[Field], description: str) -> FeatureView:
+        return FeatureView(name=name, entities=[entity], ttl=timedelta(days=ttl_days), schema=schema,
+                           source=_source(settings, name), online=True, description=description)
+
+    user_history = view("user_history", user, 30, USER_HISTORY_FIELDS,
+                        "A user's recent behaviour as of the close of each day they were active.")
+    product_profile = view("product_profile", product, 3650, PRODUCT_PROFILE_FIELDS,
+                           "The listing in force: text, category, shop and price.")
+    product_quality = view("product_quality", product, 30, PRODUCT_QUALITY_FIELDS,
+                           "Trailing 30-day engagement rates and quality, with quantile buckets.")
+    product_embeddings = view("product_embeddings", product, 3650, PRODUCT_EMBEDDING_FIELDS,
+                              "Precomputed product-side encodings written by training (text, graph).")
     services = [
         FeatureService(name="query_tower_v1", features=[user_history],
                        description="Read online by the retrieval API for every personalized request."),

@@ -5,10 +5,6 @@ select
     min(query) as query,
     min(ds) as ds,
     min(ts) as started_at,
-    count(*) filter (where event_type = 'impression') as impressions,
-    count(*) filter (where event_type = 'click') as clicks,
-    count(*) filter (where event_type = 'favorite') as favorites,
-    count(*) filter (where event_type = 'add_to_cart') as carts,
-    count(*) filter (where event_type = 'purchase') as purchases
-from {{ ref('stg_events') }}
+    {{ engagement_counts('e') }}
+from {{ ref('stg_events') }} as e
 group by session_id

@@ -7,11 +7,7 @@ engagement as (
     select
         d.ds,
         e.product_id,
-        count(*) filter (where e.event_type = 'impression') as impressions,
-        count(*) filter (where e.event_type = 'click') as clicks,
-        count(*) filter (where e.event_type = 'favorite') as favorites,
-        count(*) filter (where e.event_type = 'add_to_cart') as carts,
-        count(*) filter (where e.event_type = 'purchase') as purchases
+        {{ engagement_counts('e') }}
     from days as d
     join {{ ref('stg_events') }} as e
         on e.ds <= d.ds and e.ds > d.ds - {{ window }}

@@ -64,26 +64,14 @@ counts as (
     from recent
     group by as_of, user_id
 ),
-newest_first as (
-    select as_of, user_id,
-           (array_agg(item order by last_seen desc, item))[1:{{ n }}] as recent_queries
-    from queries group by as_of, user_id
-),
-newest_shops as (
-    select as_of, user_id,
-           (array_agg(item order by last_seen desc, item))[1:{{ n }}] as recent_shops
-    from shops group by as_of, user_id
-),
-newest_terms as (
-    select as_of, user_id,
-           (array_agg(item order by last_seen desc, item))[1:{{ n_terms }}] as recent_click_terms
-    from terms group by as_of, user_id
-),
-newest_tags as (
-    select as_of, user_id,
-           (array_agg(item order by last_seen desc, item))[1:{{ n_terms }}] as purchased_tags
-    from tags group by as_of, user_id
-)
+{% set lists = [('queries', 'recent_queries', n), ('shops', 'recent_shops', n),
+                 ('terms', 'recent_click_terms', n_terms), ('tags', 'purchased_tags', n_terms)] %}
+{% for source, column, size in lists %}
+newest_{{ source }} as (
+    select as_of, user_id, (array_agg(item order by last_seen desc, item))[1:{{ size }}] as {{ column }}
+    from {{ source }} group by as_of, user_id
+){{ "," if not loop.last }}
+{% endfor %}
 select
     c.user_id,
     c.as_of as ds,
@@ -97,7 +85,7 @@ select
     c.clicks_{{ window }}d,
     c.purchases_{{ window }}d
 from counts as c
-left join newest_first as q on q.as_of = c.as_of and q.user_id = c.user_id
+left join newest_queries as q on q.as_of = c.as_of and q.user_id = c.user_id
 left join newest_shops as s on s.as_of = c.as_of and s.user_id = c.user_id
 left join newest_terms as t on t.as_of = c.as_of and t.user_id = c.user_id
 left join newest_tags as g on g.as_of = c.as_of and g.user_id = c.user_id

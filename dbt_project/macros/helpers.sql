@@ -18,3 +18,13 @@
 {% macro analyze_table(relation) %}{{ return(adapter.dispatch('analyze_table', 'uer')(relation)) }}{% endmacro %}
 {% macro default__analyze_table(relation) %}analyze {{ relation }}{% endmacro %}
 {% macro duckdb__analyze_table(relation) %}select 1{% endmacro %}
+
+
+{# Engagement counts of a set of events `e` (grouped by the caller). #}
+{% macro engagement_counts(e) %}
+    count(*) filter (where {{ e }}.event_type = 'impression') as impressions,
+    count(*) filter (where {{ e }}.event_type = 'click') as clicks,
+    count(*) filter (where {{ e }}.event_type = 'favorite') as favorites,
+    count(*) filter (where {{ e }}.event_type = 'add_to_cart') as carts,
+    count(*) filter (where {{ e }}.event_type = 'purchase') as purchases
+{% endmacro %}
