@@ -50,3 +50,15 @@ def test_a_batch_gives_the_same_vectors_as_rows_one_by_one() -> None:
         together = model.query_tower(query_batch([SIGNED_IN, SIGNED_OUT], CONFIG))
         alone = torch.cat([model.query_tower(query_batch([r], CONFIG)) for r in (SIGNED_IN, SIGNED_OUT)])
     assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_products_without_graph_embedding_use_the_learned_fallback() -> None:
+    torch.manual_seed(0)
+    model = UnifiedModel(CONFIG).eval()
+    with torch.no_grad():
+        model.product_tower.graph_fallback.fill_(0.5)
+        rows = [{**PRODUCT, "graph_embedding": [0.5] * 4}, {**PRODUCT, "graph_embedding": None},
+                {**PRODUCT, "graph_embedding": [float("nan")] * 4}, {**PRODUCT, "graph_embedding": [0.0] * 4}]
+        p = model.product_tower(product_batch(rows, CONFIG))
+    assert torch.allclose(p[0], p[1]) and torch.allclose(p[1], p[2])  # missing = fallback = [0.5]*4
+    assert not torch.allclose(p[0], p[3])

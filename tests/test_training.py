@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from retrieval_core.settings import Settings
@@ -45,3 +46,33 @@ def test_model_learns_and_beats_popularity(tiny_features: Settings) -> None:
     report = evaluate({"unified": model_retriever(result.model, products),
                        "popularity": popularity_retriever(products, train_rows)}, test, products, data.query_class)
     assert report["unified"]["all"]["recall@100"] > 2 * report["popularity"]["all"]["recall@100"], report
+
+
+def test_training_run_writes_artefacts_metrics_and_embeddings(tiny_features: Settings) -> None:
+    import json
+
+    from feature_repo import store
+    from feature_repo.warehouse import read_published
+    from training.stages import TrainingRunConfig, run_training
+    from training.text_encoder import TextEncoderConfig
+
+    config = TrainingRunConfig(
+        train=TrainConfig(model=ModelConfig(featurizer=FeaturizerConfig(n_buckets=1 << 14)), steps=40,
+                          batch_size=64, warmup_steps=10, ramp_steps=10, hard_refresh_steps=20),
+        text=TextEncoderConfig(adapt_batch_size=32), adapt_pairs_max=128, graph_dim=16)
+    report = run_training(tiny_features, config, version="test-run")
+    for name in ("query_and_product_towers.pt", "config.json", "metrics.json"):
+        assert (report.directory / name).exists()
+    metrics = json.loads((report.directory / "metrics.json").read_text())
+    assert set(metrics) == {"unified", "no_history", "popularity", "bm25", "minilm"}
+    assert {"head", "tail", "with_history", "without_history"} <= set(metrics["unified"])
+    assert metrics["bm25"]["all"]["recall@1000"] >= metrics["bm25"]["all"]["recall@100"] > 0
+    embeddings = read_published(tiny_features, "product_embeddings")
+    written = embeddings[embeddings["embedding_version"] == "test-run"]
+    assert len(written) > 1000 and written["text_embedding"].map(len).eq(384).all()
+    assert written["graph_embedding"].notna().any()
+    feast = store.get_store(tiny_features)
+    offline = feast.get_historical_features(
+        entity_df=written[["product_id"]].head(3).assign(event_timestamp=pd.Timestamp.now(tz="UTC")),
+        features=["product_embeddings:text_embedding"]).to_df()
+    assert offline["text_embedding"].map(len).eq(384).all()

@@ -58,22 +58,27 @@ def product_batch(rows: Sequence[Mapping[str, object]], config: ModelConfig) -> 
     def bucket(v: object) -> int:
         return 0 if v is None or (isinstance(v, float) and np.isnan(v)) else int(v)
 
-    def dense(column: str, dim: int) -> torch.Tensor | None:
+    def dense(column: str, dim: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The column as a (B, dim) tensor, and which rows had a usable vector (others are zeros)."""
         if not dim:
-            return None
+            return None, None
         out = np.zeros((len(rows), dim), dtype=np.float32)
+        known = np.zeros(len(rows), dtype=bool)
         for i, r in enumerate(rows):
             v = r.get(column)
             if v is not None and not isinstance(v, float) and len(v) == dim:
-                out[i] = np.asarray(v, dtype=np.float32)
-        return torch.from_numpy(out)
+                vec = np.asarray(v, dtype=np.float32)
+                if np.isfinite(vec).all():
+                    out[i], known[i] = vec, True
+        return torch.from_numpy(out), torch.from_numpy(known)
 
+    graph, graph_known = dense("graph_embedding", config.graph_dim)
     return ProductBatch(
         terms=torch.from_numpy(encode_texts([product_text(r) for r in rows], config.featurizer)),
         category=torch.tensor([stable_bucket(r.get("category_path"), config.category_buckets) for r in rows]),
         country=torch.tensor([stable_bucket(r.get("shop_country"), config.country_buckets) for r in rows]),
         buckets=torch.tensor([[bucket(r.get(c)) for c in BUCKET_COLUMNS] for r in rows], dtype=torch.long),
-        text=dense("text_embedding", config.text_dim), graph=dense("graph_embedding", config.graph_dim))
+        text=dense("text_embedding", config.text_dim)[0], graph=graph, graph_known=graph_known)
 
 
 __all__ = ["product_batch", "product_text", "query_batch", "words"]

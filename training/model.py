@@ -48,13 +48,14 @@ class ProductBatch:
     country: torch.Tensor  # (B,) hashed shop country
     buckets: torch.Tensor  # (B, N_BUCKET_FEATURES), 0 = unknown, 1..quantile_buckets
     text: torch.Tensor | None = None  # (B, text_dim)
-    graph: torch.Tensor | None = None  # (B, graph_dim)
+    graph: torch.Tensor | None = None  # (B, graph_dim); rows of products with no engagement are ignored
+    graph_known: torch.Tensor | None = None  # (B,) bool: the product has a graph embedding
 
     def take(self, index: torch.Tensor) -> ProductBatch:
         """The rows ``index`` (a LongTensor) of this batch."""
         pick = lambda t: None if t is None else t[index]  # noqa: E731
         return ProductBatch(self.terms[index], self.category[index], self.country[index], self.buckets[index],
-                            pick(self.text), pick(self.graph))
+                            pick(self.text), pick(self.graph), pick(self.graph_known))
 
 
 @dataclass
@@ -94,15 +95,20 @@ class ProductTower(nn.Module):
         self.buckets = nn.ModuleList(nn.Embedding(config.quantile_buckets + 1, 8) for _ in range(N_BUCKET_FEATURES))
         in_dim = d + 32 + 16 + 8 * N_BUCKET_FEATURES + config.text_dim + config.graph_dim
         self.project = _mlp(in_dim, config.hidden_dim, config.output_dim, config.dropout)
+        # Products nobody engaged with yet have no graph embedding: they get this learned vector.
+        self.graph_fallback = nn.Parameter(torch.zeros(config.graph_dim))
 
     def forward(self, batch: ProductBatch) -> torch.Tensor:
         parts = [self.terms(batch.terms), self.category(batch.category),
                  self.country(batch.country)]
         parts += [emb(batch.buckets[:, i]) for i, emb in enumerate(self.buckets)]
         n = len(batch.category)
-        for dim, value in ((self.config.text_dim, batch.text), (self.config.graph_dim, batch.graph)):
-            if dim:
-                parts.append(value if value is not None else torch.zeros(n, dim))
+        if self.config.text_dim:
+            parts.append(batch.text if batch.text is not None else torch.zeros(n, self.config.text_dim))
+        if self.config.graph_dim:
+            known = batch.graph_known if batch.graph_known is not None else torch.zeros(n, dtype=torch.bool)
+            graph = batch.graph if batch.graph is not None else torch.zeros(n, self.config.graph_dim)
+            parts.append(torch.where(known[:, None], graph, self.graph_fallback.expand(n, -1)))
         return nn.functional.normalize(self.project(torch.cat(parts, dim=1)), dim=1)
 
 
