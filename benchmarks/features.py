@@ -119,6 +119,11 @@ def _server_latency(settings: Settings, users: list[int]) -> dict[str, float]:
 
 
 def main() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for noisy in ("great_expectations", "feast", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-large", action="store_true", help="only the default world")
     parser.add_argument("--only-large", action="store_true",

@@ -9,6 +9,7 @@ anything is published, so the offline and online stores keep yesterday's state.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ from feature_repo.quality_gate import validate_days
 from retrieval_core.settings import Settings
 
 FIRST_MATERIALIZATION_START = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,13 +46,25 @@ def build_feature_day(settings: Settings, ds: dt.date) -> FeatureDayReport:
         return out
 
     if settings.dbt_target == "postgres":
+        log.info("features %s: load raw partitions into Postgres", ds)
         timed("load_raw", warehouse.load_raw_to_postgres, settings, ds)
+    log.info("features %s: dbt build", ds)
     timed("dbt", warehouse.run_dbt, settings, ds)
     first_publication = not warehouse.published_days(settings)
     days = warehouse.pending_days(settings, ds)
+    log.info("features %s: gate on %d day(s)", ds, len(days))
     report = timed("gx", validate_days, settings, ds, days)
+    log.info("features %s: publish", ds)
     rows = timed("publish", warehouse.publish_days, settings, days)
     timed("apply", store.apply, settings)
-    start = FIRST_MATERIALIZATION_START if first_publication else closed_at(min(days)) - dt.timedelta(days=1)
-    timed("materialize", store.materialize, settings, start, closed_at(ds) + dt.timedelta(seconds=1))
+    log.info("features %s: materialise", ds)
+    timed("materialize", materialize_days, settings, days, first_publication)
     return FeatureDayReport(ds=ds, published_days=days, rows=rows, warnings=report.warnings, seconds=seconds)
+
+
+def materialize_days(settings: Settings, days: list[dt.date], first_publication: bool) -> None:
+    """Materialise one day at a time, so memory stays bounded by a day's rows on a long backlog.
+    The first publication also loads everything older (first listings keep their creation time)."""
+    for i, day in enumerate(sorted(days)):
+        start = FIRST_MATERIALIZATION_START if first_publication and i == 0 else closed_at(day) - dt.timedelta(days=1)
+        store.materialize(settings, start, closed_at(day) + dt.timedelta(seconds=1))
