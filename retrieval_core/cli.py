@@ -199,5 +199,36 @@ def features_serve(port: Annotated[int, typer.Option(help="port on 127.0.0.1")] 
     raise typer.Exit(subprocess.call(feast, env=env))
 
 
+@app.command("train")
+def train_command(
+    steps: Annotated[int, typer.Option(help="optimiser steps of the unified model")] = 600,
+    adapt_pairs: Annotated[int, typer.Option(help="query→product pairs for MiniLM pre-training")] = 20_000,
+    text: Annotated[bool, typer.Option(help="use the (adapted) MiniLM product encodings")] = True,
+    version: Annotated[str | None, typer.Option(help="model version id (default: date + random)")] = None,
+) -> None:
+    """Train and evaluate the unified model on the published features (issue 4: in progress).
+
+    Writes artifacts/models/<version>/ (weights, config, metrics.json) and publishes the product
+    embeddings to Feast; prints Recall@10/100/1000 and NDCG@10 per system and slice.
+    """
+    from rich.table import Table
+
+    from training.stages import TrainingRunConfig, run_training
+    from training.train import TrainConfig
+
+    config = TrainingRunConfig(train=TrainConfig(steps=steps), adapt_pairs_max=adapt_pairs, use_text=text)
+    with console.status("training and evaluating"):
+        report = run_training(get_settings(), config, version)
+    table = Table(title=f"test window, model {report.version}")
+    for column in ("system", "slice", "n", "recall@10", "recall@100", "recall@1000", "ndcg@10"):
+        table.add_column(column)
+    for system, slices in report.metrics.items():
+        for name, m in slices.items():
+            table.add_row(system, name, str(m["n"]), *(f"{m[k]:.3f}" for k in
+                                                       ("recall@10", "recall@100", "recall@1000", "ndcg@10")))
+    Console().print(table)
+    console.print(f"artefacts: {report.directory}")
+
+
 if __name__ == "__main__":
     app()
