@@ -205,29 +205,46 @@ def train_command(
     adapt_pairs: Annotated[int, typer.Option(help="query→product pairs for MiniLM pre-training")] = 20_000,
     text: Annotated[bool, typer.Option(help="use the (adapted) MiniLM product encodings")] = True,
     version: Annotated[str | None, typer.Option(help="model version id (default: date + random)")] = None,
+    kfp: Annotated[bool, typer.Option(help="run as the Kubeflow pipeline (kfp.local) or in this process")] = True,
 ) -> None:
     """Train and evaluate the unified model on the published features (issue 4: in progress).
 
-    Writes artifacts/models/<version>/ (weights, config, metrics.json) and publishes the product
-    embeddings to Feast; prints Recall@10/100/1000 and NDCG@10 per system and slice.
+    With --kfp (default) the compiled Kubeflow pipeline runs locally (kfp.local, one subprocess per
+    component, artefacts under artifacts/kfp/<version>/); --no-kfp runs the same steps in this
+    process under artifacts/models/<version>/. Either way the product embeddings are published to
+    Feast and Recall@10/100/1000 and NDCG@10 are printed per system and slice.
     """
+    import datetime as dt_
+    import uuid
+
     from rich.table import Table
 
+    from training.pipeline import compile_pipeline, run_locally
     from training.stages import TrainingRunConfig, run_training
     from training.train import TrainConfig
 
+    s = get_settings()
     config = TrainingRunConfig(train=TrainConfig(steps=steps), adapt_pairs_max=adapt_pairs, use_text=text)
-    with console.status("training and evaluating"):
-        report = run_training(get_settings(), config, version)
-    table = Table(title=f"test window, model {report.version}")
+    version = version or f"{dt_.datetime.now(dt_.UTC):%Y%m%d%H%M}-{uuid.uuid4().hex[:6]}"
+    if kfp:
+        yaml_path = compile_pipeline(s.artifacts_dir / "kfp" / "training_pipeline.yaml")
+        console.print(f"compiled {yaml_path}; running it with kfp.local")
+        root = run_locally(s, config.model_dump_json(), version)
+        metrics = json.loads(next(root.glob("*/evaluate-op/metrics")).read_text())
+        where = root
+    else:
+        with console.status("training and evaluating"):
+            report = run_training(s, config, version)
+        metrics, where = report.metrics, report.directory
+    table = Table(title=f"test window, model {version}")
     for column in ("system", "slice", "n", "recall@10", "recall@100", "recall@1000", "ndcg@10"):
         table.add_column(column)
-    for system, slices in report.metrics.items():
+    for system, slices in metrics.items():
         for name, m in slices.items():
             table.add_row(system, name, str(m["n"]), *(f"{m[k]:.3f}" for k in
                                                        ("recall@10", "recall@100", "recall@1000", "ndcg@10")))
     Console().print(table)
-    console.print(f"artefacts: {report.directory}")
+    console.print(f"artefacts: {where}")
 
 
 if __name__ == "__main__":

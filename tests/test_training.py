@@ -61,8 +61,9 @@ def test_training_run_writes_artefacts_metrics_and_embeddings(tiny_features: Set
                           batch_size=64, warmup_steps=10, ramp_steps=10, hard_refresh_steps=20),
         text=TextEncoderConfig(adapt_batch_size=32), adapt_pairs_max=128, graph_dim=16)
     report = run_training(tiny_features, config, version="test-run")
-    for name in ("query_and_product_towers.pt", "config.json", "metrics.json"):
-        assert (report.directory / name).exists()
+    for name in ("model/weights.pt", "model/model_config.json", "ablation/weights.pt", "metrics.json",
+                 "graph.parquet", "text.parquet", "dataset/examples.parquet", "run_config.json"):
+        assert (report.directory / name).exists(), name
     metrics = json.loads((report.directory / "metrics.json").read_text())
     assert set(metrics) == {"unified", "no_history", "popularity", "bm25", "minilm"}
     assert {"head", "tail", "with_history", "without_history"} <= set(metrics["unified"])
@@ -76,3 +77,27 @@ def test_training_run_writes_artefacts_metrics_and_embeddings(tiny_features: Set
         entity_df=written[["product_id"]].head(3).assign(event_timestamp=pd.Timestamp.now(tz="UTC")),
         features=["product_embeddings:text_embedding"]).to_df()
     assert offline["text_embedding"].map(len).eq(384).all()
+
+
+def test_kfp_pipeline_compiles_and_runs_every_component_locally(tiny_features: Settings, tmp_path) -> None:
+    import yaml
+
+    from training.pipeline import compile_pipeline, run_locally
+    from training.stages import TrainingRunConfig
+    from training.text_encoder import TextEncoderConfig
+
+    spec = yaml.safe_load(compile_pipeline(tmp_path / "pipeline.yaml").read_text())
+    components = set(spec["deploymentSpec"]["executors"])
+    assert components == {f"exec-{c}-op" for c in ("dataset", "graph", "text", "train", "evaluate", "export")}
+    config = TrainingRunConfig(
+        train=TrainConfig(model=ModelConfig(featurizer=FeaturizerConfig(n_buckets=1 << 14)), steps=20,
+                          batch_size=32, warmup_steps=5, ramp_steps=5, hard_refresh_steps=10),
+        text=TextEncoderConfig(adapt_batch_size=16), adapt_pairs_max=32, graph_dim=8)
+    root = run_locally(tiny_features, config.model_dump_json(), version="kfp-test")
+    [run] = list(root.iterdir())
+    for produced in ("dataset-op/dataset/examples.parquet", "graph-op/graph", "text-op/text/text.parquet",
+                     "train-op/models/model/weights.pt", "evaluate-op/metrics"):
+        assert (run / produced).exists(), produced
+    import json
+    metrics = json.loads((run / "evaluate-op" / "metrics").read_text())
+    assert {"unified", "no_history", "popularity", "bm25", "minilm"} == set(metrics)

@@ -1,11 +1,10 @@
-"""The training stage as typed functions (the CLI calls them; the KFP components will wrap them).
+"""The training run as typed steps on files. ``run_training`` calls them in one process; the KFP
+pipeline (``training/pipeline.py``) runs each as a component with the same files as artefacts.
 
-One run: training data from Feast (point in time) → graph embeddings of the training window's
-engagement graph → MiniLM adapted on the training window's (query → engaged product) pairs, products
-encoded through the content-hash cache → the unified model and its no-history ablation trained →
-evaluation on the test window against popularity, BM25 and MiniLM off the shelf → artefacts under
-``artifacts/models/<version>/`` and the product embeddings published to Feast's
-``product_embeddings`` view.
+dataset (Feast, point in time) → graph embeddings (training-window engagement graph) → text
+encodings (MiniLM adapted on the training window's query→product pairs, cached by content hash) →
+train (unified model + no-history ablation) → evaluate (test window, vs popularity, BM25, MiniLM) →
+gate (sane embeddings, ANN recall) → export (product embeddings to Feast, model files).
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from training.batching import product_text
 from training.dataset import load_training_data, product_features
 from training.evaluate import bm25_retriever, evaluate, model_retriever, popularity_retriever
 from training.graph import graph_embeddings
+from training.model import ModelConfig, UnifiedModel
 from training.text_encoder import EmbeddingCache, TextEncoderConfig, adapt, encode, load_minilm
 from training.train import TrainConfig, train
 
@@ -42,6 +42,10 @@ class TrainingRunConfig(BaseModel):
     graph_dim: int = 64
     adapt_pairs_max: int = Field(20_000, ge=0, description="pre-training pairs drawn from the training window")
 
+    def model_config_(self) -> ModelConfig:
+        return self.train.model.model_copy(update={"graph_dim": self.graph_dim,
+                                                   "text_dim": 384 if self.use_text else 0})
+
 
 @dataclass
 class TrainingRunReport:
@@ -52,8 +56,91 @@ class TrainingRunReport:
     train_seconds: float
 
 
-def _vectors_column(matrix: np.ndarray) -> list[list[float] | None]:
-    return [None if np.isnan(row).any() else row.tolist() for row in matrix]
+# --------------------------------------------------------------------------------------------------
+# Steps: each reads and writes files only (the artefacts of the KFP components)
+# --------------------------------------------------------------------------------------------------
+
+
+def step_dataset(settings: Settings, out: Path) -> dict:
+    """examples.parquet, train_products.parquet (as of training end), eval_products.parquet (as of the
+    test window's start), edges.parquet (training window) and meta.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_training_data(settings)
+    test = data.split("test")
+    test_start = dt.datetime.combine(pd.Timestamp(test["ds"].min()).date(), dt.time(), tzinfo=dt.UTC)
+    data.examples.to_parquet(out / "examples.parquet")
+    data.products.to_parquet(out / "train_products.parquet")
+    product_features(settings, test_start).to_parquet(out / "eval_products.parquet")
+    edges = read_published(settings, "query_product_edges")
+    edges[pd.to_datetime(edges["ds"]).dt.date < data.products_as_of.date()].to_parquet(out / "edges.parquet")
+    meta = {"products_as_of": data.products_as_of.isoformat(), "test_start": test_start.isoformat(),
+            "query_class": data.query_class, "examples": len(data.examples)}
+    (out / "meta.json").write_text(json.dumps(meta))
+    return meta
+
+
+def step_graph(dataset: Path, dim: int, out: Path) -> int:
+    """graph.parquet: product_id → graph_embedding for every product with engagement in the window."""
+    graph = graph_embeddings(pd.read_parquet(dataset / "edges.parquet"), dim=dim)
+    pd.DataFrame({"product_id": graph.product_ids, "graph_embedding": list(graph.products)}).to_parquet(out)
+    return len(graph.product_ids)
+
+
+def step_text(dataset: Path, config: TrainingRunConfig, cache_dir: Path, version: str, out: Path) -> int:
+    """text.parquet: product_id → adapted MiniLM encoding, and minilm_base.parquet (off the shelf)."""
+    products = pd.read_parquet(dataset / "eval_products.parquet")
+    texts = [product_text(r) for r in products.to_dict("records")]
+    base = load_minilm(config.text)
+    base_vectors, _ = EmbeddingCache(cache_dir / "minilm-base.parquet", "minilm-base").encode(
+        texts, lambda t: encode(base, t, config.text))
+    examples = pd.read_parquet(dataset / "examples.parquet")
+    engaged = examples[(examples["split"] == "train") & examples["interaction"].isin(ENGAGED)]
+    by_id = dict(zip(products["product_id"], texts, strict=True))
+    pairs = [(q, by_id[p]) for q, p in zip(engaged["query"], engaged["product_id"], strict=True) if p in by_id]
+    adapted = load_minilm(config.text)
+    adapt(adapted, pairs[: config.adapt_pairs_max], config.text)
+    vectors, _ = EmbeddingCache(cache_dir / f"minilm-{version}.parquet", version).encode(
+        texts, lambda t: encode(adapted, t, config.text))
+    ids = products["product_id"].to_numpy()
+    pd.DataFrame({"product_id": ids, "text_embedding": list(vectors)}).to_parquet(out)
+    base_frame = pd.DataFrame({"product_id": ids, "text_embedding": list(base_vectors)})
+    base_frame.to_parquet(out.with_name("minilm_base.parquet"))
+    return len(ids)
+
+
+def _with_encodings(products: pd.DataFrame, graph: Path | None, text: Path | None) -> pd.DataFrame:
+    out = products.drop(columns=["text_embedding", "graph_embedding"], errors="ignore")
+    for path in (graph, text):
+        if path is not None and path.exists():
+            out = out.merge(pd.read_parquet(path), on="product_id", how="left")
+    return out
+
+
+def step_train(dataset: Path, graph: Path, text: Path | None, config: TrainingRunConfig, out: Path) -> dict:
+    """model/ and ablation/ directories: weights + model config; returns throughput figures."""
+    examples = pd.read_parquet(dataset / "examples.parquet")
+    products = _with_encodings(pd.read_parquet(dataset / "train_products.parquet"), graph, text)
+    model_config = config.model_config_()
+    figures = {}
+    for name, mc in (("model", model_config), ("ablation", model_config.model_copy(update={"use_history": False}))):
+        result = train(examples[examples["split"] == "train"], products,
+                       config.train.model_copy(update={"model": mc}), show_progress=False)
+        save_model(result.model, out / name)
+        figures[name] = {"examples_per_s": result.examples_per_s, "seconds": result.seconds,
+                         "final_loss": float(np.mean(result.losses[-20:]))}
+    return figures
+
+
+def save_model(model: UnifiedModel, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), directory / "weights.pt")
+    (directory / "model_config.json").write_text(model.config.model_dump_json(indent=2))
+
+
+def load_model(directory: Path) -> UnifiedModel:
+    model = UnifiedModel(ModelConfig.model_validate_json((directory / "model_config.json").read_text()))
+    model.load_state_dict(torch.load(directory / "weights.pt", weights_only=True))
+    return model.eval()
 
 
 def minilm_retriever(model: torch.nn.Module, product_vectors: np.ndarray, config: TextEncoderConfig):  # noqa: ANN201
@@ -66,67 +153,40 @@ def minilm_retriever(model: torch.nn.Module, product_vectors: np.ndarray, config
     return retrieve
 
 
-def run_training(settings: Settings, config: TrainingRunConfig, version: str | None = None) -> TrainingRunReport:
-    data = load_training_data(settings)
-    train_rows, test = data.split("train"), data.split("test")
-    test = test[test["interaction"] == "purchase"]
-    test_start = dt.datetime.combine(pd.Timestamp(test["ds"].min()).date(), dt.time(), tzinfo=dt.UTC)
-    eval_products = product_features(settings, test_start)
-    version = version or f"{data.products_as_of:%Y%m%d}-{uuid.uuid4().hex[:6]}"
-    out = settings.artifacts_dir / "models" / version
-    out.mkdir(parents=True, exist_ok=True)
+def step_evaluate(dataset: Path, graph: Path, text: Path | None, models: Path, config: TrainingRunConfig,
+                  out: Path) -> dict:
+    """metrics.json: every system on the test window's purchases, overall and by slice."""
+    examples = pd.read_parquet(dataset / "examples.parquet")
+    meta = json.loads((dataset / "meta.json").read_text())
+    train_rows = examples[examples["split"] == "train"]
+    test = examples[(examples["split"] == "test") & (examples["interaction"] == "purchase")]
+    products = _with_encodings(pd.read_parquet(dataset / "eval_products.parquet"), graph, text)
+    systems = {"unified": model_retriever(load_model(models / "model"), products),
+               "no_history": model_retriever(load_model(models / "ablation"), products),
+               "popularity": popularity_retriever(products, train_rows), "bm25": bm25_retriever(products)}
+    base = text.with_name("minilm_base.parquet") if text is not None else None
+    if base is not None and base.exists():
+        vectors = np.stack(pd.read_parquet(base)["text_embedding"].to_numpy()).astype(np.float32)
+        systems["minilm"] = minilm_retriever(load_minilm(config.text), vectors, config.text)
+    metrics = evaluate(systems, test, products, meta["query_class"])
+    out.write_text(json.dumps(metrics, indent=2))
+    return metrics
 
-    edges = read_published(settings, "query_product_edges")
-    edges = edges[pd.to_datetime(edges["ds"]).dt.date < data.products_as_of.date()]
-    graph = graph_embeddings(edges, dim=config.graph_dim)
-    for frame in (data.products, eval_products):
-        frame["graph_embedding"] = _vectors_column(graph.for_products(frame["product_id"].to_numpy()))
 
-    systems = {"popularity": popularity_retriever(eval_products, train_rows), "bm25": bm25_retriever(eval_products)}
-    model_config = config.train.model.model_copy(update={"graph_dim": config.graph_dim,
-                                                         "text_dim": 384 if config.use_text else 0})
-    if config.use_text:
-        texts = [product_text(r) for r in eval_products.to_dict("records")]
-        base = load_minilm(config.text)
-        base_cache = EmbeddingCache(settings.artifacts_dir / "encoder_cache" / "minilm-base.parquet", "minilm-base")
-        base_vectors, _ = base_cache.encode(texts, lambda t: encode(base, t, config.text))
-        systems["minilm"] = minilm_retriever(base, base_vectors, config.text)
-        engaged = train_rows[train_rows["interaction"].isin(ENGAGED)]
-        by_id = dict(zip(eval_products["product_id"], texts, strict=True))
-        pairs = [(q, by_id[p]) for q, p in zip(engaged["query"], engaged["product_id"], strict=True) if p in by_id]
-        pairs = pairs[: config.adapt_pairs_max]
-        adapted = load_minilm(config.text)
-        adapt(adapted, pairs, config.text)
-        cache = EmbeddingCache(settings.artifacts_dir / "encoder_cache" / f"minilm-{version}.parquet", version)
-        vectors, _ = cache.encode(texts, lambda t: encode(adapted, t, config.text))
-        text_of = dict(zip(eval_products["product_id"], vectors.tolist(), strict=True))
-        for frame in (data.products, eval_products):
-            frame["text_embedding"] = frame["product_id"].map(text_of)
-
-    train_config = config.train.model_copy(update={"model": model_config})
-    result = train(train_rows, data.products, train_config, show_progress=False)
-    ablation = train(train_rows, data.products,
-                     train_config.model_copy(update={"model": model_config.model_copy(update={"use_history": False})}),
-                     show_progress=False)
-    systems = {"unified": model_retriever(result.model, eval_products),
-               "no_history": model_retriever(ablation.model, eval_products), **systems}
-    metrics = evaluate(systems, test, eval_products, data.query_class)
-
-    torch.save(result.model.state_dict(), out / "query_and_product_towers.pt")
-    (out / "config.json").write_text(json.dumps({"version": version, "model": model_config.model_dump(),
-                                                 "train": config.train.model_dump(),
-                                                 "products_as_of": data.products_as_of.isoformat()}, indent=2))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    publish_product_embeddings(settings, eval_products, version)
-    return TrainingRunReport(version=version, directory=out, metrics=metrics,
-                             examples_per_s=result.examples_per_s, train_seconds=result.seconds)
+def step_export(settings: Settings, dataset: Path, graph: Path, text: Path | None, version: str) -> int:
+    """Publish the run's product embeddings (text, graph) to Feast's product_embeddings source."""
+    products = _with_encodings(pd.read_parquet(dataset / "eval_products.parquet")[["product_id"]], graph, text)
+    return publish_product_embeddings(settings, products, version)
 
 
 def publish_product_embeddings(settings: Settings, products: pd.DataFrame, version: str) -> int:
-    """Write the run's text and graph embeddings as the ``product_embeddings`` source (one version)."""
+    """Write text and graph embeddings as the ``product_embeddings`` source (one version)."""
     now = pd.Timestamp(dt.datetime.now(dt.UTC))
-    def column(name: str) -> list:  # noqa: E306
-        return products[name].tolist() if name in products else [None] * len(products)
+
+    def column(name: str) -> list:
+        if name not in products:
+            return [None] * len(products)
+        return [None if v is None or isinstance(v, float) else list(v) for v in products[name]]
 
     table = pa.table({"product_id": products["product_id"].astype("int64"),
                       "event_timestamp": pa.array([now] * len(products), pa.timestamp("us", "UTC")),
@@ -143,3 +203,26 @@ def publish_product_embeddings(settings: Settings, products: pd.DataFrame, versi
                 copy.write_row(list(row.values()))
         conn.commit()
     return table.num_rows
+
+
+# --------------------------------------------------------------------------------------------------
+# One process, every step
+# --------------------------------------------------------------------------------------------------
+
+
+def run_training(settings: Settings, config: TrainingRunConfig, version: str | None = None) -> TrainingRunReport:
+    version = version or f"{dt.datetime.now(dt.UTC):%Y%m%d%H%M}-{uuid.uuid4().hex[:6]}"
+    out = settings.artifacts_dir / "models" / version
+    dataset = out / "dataset"
+    step_dataset(settings, dataset)
+    step_graph(dataset, config.graph_dim, out / "graph.parquet")
+    text = out / "text.parquet" if config.use_text else None
+    if text is not None:
+        step_text(dataset, config, settings.artifacts_dir / "encoder_cache", version, text)
+    figures = step_train(dataset, out / "graph.parquet", text, config, out)
+    metrics = step_evaluate(dataset, out / "graph.parquet", text, out, config, out / "metrics.json")
+    step_export(settings, dataset, out / "graph.parquet", text, version)
+    (out / "run_config.json").write_text(config.model_dump_json(indent=2))
+    return TrainingRunReport(version=version, directory=out, metrics=metrics,
+                             examples_per_s=figures["model"]["examples_per_s"],
+                             train_seconds=figures["model"]["seconds"])

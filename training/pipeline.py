@@ -1,0 +1,147 @@
+"""The training run as a Kubeflow Pipelines (v2) pipeline: one component per step of
+``training.stages``, files passed as typed artefacts.
+
+* ``compile_pipeline`` writes the YAML a production run submits to a KFP cluster (``kfp.Client``).
+* ``run_locally`` executes the same pipeline on this machine with ``kfp.local`` (SubprocessRunner,
+  no venv per task, offline: components import the project's packages from the current environment).
+
+Components read the platform settings from the environment (``UER_*``), like every other stage.
+(No ``from __future__ import annotations`` here: KFP reads the artefact annotations at import.)
+"""
+
+
+import os
+import sys
+from pathlib import Path
+
+from kfp import compiler, dsl
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+
+from retrieval_core.settings import Settings
+
+# In a cluster the image carries the project; locally the current environment does.
+COMPONENT = {"base_image": "ghcr.io/uer/unified-retrieval:latest", "install_kfp_package": False}
+
+
+@dsl.component(**COMPONENT)
+def dataset_op(dataset: Output[Dataset]) -> int:
+    """Examples with point-in-time history, products as of training end and test start, edges."""
+    from pathlib import Path
+
+    from retrieval_core.settings import get_settings
+    from training.stages import step_dataset
+
+    return int(step_dataset(get_settings(), Path(dataset.path))["examples"])
+
+
+@dsl.component(**COMPONENT)
+def graph_op(dataset: Input[Dataset], run_config: str, graph: Output[Dataset]) -> int:
+    """Graph embeddings of products in the training window's engagement graph."""
+    from pathlib import Path
+
+    from training.stages import TrainingRunConfig, step_graph
+
+    config = TrainingRunConfig.model_validate_json(run_config)
+    return step_graph(Path(dataset.path), config.graph_dim, Path(graph.path))
+
+
+@dsl.component(**COMPONENT)
+def text_op(dataset: Input[Dataset], run_config: str, version: str, text: Output[Dataset]) -> int:
+    """MiniLM adapted on (query → engaged product) pairs; product text encoded through the cache."""
+    from pathlib import Path
+
+    from retrieval_core.settings import get_settings
+    from training.stages import TrainingRunConfig, step_text
+
+    config = TrainingRunConfig.model_validate_json(run_config)
+    out = Path(text.path)
+    out.mkdir(parents=True, exist_ok=True)
+    if not config.use_text:
+        return 0
+    cache = get_settings().artifacts_dir / "encoder_cache"
+    return step_text(Path(dataset.path), config, cache, version, out / "text.parquet")
+
+
+@dsl.component(**COMPONENT)
+def train_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Dataset], run_config: str,
+             models: Output[Model], throughput: Output[Metrics]) -> float:
+    """The unified model and its no-history ablation."""
+    from pathlib import Path
+
+    from training.stages import TrainingRunConfig, step_train
+
+    config = TrainingRunConfig.model_validate_json(run_config)
+    figures = step_train(Path(dataset.path), Path(graph.path), Path(text.path) / "text.parquet", config,
+                         Path(models.path))
+    throughput.log_metric("examples_per_s", figures["model"]["examples_per_s"])
+    throughput.log_metric("train_seconds", figures["model"]["seconds"])
+    return float(figures["model"]["examples_per_s"])
+
+
+@dsl.component(**COMPONENT)
+def evaluate_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Dataset], models: Input[Model],
+                run_config: str, metrics: Output[Artifact], summary: Output[Metrics]) -> float:
+    """Recall@K / NDCG@10 on the test window for the model, its ablation and the baselines."""
+    from pathlib import Path
+
+    from training.stages import TrainingRunConfig, step_evaluate
+
+    config = TrainingRunConfig.model_validate_json(run_config)
+    report = step_evaluate(Path(dataset.path), Path(graph.path), Path(text.path) / "text.parquet",
+                           Path(models.path), config, Path(metrics.path))
+    for system, slices in report.items():
+        summary.log_metric(f"{system}_recall_at_100", slices["all"]["recall@100"])
+    return float(report["unified"]["all"]["recall@100"])
+
+
+@dsl.component(**COMPONENT)
+def export_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Dataset], models: Input[Model],
+              version: str) -> int:
+    """Publish the run's product embeddings to Feast under the model version."""
+    from pathlib import Path
+
+    from retrieval_core.settings import get_settings
+    from training.stages import step_export
+
+    return step_export(get_settings(), Path(dataset.path), Path(graph.path), Path(text.path) / "text.parquet",
+                       version)
+
+
+@dsl.pipeline(name="unified-retrieval-training",
+              description="Dataset → graph + text encoders → unified two-tower model → evaluation → export.")
+def training_pipeline(run_config: str = "{}", version: str = "dev") -> None:
+    data = dataset_op()
+    graph = graph_op(dataset=data.outputs["dataset"], run_config=run_config)
+    text = text_op(dataset=data.outputs["dataset"], run_config=run_config, version=version)
+    trained = train_op(dataset=data.outputs["dataset"], graph=graph.outputs["graph"], text=text.outputs["text"],
+                       run_config=run_config)
+    evaluated = evaluate_op(dataset=data.outputs["dataset"], graph=graph.outputs["graph"],
+                            text=text.outputs["text"], models=trained.outputs["models"], run_config=run_config)
+    export_op(dataset=data.outputs["dataset"], graph=graph.outputs["graph"], text=text.outputs["text"],
+              models=trained.outputs["models"], version=version).after(evaluated)
+
+
+def compile_pipeline(path: Path) -> Path:
+    """The YAML a production run submits to Kubeflow Pipelines."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(training_pipeline, str(path))
+    return path
+
+
+def run_locally(settings: Settings, run_config_json: str, version: str) -> Path:
+    """Execute the pipeline on this machine with kfp.local; returns the pipeline root of the run."""
+    from kfp import local
+
+    root = settings.artifacts_dir / "kfp" / version
+    saved = dict(os.environ)
+    # Components run `python3` from PATH: make it this environment's, with the settings exported.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    os.environ.update({"UER_PROFILE": settings.profile, "UER_DATA_DIR": str(settings.data_dir),
+                       "UER_ARTIFACTS_DIR": str(settings.artifacts_dir)})
+    try:
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+        training_pipeline(run_config=run_config_json, version=version)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return root
