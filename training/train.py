@@ -15,12 +15,15 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 from pydantic import BaseModel, Field
 from rich.progress import Progress
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from training.batching import product_batch, query_batch
 from training.losses import INTERACTIONS, InfoNCELoss, ThresholdHingeLoss, negative_mix
-from training.model import ModelConfig, ProductBatch, UnifiedModel
+from training.model import ModelConfig, ProductBatch, QueryBatch, UnifiedModel
 
 
 class TrainConfig(BaseModel):
@@ -43,7 +46,7 @@ class TrainConfig(BaseModel):
 @dataclass
 class TrainResult:
     model: UnifiedModel
-    loss_fn: torch.nn.Module
+    loss_fn: nn.Module
     losses: list[float] = field(default_factory=list)
     examples_per_s: float = 0.0
     seconds: float = 0.0
@@ -61,17 +64,54 @@ def encode_products(model: UnifiedModel, products: ProductBatch, batch_size: int
     return torch.cat(out)
 
 
+class TrainingStep(nn.Module):
+    """One step's loss as a single forward, so DistributedDataParallel can synchronise gradients
+    (its hooks only see computation that runs through the wrapped module's forward)."""
+
+    def __init__(self, model: UnifiedModel, loss_fn: nn.Module, config: TrainConfig):
+        super().__init__()
+        self.model, self.loss_fn, self.config = model, loss_fn, config
+
+    def forward(self, queries_in: QueryBatch, catalogue: ProductBatch, pos_rows: torch.Tensor, types: torch.Tensor,
+                uniform: torch.Tensor | None, mix: float, product_vectors: torch.Tensor | None) -> torch.Tensor:
+        config, model = self.config, self.model
+        queries = model.query_tower(queries_in)
+        groups: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (scores, valid, weight)
+        pos_vectors = model.product_tower(catalogue.take(pos_rows))
+        positive = (queries * pos_vectors).sum(dim=1)
+        if config.in_batch_negatives:
+            groups.append((queries @ pos_vectors.T, pos_rows[None, :] != pos_rows[:, None], 1.0))
+        if uniform is not None:
+            scores = queries @ model.product_tower(catalogue.take(uniform)).T
+            groups.append((scores, uniform[None, :] != pos_rows[:, None], 1.0 - mix))
+        if product_vectors is not None:
+            with torch.no_grad():
+                top = (queries.detach() @ product_vectors.T).topk(config.hard_negatives + 1, dim=1).indices
+            hard = model.product_tower(catalogue.take(top.reshape(-1))).reshape(*top.shape, -1)
+            groups.append(((queries[:, None, :] * hard).sum(dim=2), top != pos_rows[:, None], mix))
+        negatives = torch.cat([g[0] for g in groups], dim=1)
+        weights = torch.cat([g[1].float() * g[2] for g in groups], dim=1)
+        return self.loss_fn(positive, negatives, types, weights)
+
+
 def train(examples: pd.DataFrame, products: pd.DataFrame, config: TrainConfig,
           show_progress: bool = True) -> TrainResult:
     """Train on ``examples`` (query, history features, product_id, interaction) against ``products``
-    (product_tower_v1 rows; the catalogue negatives are drawn from)."""
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
+    (product_tower_v1 rows; the catalogue negatives are drawn from).
+
+    Under ``torchrun`` (a process group is initialised) the step runs in DistributedDataParallel:
+    each rank draws its own batches, gradients are averaged, every rank ends with the same weights."""
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    rng = np.random.default_rng([config.seed, rank])
     model = UnifiedModel(config.model)
-    loss_fn: torch.nn.Module = (ThresholdHingeLoss(margin=config.hinge_margin) if config.loss == "hinge"
-                                else InfoNCELoss())
-    optimizer = torch.optim.AdamW([*model.parameters(), *loss_fn.parameters()], lr=config.learning_rate,
-                                  weight_decay=config.weight_decay)
+    loss_fn: nn.Module = (ThresholdHingeLoss(margin=config.hinge_margin) if config.loss == "hinge"
+                          else InfoNCELoss())
+    step_module = TrainingStep(model, loss_fn, config)
+    runner: nn.Module = DistributedDataParallel(step_module, find_unused_parameters=True) if distributed \
+        else step_module
+    optimizer = torch.optim.AdamW(step_module.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     catalogue = product_batch(products.to_dict("records"), config.model)
     row_of = pd.Series(np.arange(len(products)), index=products["product_id"].to_numpy())
     examples = examples[examples["product_id"].isin(row_of.index)].reset_index(drop=True)
@@ -83,35 +123,20 @@ def train(examples: pd.DataFrame, products: pd.DataFrame, config: TrainConfig,
     product_vectors: torch.Tensor | None = None
     result = TrainResult(model=model, loss_fn=loss_fn)
     start = time.perf_counter()
-    with Progress(disable=not show_progress) as progress:
+    with Progress(disable=not show_progress or rank != 0) as progress:
         task = progress.add_task("training", total=config.steps)
         for step in range(config.steps):
             batch_index = rng.integers(0, len(examples), config.batch_size)
-            queries = model.query_tower(query_batch([records[i] for i in batch_index], config.model))
-            pos_rows = positives[batch_index]
-            groups: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (scores, valid, weight)
-            pos_vectors = model.product_tower(catalogue.take(pos_rows))
-            positive = (queries * pos_vectors).sum(dim=1)
-            if config.in_batch_negatives:
-                scores = queries @ pos_vectors.T
-                valid = pos_rows[None, :] != pos_rows[:, None]
-                groups.append((scores, valid, 1.0))
             mix = negative_mix(step, config.warmup_steps, config.ramp_steps) if config.hard_negatives else 0.0
-            if config.uniform_negatives and mix < 1.0:
-                uniform = torch.from_numpy(rng.integers(0, len(products), config.uniform_negatives))
-                scores = queries @ model.product_tower(catalogue.take(uniform)).T
-                groups.append((scores, uniform[None, :] != pos_rows[:, None], 1.0 - mix))
+            uniform = (torch.from_numpy(rng.integers(0, len(products), config.uniform_negatives))
+                       if config.uniform_negatives and mix < 1.0 else None)
+            hard_vectors = None
             if config.hard_negatives and mix > 0.0:
                 if product_vectors is None or step % config.hard_refresh_steps == 0:
                     product_vectors = encode_products(model, catalogue)
-                with torch.no_grad():
-                    top = (queries.detach() @ product_vectors.T).topk(config.hard_negatives + 1, dim=1).indices
-                hard = model.product_tower(catalogue.take(top.reshape(-1))).reshape(*top.shape, -1)
-                scores = (queries[:, None, :] * hard).sum(dim=2)
-                groups.append((scores, top != pos_rows[:, None], mix))
-            negatives = torch.cat([g[0] for g in groups], dim=1)
-            weights = torch.cat([g[1].float() * g[2] for g in groups], dim=1)
-            loss = loss_fn(positive, negatives, types[batch_index], weights)
+                hard_vectors = product_vectors
+            loss = runner(query_batch([records[i] for i in batch_index], config.model), catalogue,
+                          positives[batch_index], types[batch_index], uniform, mix, hard_vectors)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
