@@ -62,8 +62,9 @@ def test_training_run_writes_artefacts_metrics_and_embeddings(tiny_features: Set
         text=TextEncoderConfig(adapt_batch_size=32), adapt_pairs_max=128, graph_dim=16)
     report = run_training(tiny_features, config, version="test-run")
     for name in ("model/weights.pt", "model/model_config.json", "ablation/weights.pt", "metrics.json",
-                 "graph.parquet", "text.parquet", "dataset/examples.parquet", "run_config.json"):
+                 "graph.parquet", "text.parquet", "dataset/examples.parquet", "run_config.json", "decision.json"):
         assert (report.directory / name).exists(), name
+    assert report.promoted  # the first model has no production to beat
     metrics = json.loads((report.directory / "metrics.json").read_text())
     assert set(metrics) == {"unified", "no_history", "popularity", "bm25", "minilm"}
     assert {"head", "tail", "with_history", "without_history"} <= set(metrics["unified"])
@@ -88,7 +89,7 @@ def test_kfp_pipeline_compiles_and_runs_every_component_locally(tiny_features: S
 
     spec = yaml.safe_load(compile_pipeline(tmp_path / "pipeline.yaml").read_text())
     components = set(spec["deploymentSpec"]["executors"])
-    assert components == {f"exec-{c}-op" for c in ("dataset", "graph", "text", "train", "evaluate", "export")}
+    assert components == {f"exec-{c}-op" for c in ("dataset", "graph", "text", "train", "evaluate", "gate", "export")}
     config = TrainingRunConfig(
         train=TrainConfig(model=ModelConfig(featurizer=FeaturizerConfig(n_buckets=1 << 14)), steps=20,
                           batch_size=32, warmup_steps=5, ramp_steps=5, hard_refresh_steps=10),
@@ -96,7 +97,7 @@ def test_kfp_pipeline_compiles_and_runs_every_component_locally(tiny_features: S
     root = run_locally(tiny_features, config.model_dump_json(), version="kfp-test")
     [run] = list(root.iterdir())
     for produced in ("dataset-op/dataset/examples.parquet", "graph-op/graph", "text-op/text/text.parquet",
-                     "train-op/models/model/weights.pt", "evaluate-op/metrics"):
+                     "train-op/models/model/weights.pt", "evaluate-op/metrics", "gate-op/decision"):
         assert (run / produced).exists(), produced
     import json
     metrics = json.loads((run / "evaluate-op" / "metrics").read_text())

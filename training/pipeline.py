@@ -95,6 +95,21 @@ def evaluate_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Data
 
 
 @dsl.component(**COMPONENT)
+def gate_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Dataset], models: Input[Model],
+            metrics: Input[Artifact], version: str, decision: Output[Artifact]) -> bool:
+    """Promote only if not worse than production, embeddings sane, ANN recall kept; reasons written."""
+    from pathlib import Path
+
+    from retrieval_core.settings import get_settings
+    from training.stages import step_gate
+
+    models_dir = get_settings().artifacts_dir / "models"
+    result = step_gate(Path(dataset.path), Path(graph.path), Path(text.path) / "text.parquet", Path(models.path),
+                       Path(metrics.path), models_dir, version, Path(decision.path))
+    return result.promote
+
+
+@dsl.component(**COMPONENT)
 def export_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Dataset], models: Input[Model],
               version: str) -> int:
     """Publish the run's product embeddings to Feast under the model version."""
@@ -108,7 +123,7 @@ def export_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Datase
 
 
 @dsl.pipeline(name="unified-retrieval-training",
-              description="Dataset → graph + text encoders → unified two-tower model → evaluation → export.")
+              description="Dataset → graph + text encoders → unified two-tower model → evaluation → gate → export.")
 def training_pipeline(run_config: str = "{}", version: str = "dev") -> None:
     data = dataset_op()
     graph = graph_op(dataset=data.outputs["dataset"], run_config=run_config)
@@ -117,8 +132,11 @@ def training_pipeline(run_config: str = "{}", version: str = "dev") -> None:
                        run_config=run_config)
     evaluated = evaluate_op(dataset=data.outputs["dataset"], graph=graph.outputs["graph"],
                             text=text.outputs["text"], models=trained.outputs["models"], run_config=run_config)
-    export_op(dataset=data.outputs["dataset"], graph=graph.outputs["graph"], text=text.outputs["text"],
-              models=trained.outputs["models"], version=version).after(evaluated)
+    gate = gate_op(dataset=data.outputs["dataset"], graph=graph.outputs["graph"], text=text.outputs["text"],
+                   models=trained.outputs["models"], metrics=evaluated.outputs["metrics"], version=version)
+    with dsl.If(gate.outputs["Output"] == True):  # noqa: E712 - a KFP condition, not a Python comparison
+        export_op(dataset=data.outputs["dataset"], graph=graph.outputs["graph"], text=text.outputs["text"],
+                  models=trained.outputs["models"], version=version)
 
 
 def compile_pipeline(path: Path) -> Path:

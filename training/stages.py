@@ -4,7 +4,8 @@ pipeline (``training/pipeline.py``) runs each as a component with the same files
 dataset (Feast, point in time) → graph embeddings (training-window engagement graph) → text
 encodings (MiniLM adapted on the training window's query→product pairs, cached by content hash) →
 train (unified model + no-history ablation) → evaluate (test window, vs popularity, BM25, MiniLM) →
-gate (sane embeddings, ANN recall) → export (product embeddings to Feast, model files).
+gate (not worse than production, sane embeddings, ANN recall) → export (product embeddings to Feast),
+only when the gate promotes.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ from pydantic import BaseModel, Field
 from feature_repo.warehouse import EMBEDDINGS, EMBEDDINGS_SCHEMA, features_dir, postgres, read_published
 from retrieval_core.contract import write_atomic
 from retrieval_core.settings import Settings
-from training.batching import product_text
+from training.batching import product_batch, product_text, query_batch
 from training.dataset import load_training_data, product_features
 from training.evaluate import bm25_retriever, evaluate, model_retriever, popularity_retriever
+from training.gate import Decision, GateConfig, decide, production_metrics, promote, write_decision
 from training.graph import graph_embeddings
 from training.model import ModelConfig, UnifiedModel
 from training.text_encoder import EmbeddingCache, TextEncoderConfig, adapt, encode, load_minilm
-from training.train import TrainConfig, train
+from training.train import TrainConfig, encode_products, train
 
 ENGAGED = ("add_to_cart", "purchase")
 
@@ -52,6 +54,7 @@ class TrainingRunReport:
     version: str
     directory: Path
     metrics: dict
+    promoted: bool
     examples_per_s: float
     train_seconds: float
 
@@ -173,6 +176,25 @@ def step_evaluate(dataset: Path, graph: Path, text: Path | None, models: Path, c
     return metrics
 
 
+def step_gate(dataset: Path, graph: Path, text: Path | None, models: Path, metrics: Path, models_dir: Path,
+              version: str, out: Path, gate: GateConfig | None = None) -> Decision:
+    """Decide whether this run replaces production (decision.json); move the pointer if it does."""
+    gate = gate or GateConfig()
+    model = load_model(models / "model")
+    products = _with_encodings(pd.read_parquet(dataset / "eval_products.parquet"), graph, text)
+    examples = pd.read_parquet(dataset / "examples.parquet")
+    test = examples[examples["split"] == "test"].head(gate.ann_queries)
+    with torch.no_grad():
+        product_vectors = encode_products(model, product_batch(products.to_dict("records"), model.config)).numpy()
+        query_vectors = model.query_tower(query_batch(test.to_dict("records"), model.config)).numpy()
+    decision = decide(json.loads(metrics.read_text()), production_metrics(models_dir), product_vectors,
+                      query_vectors, gate)
+    write_decision(decision, out)
+    if decision.promote:
+        promote(models_dir, version, metrics)
+    return decision
+
+
 def step_export(settings: Settings, dataset: Path, graph: Path, text: Path | None, version: str) -> int:
     """Publish the run's product embeddings (text, graph) to Feast's product_embeddings source."""
     products = _with_encodings(pd.read_parquet(dataset / "eval_products.parquet")[["product_id"]], graph, text)
@@ -221,8 +243,11 @@ def run_training(settings: Settings, config: TrainingRunConfig, version: str | N
         step_text(dataset, config, settings.artifacts_dir / "encoder_cache", version, text)
     figures = step_train(dataset, out / "graph.parquet", text, config, out)
     metrics = step_evaluate(dataset, out / "graph.parquet", text, out, config, out / "metrics.json")
-    step_export(settings, dataset, out / "graph.parquet", text, version)
+    decision = step_gate(dataset, out / "graph.parquet", text, out, out / "metrics.json", out.parent, version,
+                         out / "decision.json")
+    if decision.promote:
+        step_export(settings, dataset, out / "graph.parquet", text, version)
     (out / "run_config.json").write_text(config.model_dump_json(indent=2))
-    return TrainingRunReport(version=version, directory=out, metrics=metrics,
+    return TrainingRunReport(version=version, directory=out, metrics=metrics, promoted=decision.promote,
                              examples_per_s=figures["model"]["examples_per_s"],
                              train_seconds=figures["model"]["seconds"])

@@ -1,0 +1,59 @@
+"""The validation gate promotes only sane, not-worse models whose ANN index keeps its recall."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from training.gate import GateConfig, decide, production_metrics, promote
+
+CONFIG = GateConfig(ann_queries=200)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _vectors(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return _unit(rng.normal(size=(3000, 32))), _unit(rng.normal(size=(200, 32)))
+
+
+def _metrics(recall: float) -> dict:
+    return {"unified": {"all": {"recall@100": recall}}}
+
+
+def test_first_model_is_promoted_when_sane() -> None:
+    products, queries = _vectors()
+    decision = decide(_metrics(0.5), None, products, queries, CONFIG)
+    assert decision.promote, decision.reasons
+    assert decision.checks["ann_recall_at_100"] >= 0.97
+
+
+def test_worse_than_production_beyond_tolerance_is_refused() -> None:
+    products, queries = _vectors()
+    assert decide(_metrics(0.69), _metrics(0.70), products, queries, CONFIG).promote
+    refused = decide(_metrics(0.60), _metrics(0.70), products, queries, CONFIG)
+    assert not refused.promote and any("worse than production" in r for r in refused.reasons)
+
+
+def test_nan_or_unnormalised_embeddings_are_refused() -> None:
+    products, queries = _vectors()
+    products[5, 0] = np.nan
+    assert not decide(_metrics(0.5), None, products, queries, CONFIG).promote
+    products, queries = _vectors()
+    refused = decide(_metrics(0.5), None, products * 2, queries, CONFIG)
+    assert not refused.promote and any("unit length" in r for r in refused.reasons)
+
+
+def test_poor_ann_recall_is_refused() -> None:
+    products, queries = _vectors()
+    strict = GateConfig(ann_queries=200, hnsw_ef_search=4, hnsw_m=4, hnsw_ef_construction=8)
+    refused = decide(_metrics(0.5), None, products, queries, strict)
+    assert not refused.promote and refused.checks["ann_recall_at_100"] < 0.97
+
+
+def test_promotion_moves_the_production_pointer(tmp_path) -> None:
+    assert production_metrics(tmp_path) is None
+    (tmp_path / "v1.json").write_text('{"unified": {"all": {"recall@100": 0.4}}}')
+    promote(tmp_path, "v1", tmp_path / "v1.json")
+    assert production_metrics(tmp_path)["unified"]["all"]["recall@100"] == 0.4

@@ -1,0 +1,113 @@
+"""The validation gate: promote a trained model only if it is at least as good as production (within a
+tolerance), its embeddings are sane, and an ANN index built from them keeps its recall.
+
+The decision and every reason are written as an artefact (``decision.json``); the production pointer
+(``artifacts/models/production.json``) only moves when the gate promotes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel
+
+
+class GateConfig(BaseModel):
+    recall_metric: str = "recall@100"
+    recall_tolerance: float = 0.02  # may be this much worse than production and still promote
+    min_ann_recall_at_100: float = 0.97
+    norm_tolerance: float = 1e-3
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 200
+    hnsw_ef_search: int = 200
+    ann_queries: int = 1000
+
+
+@dataclass
+class Decision:
+    promote: bool
+    reasons: list[str] = field(default_factory=list)
+    checks: dict[str, float] = field(default_factory=dict)
+
+
+def ann_recall_at_100(products: np.ndarray, queries: np.ndarray, config: GateConfig) -> float:
+    """Recall@100 of an HNSW index (inner product) against exact search, on the given queries."""
+    import faiss
+
+    products = np.ascontiguousarray(products, dtype=np.float32)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    k = min(100, len(products))
+    index = faiss.IndexHNSWFlat(products.shape[1], config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = config.hnsw_ef_construction
+    index.add(products)
+    index.hnsw.efSearch = config.hnsw_ef_search
+    _, approx = index.search(queries, k)
+    exact = np.argsort(-(queries @ products.T), axis=1)[:, :k]
+    return float(np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact, strict=True)]))
+
+
+def decide(metrics: dict, production: dict | None, products: np.ndarray, queries: np.ndarray,
+           config: GateConfig) -> Decision:
+    decision = Decision(promote=True)
+
+    def fail(reason: str) -> None:
+        decision.promote = False
+        decision.reasons.append(reason)
+
+    finite = bool(np.isfinite(products).all() and np.isfinite(queries).all())
+    decision.checks["finite"] = float(finite)
+    if not finite:
+        fail("embeddings contain NaN or infinite values")
+    else:
+        worst = float(max(np.abs(np.linalg.norm(products, axis=1) - 1).max(),
+                          np.abs(np.linalg.norm(queries, axis=1) - 1).max()))
+        decision.checks["max_norm_error"] = worst
+        if worst > config.norm_tolerance:
+            fail(f"embeddings are not unit length (max |norm - 1| = {worst:.4f} > {config.norm_tolerance})")
+        recall = ann_recall_at_100(products, queries[: config.ann_queries], config)
+        decision.checks["ann_recall_at_100"] = recall
+        if recall < config.min_ann_recall_at_100:
+            fail(f"HNSW recall@100 vs exact search is {recall:.3f} < {config.min_ann_recall_at_100}")
+    new = metrics["unified"]["all"][config.recall_metric]
+    decision.checks[f"new_{config.recall_metric}"] = new
+    if production is None:
+        decision.reasons.append("no model in production yet: nothing to compare against")
+    else:
+        old = production["unified"]["all"][config.recall_metric]
+        decision.checks[f"production_{config.recall_metric}"] = old
+        if new < old - config.recall_tolerance:
+            fail(f"{config.recall_metric} {new:.3f} is worse than production's {old:.3f} "
+                 f"beyond the tolerance {config.recall_tolerance}")
+        else:
+            decision.reasons.append(f"{config.recall_metric} {new:.3f} vs production {old:.3f}: within tolerance")
+    if decision.promote:
+        decision.reasons.append("promoted")
+    return decision
+
+
+def write_decision(decision: Decision, path: Path) -> None:
+    path.write_text(json.dumps(asdict(decision), indent=2))
+
+
+def production_pointer(models_dir: Path) -> Path:
+    return models_dir / "production.json"
+
+
+def production_metrics(models_dir: Path) -> dict | None:
+    """Metrics of the model currently in production, if any."""
+    pointer = production_pointer(models_dir)
+    if not pointer.exists():
+        return None
+    return json.loads(Path(json.loads(pointer.read_text())["metrics"]).read_text())
+
+
+def promote(models_dir: Path, version: str, metrics_path: Path) -> None:
+    """Point production at ``version`` (written atomically)."""
+    pointer = production_pointer(models_dir)
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pointer.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"version": version, "metrics": str(metrics_path)}))
+    tmp.replace(pointer)
