@@ -59,14 +59,16 @@ def test_training_run_writes_artefacts_metrics_and_embeddings(tiny_features: Set
     config = TrainingRunConfig(
         train=TrainConfig(model=ModelConfig(featurizer=FeaturizerConfig(n_buckets=1 << 14)), steps=40,
                           batch_size=64, warmup_steps=10, ramp_steps=10, hard_refresh_steps=20),
-        text=TextEncoderConfig(adapt_batch_size=32), adapt_pairs_max=128, graph_dim=16)
+        text=TextEncoderConfig(adapt_batch_size=32), adapt_pairs_max=128, graph_dim=16, boost={"trials": 8})
     report = run_training(tiny_features, config, version="test-run")
     for name in ("model/weights.pt", "model/model_config.json", "ablation/weights.pt", "metrics.json",
                  "graph.parquet", "text.parquet", "dataset/examples.parquet", "run_config.json", "decision.json"):
         assert (report.directory / name).exists(), name
     assert report.promoted  # the first model has no production to beat
     metrics = json.loads((report.directory / "metrics.json").read_text())
-    assert set(metrics) == {"unified", "no_history", "popularity", "bm25", "minilm"}
+    assert set(metrics) == {"unified", "unified_boosted", "no_history", "popularity", "bm25", "minilm"}
+    boost = json.loads((report.directory / "boost.json").read_text())
+    assert boost["validation_recall"] >= boost["validation_recall_unboosted"]  # never worse than no boosting
     assert {"head", "tail", "with_history", "without_history"} <= set(metrics["unified"])
     assert metrics["bm25"]["all"]["recall@1000"] >= metrics["bm25"]["all"]["recall@100"] > 0
     embeddings = read_published(tiny_features, "product_embeddings")
@@ -89,11 +91,12 @@ def test_kfp_pipeline_compiles_and_runs_every_component_locally(tiny_features: S
 
     spec = yaml.safe_load(compile_pipeline(tmp_path / "pipeline.yaml").read_text())
     components = set(spec["deploymentSpec"]["executors"])
-    assert components == {f"exec-{c}-op" for c in ("dataset", "graph", "text", "train", "evaluate", "gate", "export")}
+    assert components == {f"exec-{c}-op" for c in ("dataset", "graph", "text", "train", "boost", "evaluate", "gate",
+                                                           "export")}
     config = TrainingRunConfig(
         train=TrainConfig(model=ModelConfig(featurizer=FeaturizerConfig(n_buckets=1 << 14)), steps=20,
                           batch_size=32, warmup_steps=5, ramp_steps=5, hard_refresh_steps=10),
-        text=TextEncoderConfig(adapt_batch_size=16), adapt_pairs_max=32, graph_dim=8)
+        text=TextEncoderConfig(adapt_batch_size=16), adapt_pairs_max=32, graph_dim=8, boost={"trials": 5})
     root = run_locally(tiny_features, config.model_dump_json(), version="kfp-test")
     [run] = list(root.iterdir())
     for produced in ("dataset-op/dataset/examples.parquet", "graph-op/graph", "text-op/text/text.parquet",
@@ -101,7 +104,7 @@ def test_kfp_pipeline_compiles_and_runs_every_component_locally(tiny_features: S
         assert (run / produced).exists(), produced
     import json
     metrics = json.loads((run / "evaluate-op" / "metrics").read_text())
-    assert {"unified", "no_history", "popularity", "bm25", "minilm"} == set(metrics)
+    assert {"unified", "unified_boosted", "no_history", "popularity", "bm25", "minilm"} == set(metrics)
 
 
 def test_ddp_training_with_two_gloo_processes_learns_and_stays_in_sync(tiny_features: Settings, tmp_path) -> None:

@@ -79,6 +79,22 @@ def train_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Dataset
 
 
 @dsl.component(**COMPONENT)
+def boost_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Dataset], models: Input[Model],
+             run_config: str, boosted: Output[Model]) -> float:
+    """ANN boosting weights fit by optuna on the validation window; the model files travel with them."""
+    import shutil
+    from pathlib import Path
+
+    from training.stages import TrainingRunConfig, step_boost
+
+    config = TrainingRunConfig.model_validate_json(run_config)
+    shutil.copytree(models.path, boosted.path)
+    result = step_boost(Path(dataset.path), Path(graph.path), Path(text.path) / "text.parquet", Path(models.path),
+                        config, Path(boosted.path) / "boost.json")
+    return float(result["validation_recall"])
+
+
+@dsl.component(**COMPONENT)
 def evaluate_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Dataset], models: Input[Model],
                 run_config: str, metrics: Output[Artifact], summary: Output[Metrics]) -> float:
     """Recall@K / NDCG@10 on the test window for the model, its ablation and the baselines."""
@@ -123,20 +139,23 @@ def export_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Datase
 
 
 @dsl.pipeline(name="unified-retrieval-training",
-              description="Dataset → graph + text encoders → unified two-tower model → evaluation → gate → export.")
+              description="Dataset → graph + text encoders → unified two-tower model → ANN boosting → evaluation "
+                          "→ gate → export.")
 def training_pipeline(run_config: str = "{}", version: str = "dev") -> None:
     data = dataset_op()
     graph = graph_op(dataset=data.outputs["dataset"], run_config=run_config)
     text = text_op(dataset=data.outputs["dataset"], run_config=run_config, version=version)
     trained = train_op(dataset=data.outputs["dataset"], graph=graph.outputs["graph"], text=text.outputs["text"],
                        run_config=run_config)
+    boosted = boost_op(dataset=data.outputs["dataset"], graph=graph.outputs["graph"], text=text.outputs["text"],
+                       models=trained.outputs["models"], run_config=run_config)
     evaluated = evaluate_op(dataset=data.outputs["dataset"], graph=graph.outputs["graph"],
-                            text=text.outputs["text"], models=trained.outputs["models"], run_config=run_config)
+                            text=text.outputs["text"], models=boosted.outputs["boosted"], run_config=run_config)
     gate = gate_op(dataset=data.outputs["dataset"], graph=graph.outputs["graph"], text=text.outputs["text"],
-                   models=trained.outputs["models"], metrics=evaluated.outputs["metrics"], version=version)
+                   models=boosted.outputs["boosted"], metrics=evaluated.outputs["metrics"], version=version)
     with dsl.If(gate.outputs["Output"] == True):  # noqa: E712 - a KFP condition, not a Python comparison
         export_op(dataset=data.outputs["dataset"], graph=graph.outputs["graph"], text=text.outputs["text"],
-                  models=trained.outputs["models"], version=version)
+                  models=boosted.outputs["boosted"], version=version)
 
 
 def compile_pipeline(path: Path) -> Path:

@@ -26,8 +26,9 @@ from feature_repo.warehouse import EMBEDDINGS, EMBEDDINGS_SCHEMA, features_dir, 
 from retrieval_core.contract import write_atomic
 from retrieval_core.settings import Settings
 from training.batching import product_batch, product_text, query_batch
+from training.boosting import BOOST_FEATURES, BoostConfig, augment, fit_boost_weights, quality_vectors
 from training.dataset import load_training_data, product_features
-from training.evaluate import bm25_retriever, evaluate, model_retriever, popularity_retriever
+from training.evaluate import Retriever, bm25_retriever, evaluate, model_retriever, popularity_retriever
 from training.gate import Decision, GateConfig, decide, production_metrics, promote, write_decision
 from training.graph import graph_embeddings
 from training.model import ModelConfig, UnifiedModel
@@ -43,6 +44,7 @@ class TrainingRunConfig(BaseModel):
     use_text: bool = True
     graph_dim: int = 64
     adapt_pairs_max: int = Field(20_000, ge=0, description="pre-training pairs drawn from the training window")
+    boost: BoostConfig = Field(default_factory=BoostConfig)
 
     def model_config_(self) -> ModelConfig:
         return self.train.model.model_copy(update={"graph_dim": self.graph_dim,
@@ -146,7 +148,45 @@ def load_model(directory: Path) -> UnifiedModel:
     return model.eval()
 
 
-def minilm_retriever(model: torch.nn.Module, product_vectors: np.ndarray, config: TextEncoderConfig):  # noqa: ANN201
+def _model_vectors(model: UnifiedModel, products: pd.DataFrame, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    with torch.no_grad():
+        p = encode_products(model, product_batch(products.to_dict("records"), model.config)).numpy()
+        q = torch.cat([model.query_tower(query_batch(rows.iloc[i:i + 512].to_dict("records"), model.config))
+                       for i in range(0, len(rows), 512)]).numpy() if len(rows) else np.zeros((0, p.shape[1]))
+    return p, q
+
+
+def step_boost(dataset: Path, graph: Path, text: Path | None, models: Path, config: TrainingRunConfig,
+               out: Path) -> dict:
+    """boost.json: quality-feature weights fit by optuna on the validation window's purchases."""
+    examples = pd.read_parquet(dataset / "examples.parquet")
+    products = _with_encodings(pd.read_parquet(dataset / "train_products.parquet"), graph, text)
+    rows = examples[(examples["split"] == "validation") & (examples["interaction"] == "purchase")]
+    row_of = pd.Series(np.arange(len(products)), index=products["product_id"].to_numpy())
+    rows = rows[rows["product_id"].isin(row_of.index)]
+    p, q = _model_vectors(load_model(models / "model"), products, rows)
+    weights, boosted, plain = fit_boost_weights(q, p, quality_vectors(products),
+                                                row_of[rows["product_id"]].to_numpy(), config.boost)
+    result = {"features": list(BOOST_FEATURES), "weights": weights.tolist(), "validation_recall": boosted,
+              "validation_recall_unboosted": plain, "validation_purchases": int(len(rows))}
+    out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def boosted_retriever(model: UnifiedModel, products: pd.DataFrame, weights: np.ndarray) -> Retriever:
+    """The unified model with the boosting vectors appended (what the ANN index will serve)."""
+    p, _ = _model_vectors(model, products, products.head(0))
+    p_aug, _ = augment(p, quality_vectors(products), p[:1], weights)
+
+    def retrieve(rows: pd.DataFrame, k: int) -> np.ndarray:
+        _, q = _model_vectors(model, products.head(0), rows)
+        _, q_aug = augment(p[:0], quality_vectors(products.head(0)), q, weights)
+        return torch.from_numpy(q_aug @ p_aug.T).topk(min(k, len(p_aug)), dim=1).indices.numpy()
+
+    return retrieve
+
+
+def minilm_retriever(model: torch.nn.Module, product_vectors: np.ndarray, config: TextEncoderConfig) -> Retriever:
     """Queries and products encoded by the same (off-the-shelf) MiniLM, scored by cosine."""
     def retrieve(rows: pd.DataFrame, k: int) -> np.ndarray:
         q = encode(model, rows["query"].astype(str).tolist(), config)
@@ -164,9 +204,14 @@ def step_evaluate(dataset: Path, graph: Path, text: Path | None, models: Path, c
     train_rows = examples[examples["split"] == "train"]
     test = examples[(examples["split"] == "test") & (examples["interaction"] == "purchase")]
     products = _with_encodings(pd.read_parquet(dataset / "eval_products.parquet"), graph, text)
-    systems = {"unified": model_retriever(load_model(models / "model"), products),
+    model = load_model(models / "model")
+    systems = {"unified": model_retriever(model, products),
                "no_history": model_retriever(load_model(models / "ablation"), products),
                "popularity": popularity_retriever(products, train_rows), "bm25": bm25_retriever(products)}
+    boost = models / "boost.json"
+    if boost.exists():
+        weights = np.array(json.loads(boost.read_text())["weights"], dtype=np.float32)
+        systems["unified_boosted"] = boosted_retriever(model, products, weights)
     base = text.with_name("minilm_base.parquet") if text is not None else None
     if base is not None and base.exists():
         vectors = np.stack(pd.read_parquet(base)["text_embedding"].to_numpy()).astype(np.float32)
@@ -242,6 +287,7 @@ def run_training(settings: Settings, config: TrainingRunConfig, version: str | N
     if text is not None:
         step_text(dataset, config, settings.artifacts_dir / "encoder_cache", version, text)
     figures = step_train(dataset, out / "graph.parquet", text, config, out)
+    step_boost(dataset, out / "graph.parquet", text, out, config, out / "boost.json")
     metrics = step_evaluate(dataset, out / "graph.parquet", text, out, config, out / "metrics.json")
     decision = step_gate(dataset, out / "graph.parquet", text, out, out / "metrics.json", out.parent, version,
                          out / "decision.json")

@@ -61,7 +61,7 @@ def encode_products(model: UnifiedModel, products: ProductBatch, batch_size: int
             index = torch.arange(start, min(start + batch_size, len(products.category)))
             out.append(model.product_tower(products.take(index)))
     model.train()
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.zeros(0, model.config.output_dim)
 
 
 class TrainingStep(nn.Module):
