@@ -62,11 +62,14 @@ def test_training_run_writes_artefacts_metrics_and_embeddings(tiny_features: Set
         text=TextEncoderConfig(adapt_batch_size=32), adapt_pairs_max=128, graph_dim=16, boost={"trials": 8})
     report = run_training(tiny_features, config, version="test-run")
     for name in ("model/weights.pt", "model/model_config.json", "ablation/weights.pt", "metrics.json",
-                 "graph.parquet", "text.parquet", "dataset/examples.parquet", "run_config.json", "decision.json"):
+                 "graph.parquet", "text.parquet", "dataset/examples.parquet", "run_config.json", "decision.json",
+                 "report.html"):
         assert (report.directory / name).exists(), name
     assert report.promoted  # the first model has no production to beat
     metrics = json.loads((report.directory / "metrics.json").read_text())
     assert set(metrics) == {"unified", "unified_boosted", "no_history", "popularity", "bm25", "minilm"}
+    page = (report.directory / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "unified_boosted" in page
     boost = json.loads((report.directory / "boost.json").read_text())
     assert boost["validation_recall"] >= boost["validation_recall_unboosted"]  # never worse than no boosting
     assert {"head", "tail", "with_history", "without_history"} <= set(metrics["unified"])
@@ -100,7 +103,8 @@ def test_kfp_pipeline_compiles_and_runs_every_component_locally(tiny_features: S
     root = run_locally(tiny_features, config.model_dump_json(), version="kfp-test")
     [run] = list(root.iterdir())
     for produced in ("dataset-op/dataset/examples.parquet", "graph-op/graph", "text-op/text/text.parquet",
-                     "train-op/models/model/weights.pt", "evaluate-op/metrics", "gate-op/decision"):
+                     "train-op/models/model/weights.pt", "evaluate-op/metrics", "evaluate-op/report_html",
+                     "gate-op/decision"):
         assert (run / produced).exists(), produced
     import json
     metrics = json.loads((run / "evaluate-op" / "metrics").read_text())

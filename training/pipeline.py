@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from kfp import compiler, dsl
-from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 from retrieval_core.settings import Settings
 
@@ -96,8 +96,10 @@ def boost_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Dataset
 
 @dsl.component(**COMPONENT)
 def evaluate_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Dataset], models: Input[Model],
-                run_config: str, metrics: Output[Artifact], summary: Output[Metrics]) -> float:
+                run_config: str, metrics: Output[Artifact], summary: Output[Metrics],
+                report_html: Output[HTML]) -> float:
     """Recall@K / NDCG@10 on the test window for the model, its ablation and the baselines."""
+    import shutil
     from pathlib import Path
 
     from training.stages import TrainingRunConfig, step_evaluate
@@ -105,6 +107,7 @@ def evaluate_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Data
     config = TrainingRunConfig.model_validate_json(run_config)
     report = step_evaluate(Path(dataset.path), Path(graph.path), Path(text.path) / "text.parquet",
                            Path(models.path), config, Path(metrics.path))
+    shutil.copy(Path(metrics.path).with_name("report.html"), report_html.path)
     for system, slices in report.items():
         summary.log_metric(f"{system}_recall_at_100", slices["all"]["recall@100"])
     return float(report["unified"]["all"]["recall@100"])

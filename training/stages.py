@@ -32,6 +32,7 @@ from training.evaluate import Retriever, bm25_retriever, evaluate, model_retriev
 from training.gate import Decision, GateConfig, decide, production_metrics, promote, write_decision
 from training.graph import graph_embeddings
 from training.model import ModelConfig, UnifiedModel
+from training.report import write_report
 from training.text_encoder import EmbeddingCache, TextEncoderConfig, adapt, encode, load_minilm
 from training.train import TrainConfig, encode_products, train
 
@@ -218,6 +219,9 @@ def step_evaluate(dataset: Path, graph: Path, text: Path | None, models: Path, c
         systems["minilm"] = minilm_retriever(load_minilm(config.text), vectors, config.text)
     metrics = evaluate(systems, test, products, meta["query_class"])
     out.write_text(json.dumps(metrics, indent=2))
+    write_report(metrics, out.with_name("report.html"), "Unified retrieval: evaluation on the test window",
+                 {"test_purchases": int(len(test)), "products": int(len(products)), **{
+                     k: meta[k] for k in ("products_as_of", "test_start")}})
     return metrics
 
 
