@@ -66,6 +66,8 @@ def test_training_run_writes_artefacts_metrics_and_embeddings(tiny_features: Set
                  "report.html"):
         assert (report.directory / name).exists(), name
     assert report.promoted  # the first model has no production to beat
+    bento = tiny_features.artifacts_dir / "bentoml" / "models" / "unified_retrieval"
+    assert list(bento.glob("*/model/weights.pt")) and list(bento.glob("*/boost.json"))
     metrics = json.loads((report.directory / "metrics.json").read_text())
     assert set(metrics) == {"unified", "unified_boosted", "no_history", "popularity", "bm25", "minilm"}
     page = (report.directory / "report.html").read_text()

@@ -130,15 +130,15 @@ def gate_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Dataset]
 
 @dsl.component(**COMPONENT)
 def export_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Dataset], models: Input[Model],
-              version: str) -> int:
-    """Publish the run's product embeddings to Feast under the model version."""
+              version: str) -> str:
+    """Publish the run's product embeddings to Feast and register the model in the BentoML store."""
     from pathlib import Path
 
     from retrieval_core.settings import get_settings
     from training.stages import step_export
 
     return step_export(get_settings(), Path(dataset.path), Path(graph.path), Path(text.path) / "text.parquet",
-                       version)
+                       Path(models.path), version)
 
 
 @dsl.pipeline(name="unified-retrieval-training",

@@ -29,6 +29,7 @@ from training.batching import product_batch, product_text, query_batch
 from training.boosting import BOOST_FEATURES, BoostConfig, augment, fit_boost_weights, quality_vectors
 from training.dataset import load_training_data, product_features
 from training.evaluate import Retriever, bm25_retriever, evaluate, model_retriever, popularity_retriever
+from training.export import register_model
 from training.gate import Decision, GateConfig, decide, production_metrics, promote, write_decision
 from training.graph import graph_embeddings
 from training.model import ModelConfig, UnifiedModel
@@ -244,10 +245,13 @@ def step_gate(dataset: Path, graph: Path, text: Path | None, models: Path, metri
     return decision
 
 
-def step_export(settings: Settings, dataset: Path, graph: Path, text: Path | None, version: str) -> int:
-    """Publish the run's product embeddings (text, graph) to Feast's product_embeddings source."""
+def step_export(settings: Settings, dataset: Path, graph: Path, text: Path | None, models: Path,
+                version: str) -> str:
+    """Publish the run's product embeddings (text, graph) to Feast's product_embeddings source, and
+    register the model bundle in the BentoML model store; returns the BentoML tag."""
     products = _with_encodings(pd.read_parquet(dataset / "eval_products.parquet")[["product_id"]], graph, text)
-    return publish_product_embeddings(settings, products, version)
+    publish_product_embeddings(settings, products, version)
+    return register_model(settings, version, models)
 
 
 def publish_product_embeddings(settings: Settings, products: pd.DataFrame, version: str) -> int:
@@ -296,7 +300,7 @@ def run_training(settings: Settings, config: TrainingRunConfig, version: str | N
     decision = step_gate(dataset, out / "graph.parquet", text, out, out / "metrics.json", out.parent, version,
                          out / "decision.json")
     if decision.promote:
-        step_export(settings, dataset, out / "graph.parquet", text, version)
+        step_export(settings, dataset, out / "graph.parquet", text, out, version)
     (out / "run_config.json").write_text(config.model_dump_json(indent=2))
     return TrainingRunReport(version=version, directory=out, metrics=metrics, promoted=decision.promote,
                              examples_per_s=figures["model"]["examples_per_s"],

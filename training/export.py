@@ -1,0 +1,33 @@
+"""Export a promoted model version to the BentoML model store: the query tower's weights and config
+(the featuriser config is part of it), the boosting weights, and where its product embeddings are.
+Serving loads exactly this bundle; one version id ties it to the embeddings in Feast."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from retrieval_core.settings import Settings
+
+BENTO_MODEL_NAME = "unified_retrieval"
+
+
+def bentoml_home(settings: Settings) -> Path:
+    return settings.artifacts_dir / "bentoml"
+
+
+def register_model(settings: Settings, version: str, models: Path) -> str:
+    """Save ``models/model`` (+ ``boost.json``) as ``unified_retrieval:<tag>`` labelled with the version."""
+    os.environ["BENTOML_HOME"] = str(bentoml_home(settings))
+    import bentoml
+
+    boost = json.loads((models / "boost.json").read_text()) if (models / "boost.json").exists() else None
+    with bentoml.models.create(name=BENTO_MODEL_NAME, labels={"model_version": version},
+                               metadata={"model_version": version, "boost_features": (boost or {}).get("features"),
+                                         "embedding_source": "feast:product_embeddings"}) as bento_model:
+        shutil.copytree(models / "model", Path(bento_model.path) / "model")
+        if boost is not None:
+            shutil.copy(models / "boost.json", Path(bento_model.path) / "boost.json")
+    return str(bento_model.tag)
