@@ -63,8 +63,8 @@ def build_feature_day(settings: Settings, ds: dt.date) -> FeatureDayReport:
 
 
 def materialize_days(settings: Settings, days: list[dt.date], first_publication: bool) -> None:
-    """Materialise one day at a time, so memory stays bounded by a day's rows on a long backlog.
-    The first publication also loads everything older (first listings keep their creation time)."""
-    for i, day in enumerate(sorted(days)):
-        start = FIRST_MATERIALIZATION_START if first_publication and i == 0 else closed_at(day) - dt.timedelta(days=1)
-        store.materialize(settings, start, closed_at(day) + dt.timedelta(seconds=1))
+    """Materialise the published days in one window (Feast keeps the latest row per entity; one
+    scan of the sources, since the DuckDB offline store cannot prune partitions). The first
+    publication also loads everything older (first listings keep their creation time)."""
+    start = FIRST_MATERIALIZATION_START if first_publication else closed_at(min(days)) - dt.timedelta(days=1)
+    store.materialize(settings, start, closed_at(max(days)) + dt.timedelta(seconds=1))

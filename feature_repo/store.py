@@ -63,6 +63,8 @@ def get_store(settings: Settings) -> Any:
         from feast import FeatureStore
         from feast.repo_config import RepoConfig
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # feast resets filters on import
+    # Feast's bundled Milvus online-store config warns on import; we do not use that store.
+    warnings.filterwarnings("ignore", message='Field name "vector_enabled"')
     feast_dir(settings).mkdir(parents=True, exist_ok=True)
     return FeatureStore(config=RepoConfig(repo_path=feast_dir(settings), **store_config(settings)))
 
