@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from training.featurizer import encode_texts, join_terms, stable_bucket, words
+from training.featurizer import encode_texts, join_terms, stable_bucket
 from training.model import HISTORY_TYPES, ModelConfig, ProductBatch, QueryBatch
 
 BUCKET_COLUMNS = ("ctr_bucket", "purchase_rate_bucket", "rating_bucket", "review_count_bucket", "age_bucket",
@@ -81,4 +81,4 @@ def product_batch(rows: Sequence[Mapping[str, object]], config: ModelConfig) -> 
         text=dense("text_embedding", config.text_dim)[0], graph=graph, graph_known=graph_known)
 
 
-__all__ = ["product_batch", "product_text", "query_batch", "words"]
+__all__ = ["product_batch", "product_text", "query_batch"]
