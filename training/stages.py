@@ -150,12 +150,16 @@ def load_model(directory: Path) -> UnifiedModel:
     return model.eval()
 
 
-def _model_vectors(model: UnifiedModel, products: pd.DataFrame, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+def _product_vectors(model: UnifiedModel, products: pd.DataFrame) -> np.ndarray:
+    return encode_products(model, product_batch(products.to_dict("records"), model.config)).numpy()
+
+
+def _query_vectors(model: UnifiedModel, rows: pd.DataFrame, batch_size: int = 512) -> np.ndarray:
+    if rows.empty:
+        return np.zeros((0, model.config.output_dim), dtype=np.float32)
     with torch.no_grad():
-        p = encode_products(model, product_batch(products.to_dict("records"), model.config)).numpy()
-        q = torch.cat([model.query_tower(query_batch(rows.iloc[i:i + 512].to_dict("records"), model.config))
-                       for i in range(0, len(rows), 512)]).numpy() if len(rows) else np.zeros((0, p.shape[1]))
-    return p, q
+        return torch.cat([model.query_tower(query_batch(rows.iloc[i:i + batch_size].to_dict("records"), model.config))
+                          for i in range(0, len(rows), batch_size)]).numpy()
 
 
 def step_boost(dataset: Path, graph: Path, text: Path | None, models: Path, config: TrainingRunConfig,
@@ -166,7 +170,8 @@ def step_boost(dataset: Path, graph: Path, text: Path | None, models: Path, conf
     rows = examples[(examples["split"] == "validation") & (examples["interaction"] == "purchase")]
     row_of = pd.Series(np.arange(len(products)), index=products["product_id"].to_numpy())
     rows = rows[rows["product_id"].isin(row_of.index)]
-    p, q = _model_vectors(load_model(models / "model"), products, rows)
+    model = load_model(models / "model")
+    p, q = _product_vectors(model, products), _query_vectors(model, rows)
     weights, boosted, plain = fit_boost_weights(q, p, quality_vectors(products),
                                                 row_of[rows["product_id"]].to_numpy(), config.boost)
     result = {"features": list(BOOST_FEATURES), "weights": weights.tolist(), "validation_recall": boosted,
@@ -177,12 +182,10 @@ def step_boost(dataset: Path, graph: Path, text: Path | None, models: Path, conf
 
 def boosted_retriever(model: UnifiedModel, products: pd.DataFrame, weights: np.ndarray) -> Retriever:
     """The unified model with the boosting vectors appended (what the ANN index will serve)."""
-    p, _ = _model_vectors(model, products, products.head(0))
-    p_aug, _ = augment(p, quality_vectors(products), p[:1], weights)
+    p, quality = _product_vectors(model, products), quality_vectors(products)
 
     def retrieve(rows: pd.DataFrame, k: int) -> np.ndarray:
-        _, q = _model_vectors(model, products.head(0), rows)
-        _, q_aug = augment(p[:0], quality_vectors(products.head(0)), q, weights)
+        p_aug, q_aug = augment(p, quality, _query_vectors(model, rows), weights)
         return torch.from_numpy(q_aug @ p_aug.T).topk(min(k, len(p_aug)), dim=1).indices.numpy()
 
     return retrieve
@@ -234,11 +237,8 @@ def step_gate(dataset: Path, graph: Path, text: Path | None, models: Path, metri
     products = _with_encodings(pd.read_parquet(dataset / "eval_products.parquet"), graph, text)
     examples = pd.read_parquet(dataset / "examples.parquet")
     test = examples[examples["split"] == "test"].head(gate.ann_queries)
-    with torch.no_grad():
-        product_vectors = encode_products(model, product_batch(products.to_dict("records"), model.config)).numpy()
-        query_vectors = model.query_tower(query_batch(test.to_dict("records"), model.config)).numpy()
-    decision = decide(json.loads(metrics.read_text()), production_metrics(models_dir), product_vectors,
-                      query_vectors, gate)
+    decision = decide(json.loads(metrics.read_text()), production_metrics(models_dir),
+                      _product_vectors(model, products), _query_vectors(model, test), gate)
     write_decision(decision, out)
     if decision.promote:
         promote(models_dir, version, metrics)
