@@ -52,9 +52,13 @@ class RedisSettings(BaseModel):
 
 
 class MilvusSettings(BaseModel):
-    # A local path (Milvus Lite) or an http(s) URI of a Milvus server / cluster.
-    uri: str = "data/milvus/milvus.db"
+    # An http(s) URI of a Milvus server / cluster (or a local *.db path: Milvus Lite in-process, one
+    # process only). The local profile runs Milvus Lite as a gRPC server on 127.0.0.1 so the
+    # retrieval API and the refresh job can share it; ``embedded_server`` starts it when it is down.
+    uri: str = "http://127.0.0.1:19531"
     token: SecretStr | None = None
+    embedded_server: bool = False
+    timeout_s: float = 5.0
     collection_prefix: str = "products"
     alias: str = "products_serving"
     keep_previous: int = 2
@@ -63,6 +67,8 @@ class MilvusSettings(BaseModel):
     hnsw_ef_construction: int = 200
     search_ef: int = 200
     min_ann_recall_at_100: float = 0.97
+    ann_check_queries: int = 200
+    insert_batch: int = 5000
 
 
 class KfpSettings(BaseModel):
@@ -77,7 +83,10 @@ class ServingSettings(BaseModel):
     port: int = 3000
     api_key: SecretStr | None = None
     history_cache_ttl_s: float = 30.0
+    history_cache_size: int = 100_000
     max_k: int = 1000
+    # How often a running service looks for a new alias target / model version.
+    reload_interval_s: float = 10.0
 
 
 class AirflowSettings(BaseModel):
@@ -160,14 +169,14 @@ PROFILE_PRESETS: dict[str, dict[str, Any]] = {
         "dbt_target": "duckdb",
         "offline_store": "duckdb",
         "online_store": "sqlite",
-        "milvus": {"uri": "data/milvus/milvus.db"},
+        "milvus": {"uri": "http://127.0.0.1:19531", "embedded_server": True},
         "kfp": {"mode": "local"},
     },
     "production": {
         "dbt_target": "postgres",
         "offline_store": "postgres",
         "online_store": "redis",
-        "milvus": {"uri": "http://127.0.0.1:19530"},
+        "milvus": {"uri": "http://127.0.0.1:19530", "embedded_server": False},
         "kfp": {"mode": "cluster"},
     },
 }

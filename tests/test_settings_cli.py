@@ -15,7 +15,8 @@ from retrieval_core.settings import PROJECT_ROOT, Settings, get_settings
 def test_local_profile_is_embedded() -> None:
     s = Settings(profile="local")
     assert (s.dbt_target, s.offline_store, s.online_store, s.kfp.mode) == ("duckdb", "duckdb", "sqlite", "local")
-    assert not s.milvus.uri.startswith("http")
+    # Milvus Lite as a server on loopback, started on demand (the API and the refresh job share it)
+    assert s.milvus.uri.startswith("http://127.0.0.1:") and s.milvus.embedded_server
     assert s.serving.host == "127.0.0.1"
     assert s.data_dir == PROJECT_ROOT / "data"
 
@@ -24,7 +25,7 @@ def test_production_profile_uses_servers(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("UER_PROFILE", "production")
     s = Settings()
     assert (s.dbt_target, s.offline_store, s.online_store, s.kfp.mode) == ("postgres", "postgres", "redis", "cluster")
-    assert s.milvus.uri.startswith("http://127.0.0.1")
+    assert s.milvus.uri.startswith("http://127.0.0.1") and not s.milvus.embedded_server
 
 
 def test_environment_overrides_profile_defaults_including_nested(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,8 +18,9 @@ def bentoml_home(settings: Settings) -> Path:
     return settings.artifacts_dir / "bentoml"
 
 
-def register_model(settings: Settings, version: str, models: Path) -> str:
-    """Save ``models/model`` (+ ``boost.json``) as ``unified_retrieval:<tag>`` labelled with the version."""
+def register_model(settings: Settings, version: str, models: Path, text_encoder: Path | None = None) -> str:
+    """Save ``models/model`` (+ ``boost.json``, + the adapted text encoder) as ``unified_retrieval:<tag>``
+    labelled with the version."""
     os.environ["BENTOML_HOME"] = str(bentoml_home(settings))
     import bentoml
 
@@ -30,4 +31,6 @@ def register_model(settings: Settings, version: str, models: Path) -> str:
         shutil.copytree(models / "model", Path(bento_model.path) / "model")
         if boost is not None:
             shutil.copy(models / "boost.json", Path(bento_model.path) / "boost.json")
+        if text_encoder is not None and text_encoder.exists():
+            shutil.copytree(text_encoder, Path(bento_model.path) / "text_encoder")
     return str(bento_model.tag)

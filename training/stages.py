@@ -106,6 +106,8 @@ def step_text(dataset: Path, config: TrainingRunConfig, cache_dir: Path, version
     pairs = [(q, by_id[p]) for q, p in zip(engaged["query"], engaged["product_id"], strict=True) if p in by_id]
     adapted = load_minilm(config.text)
     adapt(adapted, pairs[: config.adapt_pairs_max], config.text)
+    # Kept with the model version: the nightly index refresh encodes new products with it.
+    adapted.save(str(out.with_name("text_encoder")))
     vectors, _ = EmbeddingCache(cache_dir / f"minilm-{version}.parquet", version).encode(
         texts, lambda t: encode(adapted, t, config.text))
     ids = products["product_id"].to_numpy()
@@ -251,7 +253,7 @@ def step_export(settings: Settings, dataset: Path, graph: Path, text: Path | Non
     register the model bundle in the BentoML model store; returns the BentoML tag."""
     products = _with_encodings(pd.read_parquet(dataset / "eval_products.parquet")[["product_id"]], graph, text)
     publish_product_embeddings(settings, products, version)
-    return register_model(settings, version, models)
+    return register_model(settings, version, models, text.with_name("text_encoder") if text is not None else None)
 
 
 def publish_product_embeddings(settings: Settings, products: pd.DataFrame, version: str) -> int:

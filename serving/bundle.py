@@ -1,0 +1,115 @@
+"""A model version as serving and indexing use it: the bundle registered in the BentoML model store by
+the training export (query/product towers + featuriser config, boosting weights, adapted text encoder).
+
+Both sides of the index go through here, and both call the training code's own batching and towers
+(``training.batching``, ``training.boosting.augment``): the same input gives the same vector in
+training, indexing and the API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from retrieval_core.settings import Settings
+from training.batching import product_batch, query_batch
+from training.boosting import augment, quality_vectors
+from training.export import BENTO_MODEL_NAME, bentoml_home
+from training.model import UnifiedModel
+from training.stages import load_model
+from training.text_encoder import TextEncoderConfig, encode
+
+
+class ModelNotFound(LookupError):
+    """No bundle for the asked model version in the model store."""
+
+
+def _bentoml(settings: Settings):  # noqa: ANN202 - the bentoml module
+    os.environ.setdefault("BENTOML_HOME", str(bentoml_home(settings)))
+    import bentoml
+
+    return bentoml
+
+
+def registered_versions(settings: Settings) -> dict[str, Path]:
+    """model_version → bundle directory, for every bundle in the store (newest registration wins)."""
+    bentoml = _bentoml(settings)
+    found: dict[str, tuple[object, Path]] = {}
+    for model in bentoml.models.list(BENTO_MODEL_NAME):
+        version = model.info.labels.get("model_version")
+        if version and (version not in found or model.info.creation_time > found[version][0]):
+            found[version] = (model.info.creation_time, Path(model.path))
+    return {version: path for version, (_, path) in found.items()}
+
+
+@dataclass
+class ModelBundle:
+    model_version: str
+    path: Path
+    model: UnifiedModel
+    boost_weights: np.ndarray  # appended to every query vector (zeros: no boosting)
+
+    @classmethod
+    def load(cls, settings: Settings, model_version: str) -> ModelBundle:
+        path = registered_versions(settings).get(model_version)
+        if path is None:
+            raise ModelNotFound(f"model version {model_version!r} is not in the BentoML model store at "
+                                f"{bentoml_home(settings)}; train and export it (uer train) first")
+        return cls.from_directory(model_version, path)
+
+    @classmethod
+    def from_directory(cls, model_version: str, path: Path) -> ModelBundle:
+        model = load_model(path / "model")
+        boost = path / "boost.json"
+        weights = np.array(json.loads(boost.read_text())["weights"], np.float32) if boost.exists() else None
+        if weights is None:
+            weights = np.zeros(quality_vectors(pd.DataFrame(index=[0])).shape[1], np.float32)
+        return cls(model_version, path, model, weights)
+
+    @property
+    def dim(self) -> int:
+        """Dimension of the vectors in the index: tower output + boosting features."""
+        return self.model.config.output_dim + len(self.boost_weights)
+
+    def query_vectors(self, rows: Sequence[Mapping[str, object]]) -> np.ndarray:
+        """``[q, w]`` for rows of ``query`` + the ``query_tower_v1`` features (absent: signed out)."""
+        if not rows:
+            return np.zeros((0, self.dim), np.float32)
+        with torch.inference_mode():
+            q = self.model.query_tower(query_batch(rows, self.model.config)).numpy()
+        return np.concatenate([q, np.broadcast_to(self.boost_weights, (len(q), len(self.boost_weights)))],
+                              axis=1).astype(np.float32)
+
+    def product_vectors(self, products: pd.DataFrame, batch_size: int = 4096) -> np.ndarray:
+        """``[p, quality(p)]`` for rows of ``product_tower_v1`` features (with text/graph encodings)."""
+        parts = []
+        with torch.inference_mode():
+            for start in range(0, len(products), batch_size):
+                chunk = products.iloc[start:start + batch_size]
+                parts.append(self.model.product_tower(product_batch(chunk.to_dict("records"), self.model.config)))
+        p = torch.cat(parts).numpy() if parts else np.zeros((0, self.model.config.output_dim), np.float32)
+        vectors, _ = augment(p, quality_vectors(products), p[:0], self.boost_weights)
+        return vectors
+
+    @cached_property
+    def text_encoder(self) -> torch.nn.Module | None:
+        """The version's adapted MiniLM (for products that have no text encoding of this version yet)."""
+        directory = self.path / "text_encoder"
+        if not self.model.config.text_dim or not directory.exists():
+            return None
+        from sentence_transformers import SentenceTransformer
+
+        return SentenceTransformer(str(directory), device="cpu")
+
+    def encode_texts(self, texts: list[str], config: TextEncoderConfig | None = None) -> np.ndarray:
+        if self.text_encoder is None:
+            raise ModelNotFound(f"model version {self.model_version!r} has no text encoder in its bundle")
+        return encode(self.text_encoder, texts, config or TextEncoderConfig())

@@ -1,0 +1,89 @@
+"""What ``make demo`` shows once the daily DAG has run and the API is up: one broad query for two users
+with different histories and for a signed-out visitor, side by side, through the real HTTP API; then
+the evaluation table of the production model and where its HTML report is."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from feature_repo.warehouse import read_published
+from retrieval_core.settings import Settings, get_settings
+from training.gate import production_pointer
+
+console = Console()
+
+
+def broad_query(settings: Settings) -> str:
+    """The head query with the most sessions made of one word (broad: many intents match it)."""
+    stats = read_published(settings, "query_stats")
+    head = stats[(stats["query_class"] == "head") & ~stats["query"].str.contains(" ")]
+    return str((head if not head.empty else stats).sort_values("sessions", ascending=False)["query"].iloc[0])
+
+
+def contrasting_users(settings: Settings) -> tuple[int, int]:
+    """Two active users whose purchased tags overlap the least."""
+    history = read_published(settings, "user_history").sort_values("ds").groupby("user_id").tail(1)
+    history = history[history["purchased_tags"].map(lambda t: t is not None and len(t) >= 3)]
+    history = history.sort_values("sessions_30d", ascending=False).head(200)
+    tags = {int(u): set(t) for u, t in zip(history["user_id"], history["purchased_tags"], strict=True)}
+    first = next(iter(tags))
+    second = min((u for u in tags if u != first), key=lambda u: len(tags[u] & tags[first]) / len(tags[u] | tags[first]))
+    return first, second
+
+
+def main(url: str | None = None) -> None:
+    settings = get_settings()
+    url = url or f"http://{settings.serving.host}:{settings.serving.port}"
+    query = broad_query(settings)
+    users = contrasting_users(settings)
+    titles = read_published(settings, "product_profile").sort_values("ds").groupby("product_id").tail(1)
+    title = dict(zip(titles["product_id"], titles["title"], strict=True))
+    history = read_published(settings, "user_history").sort_values("ds").groupby("user_id").tail(1).set_index("user_id")
+    columns = {}
+    for label, user in ((f"user {users[0]}", users[0]), (f"user {users[1]}", users[1]), ("signed out", None)):
+        body = {"query": query, "k": 10, **({"user_id": user} if user is not None else {})}
+        response = httpx.post(f"{url}/retrieve", json=body, timeout=60)
+        response.raise_for_status()
+        got = response.json()
+        columns[label] = [title.get(r["product_id"], str(r["product_id"])) for r in got["results"]]
+        if user is not None:
+            tags = list(history.loc[user, "purchased_tags"])[:6]
+            console.print(f"[bold]{label}[/] recently bought tags: {', '.join(map(str, tags))}")
+    console.print(f"model {got['model_version']}, index {got['index_version']}")
+    table = Table(title=f'POST {url}/retrieve  query="{query}"  k=10')
+    for label in columns:
+        table.add_column(label, overflow="fold")
+    for row in zip(*columns.values(), strict=True):
+        table.add_row(*row)
+    console.print(table)
+    a, b = (set(columns[f"user {u}"]) for u in users)
+    console.print(f"the two users share {len(a & b)} of 10 results: the history changes what they see")
+    print_evaluation(settings)
+
+
+def print_evaluation(settings: Settings) -> None:
+    pointer = production_pointer(settings.artifacts_dir / "models")
+    if not pointer.exists():
+        console.print("no production model yet")
+        return
+    production = json.loads(pointer.read_text())
+    metrics = json.loads(Path(production["metrics"]).read_text())
+    table = Table(title=f"test-window purchases, production model {production['version']}")
+    for column in ("system", "recall@10", "recall@100", "recall@1000", "ndcg@10"):
+        table.add_column(column, justify="right" if column != "system" else "left")
+    for system, slices in sorted(metrics.items(), key=lambda kv: -kv[1]["all"]["recall@100"]):
+        m = slices["all"]
+        table.add_row(system, *(f"{m[k]:.3f}" for k in ("recall@10", "recall@100", "recall@1000", "ndcg@10")))
+    console.print(table)
+    report = Path(production["metrics"]).with_name("report.html")
+    console.print(f"HTML report (recall curves, slices, ablations): {report}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else None)

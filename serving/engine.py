@@ -1,0 +1,82 @@
+"""The Milvus engine, reached by the URI in the settings (one code path for Milvus Lite and a cluster).
+
+In the local profile Milvus Lite runs as a gRPC server bound to 127.0.0.1 (its own default host is
+0.0.0.0: we always pass the host), so the retrieval API and the refresh job can share one data
+directory; ``ensure_server`` starts it when nothing answers on the configured port.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+from retrieval_core.settings import Settings
+
+
+class EngineUnavailable(RuntimeError):
+    """Milvus cannot be reached: the caller answers 503 and retries later."""
+
+
+def _host_port(uri: str) -> tuple[str, int] | None:
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https") or parsed.hostname is None:
+        return None
+    return parsed.hostname, parsed.port or 19530
+
+
+def _listening(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def server_data_dir(settings: Settings) -> Path:
+    return settings.data_dir / "milvus"
+
+
+def ensure_server(settings: Settings, wait_s: float = 30.0) -> subprocess.Popen | None:
+    """Start the embedded Milvus Lite server if the settings ask for one and it is down.
+
+    Returns the process when this call started it (the caller may stop it), else None."""
+    address = _host_port(settings.milvus.uri)
+    if not settings.milvus.embedded_server or address is None or _listening(*address):
+        return None
+    host, port = address
+    if host not in ("127.0.0.1", "localhost"):
+        raise ValueError(f"the embedded Milvus server only binds loopback; milvus.uri host is {host!r}")
+    data_dir = server_data_dir(settings)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = (data_dir / "server.log").open("ab")
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("milvus-lite")), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--data-dir", str(data_dir)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if _listening("127.0.0.1", port):
+            return process
+        if process.poll() is not None:
+            raise EngineUnavailable(f"Milvus Lite server exited with {process.returncode}; "
+                                    f"see {data_dir / 'server.log'}")
+        time.sleep(0.2)
+    process.kill()
+    raise EngineUnavailable(f"Milvus Lite server did not listen on 127.0.0.1:{port} within {wait_s:.0f} s")
+
+
+def connect(settings: Settings, start_server: bool = True):  # noqa: ANN201 - pymilvus.MilvusClient, imported lazily
+    """A client for the configured Milvus; raises :class:`EngineUnavailable` with the URI if it is down."""
+    from pymilvus import MilvusClient
+
+    if start_server:
+        ensure_server(settings)
+    uri = settings.milvus.uri
+    if not uri.startswith(("http://", "https://")):
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+    token = settings.milvus.token.get_secret_value() if settings.milvus.token else ""
+    try:
+        return MilvusClient(uri=uri, token=token, timeout=settings.milvus.timeout_s)
+    except Exception as exc:  # pymilvus raises several types for "cannot connect"
+        raise EngineUnavailable(f"cannot reach Milvus at {uri}: {exc}") from exc

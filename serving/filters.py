@@ -1,0 +1,72 @@
+"""Request filters → a Milvus boolean expression, built only from validated values.
+
+Callers never send expression text: they send typed values, each checked against a strict pattern or
+range, and string values are emitted as JSON string literals (quotes and backslashes escaped), so no
+filter value can add an operator or a clause.
+"""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Category paths look like "pets > collars"; countries are ISO-3166 alpha-2 codes.
+CATEGORY_PATTERN = r"^[A-Za-z0-9_&/ .,>-]{1,128}$"
+COUNTRY_PATTERN = r"^[A-Z]{2}$"
+
+
+class Filters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    category: list[str] | None = Field(None, max_length=50, description="exact category paths (any of)")
+    category_prefix: str | None = Field(None, pattern=CATEGORY_PATTERN, description="a category subtree")
+    shop_country: list[str] | None = Field(None, max_length=50, description="ISO country codes (any of)")
+    price_min: float | None = Field(None, ge=0, le=1e7)
+    price_max: float | None = Field(None, ge=0, le=1e7)
+
+    @field_validator("category")
+    @classmethod
+    def _categories(cls, values: list[str] | None) -> list[str] | None:
+        import re
+
+        for value in values or []:
+            if not re.fullmatch(CATEGORY_PATTERN, value):
+                raise ValueError(f"category {value!r} may only contain letters, digits, space and _&/.,>-")
+        return values
+
+    @field_validator("shop_country")
+    @classmethod
+    def _countries(cls, values: list[str] | None) -> list[str] | None:
+        import re
+
+        for value in values or []:
+            if not re.fullmatch(COUNTRY_PATTERN, value):
+                raise ValueError(f"shop_country {value!r} must be a two-letter upper-case ISO code")
+        return values
+
+    @model_validator(mode="after")
+    def _price_range(self) -> Filters:
+        if self.price_min is not None and self.price_max is not None and self.price_min > self.price_max:
+            raise ValueError(f"price_min {self.price_min} is above price_max {self.price_max}")
+        return self
+
+    def expression(self) -> str:
+        """The Milvus filter expression ('' when no filter is set)."""
+        def literal(value: str) -> str:
+            return json.dumps(value, ensure_ascii=True)
+
+        clauses = []
+        if self.category:
+            clauses.append(f"category_path in [{', '.join(literal(v) for v in self.category)}]")
+        if self.category_prefix:
+            # LIKE treats % and _ specially: escape them so the prefix matches literally.
+            escaped = self.category_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            clauses.append(f"category_path like {literal(escaped + '%')}")
+        if self.shop_country:
+            clauses.append(f"shop_country in [{', '.join(literal(v) for v in self.shop_country)}]")
+        if self.price_min is not None:
+            clauses.append(f"price >= {float(self.price_min)!r}")
+        if self.price_max is not None:
+            clauses.append(f"price <= {float(self.price_max)!r}")
+        return " and ".join(clauses)

@@ -1,0 +1,256 @@
+"""The index lifecycle in Milvus: one collection per index version, published by an atomic alias swap.
+
+build (create, insert, index, wait until no row is pending, load) → check (row count = catalogue,
+ANN recall@100 against exact search on a sample, a smoke query) → mark ready → swap the alias →
+prune (keep the previous ``keep_previous`` ready collections for rollback; never drop a collection an
+alias points to — Milvus would let us, and serving would break silently).
+
+A crash at any step before the swap leaves the alias where it was; the half-built collection is not
+marked ready, so it can never be swapped to and the next prune removes it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from retrieval_core.settings import Settings
+from serving.engine import connect
+
+log = logging.getLogger(__name__)
+
+# Properties stored on each collection: they make the collection self-describing.
+MODEL_VERSION, INDEX_VERSION, CREATED_AT, STATE = ("uer.model_version", "uer.index_version", "uer.created_at",
+                                                   "uer.state")
+SCALAR_FIELDS = {"category_path": 256, "shop_country": 8}  # VARCHAR fields and their max length; + price
+
+
+class IndexCheckFailed(RuntimeError):
+    """A new collection failed a check before publication; the alias was not touched."""
+
+
+class AliasTargetMissing(RuntimeError):
+    """The serving alias does not exist yet (nothing published) or points nowhere usable."""
+
+
+@dataclass(frozen=True)
+class IndexVersion:
+    collection: str
+    model_version: str
+    index_version: str
+    created_at: str
+    ready: bool
+
+
+def index_version_for(model_version: str, now: dt.datetime | None = None) -> str:
+    now = now or dt.datetime.now(dt.UTC)
+    return f"{model_version}.{now:%Y%m%dT%H%M%S%f}"
+
+
+def collection_name(prefix: str, index_version: str) -> str:
+    """Milvus names allow letters, digits and underscores only."""
+    return f"{prefix}_{re.sub(r'[^0-9A-Za-z_]', '_', index_version)}"
+
+
+def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
+    scores = queries @ vectors.T
+    k = min(k, vectors.shape[0])
+    top = np.argpartition(-scores, kth=k - 1, axis=1)[:, :k]
+    return np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1), axis=1)
+
+
+class IndexLifecycle:
+    """Create, check, publish, roll back and prune the product collections of one alias."""
+
+    def __init__(self, settings: Settings, client: object | None = None):
+        self.settings, self.config = settings, settings.milvus
+        self.client = client or connect(settings)
+
+    # -- what exists ---------------------------------------------------------------------------------
+
+    def versions(self) -> list[IndexVersion]:
+        """Our collections, oldest first."""
+        out = []
+        for name in self.client.list_collections():
+            if not name.startswith(self.config.collection_prefix + "_"):
+                continue
+            props = self.client.describe_collection(name).get("properties", {})
+            if MODEL_VERSION not in props:
+                continue
+            out.append(IndexVersion(name, props[MODEL_VERSION], props[INDEX_VERSION], props[CREATED_AT],
+                                    props.get(STATE) == "ready"))
+        return sorted(out, key=lambda v: v.created_at)
+
+    def serving(self) -> IndexVersion | None:
+        """The collection the alias points to, or None before the first publication."""
+        if self.config.alias not in self.client.list_aliases().get("aliases", []):
+            return None
+        target = self.client.describe_alias(self.config.alias)["collection_name"]
+        for version in self.versions():
+            if version.collection == target:
+                return version
+        raise AliasTargetMissing(f"alias {self.config.alias!r} points to {target!r}, which is not one of ours")
+
+    def _aliased(self, collection: str) -> list[str]:
+        return self.client.list_aliases(collection_name=collection).get("aliases", [])
+
+    # -- build and check -----------------------------------------------------------------------------
+
+    def build(self, model_version: str, products: pd.DataFrame, vectors: np.ndarray) -> IndexVersion:
+        """A new, loaded, fully indexed collection of ``vectors`` (not yet published)."""
+        from pymilvus import DataType, MilvusClient
+
+        index_version = index_version_for(model_version)
+        name = collection_name(self.config.collection_prefix, index_version)
+        created = dt.datetime.now(dt.UTC).isoformat()
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("product_id", DataType.INT64, is_primary=True)
+        schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=int(vectors.shape[1]))
+        for field, length in SCALAR_FIELDS.items():
+            schema.add_field(field, DataType.VARCHAR, max_length=length)
+        schema.add_field("price", DataType.FLOAT)
+        params = self.client.prepare_index_params()
+        index_params = ({"M": self.config.hnsw_m, "efConstruction": self.config.hnsw_ef_construction}
+                        if self.config.index_type == "HNSW" else
+                        {"nlist": max(1, min(4096, int(np.sqrt(len(products)) * 4)))}
+                        if self.config.index_type == "IVF_FLAT" else {})
+        params.add_index(field_name="embedding", index_type=self.config.index_type, metric_type="IP",
+                         params=index_params)
+        self.client.create_collection(name, schema=schema, index_params=params)
+        self.client.alter_collection_properties(name, properties={
+            MODEL_VERSION: model_version, INDEX_VERSION: index_version, CREATED_AT: created, STATE: "building"})
+        log.info("index %s: inserting %d products", name, len(products))
+        ids = products["product_id"].to_numpy(np.int64)
+        scalars = {f: products.get(f, pd.Series("", index=products.index)).fillna("").astype(str).str[:n].tolist()
+                   for f, n in SCALAR_FIELDS.items()}
+        price = pd.to_numeric(products.get("price"), errors="coerce").fillna(-1.0).to_numpy(np.float32)
+        batch = self.config.insert_batch
+        for start in range(0, len(ids), batch):
+            stop = min(start + batch, len(ids))
+            self.client.insert(name, [
+                {"product_id": int(ids[i]), "embedding": vectors[i].tolist(), "price": float(price[i]),
+                 **{f: scalars[f][i] for f in SCALAR_FIELDS}} for i in range(start, stop)])
+        self.client.flush(name)
+        self._wait_indexed(name, len(ids))
+        self.client.load_collection(name)
+        return IndexVersion(name, model_version, index_version, created, False)
+
+    def _wait_indexed(self, name: str, rows: int, timeout_s: float = 1800.0) -> None:
+        """Wait until every row is indexed: "Finished" alone can still have pending rows."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            info = self.client.describe_index(name, "embedding")
+            if info.get("pending_index_rows", 0) == 0 and info.get("indexed_rows", rows) >= rows:
+                return
+            if time.monotonic() > deadline:
+                raise IndexCheckFailed(f"{name}: index still has {info.get('pending_index_rows')} pending rows "
+                                       f"after {timeout_s:.0f} s")
+            time.sleep(1.0)
+
+    def ensure_loaded(self, collection: str) -> None:
+        from pymilvus.client.types import LoadState
+
+        if self.client.get_load_state(collection).get("state") != LoadState.Loaded:
+            self.client.load_collection(collection)
+
+    def search(self, collection: str, queries: np.ndarray, k: int, expr: str = "") -> list[list[tuple[int, float]]]:
+        hits = self.client.search(collection, data=[q.tolist() for q in queries], limit=k, filter=expr,
+                                  anns_field="embedding", search_params={"params": self.search_params()})
+        return [[(int(h["id"] if "id" in h else h["product_id"]), float(h["distance"])) for h in row] for row in hits]
+
+    def search_params(self) -> dict:
+        if self.config.index_type == "HNSW":
+            return {"ef": self.config.search_ef}
+        if self.config.index_type == "IVF_FLAT":
+            return {"nprobe": 32}
+        return {}
+
+    def check(self, version: IndexVersion, product_ids: np.ndarray, vectors: np.ndarray,
+              queries: np.ndarray | None = None, seed: int = 7) -> dict[str, float]:
+        """Row count = catalogue, ANN recall@100 vs exact search ≥ the setting, and a smoke query."""
+        count = int(self.client.query(version.collection, filter="", output_fields=["count(*)"])[0]["count(*)"])
+        if count != len(product_ids):
+            raise IndexCheckFailed(f"{version.collection}: {count} rows, but the catalogue has {len(product_ids)}")
+        if queries is None:  # products as stand-in queries (a searcher wanting something like this product)
+            rng = np.random.default_rng(seed)
+            queries = vectors[rng.choice(len(vectors), min(self.config.ann_check_queries, len(vectors)), False)]
+        k = min(100, len(product_ids))
+        exact = product_ids[exact_top_k(queries, vectors, k)]
+        approx = self.search(version.collection, queries, k)
+        recall = float(np.mean([len({p for p, _ in a} & set(e)) / k for a, e in zip(approx, exact, strict=True)]))
+        if recall < self.config.min_ann_recall_at_100:
+            raise IndexCheckFailed(f"{version.collection}: ANN recall@100 {recall:.3f} < "
+                                   f"{self.config.min_ann_recall_at_100} (index {self.config.index_type}; raise "
+                                   "search_ef / hnsw_m in the milvus settings)")
+        smoke = self.search(version.collection, queries[:1], 10)
+        if len(smoke[0]) != min(10, len(product_ids)):
+            raise IndexCheckFailed(f"{version.collection}: smoke query returned {len(smoke[0])} results")
+        self.client.alter_collection_properties(version.collection, properties={STATE: "ready"})
+        return {"rows": count, "ann_recall_at_100": recall}
+
+    # -- publish, roll back, prune -------------------------------------------------------------------
+
+    def swap(self, version: IndexVersion) -> None:
+        """Point the alias at ``version`` in one call (requests never see a missing alias)."""
+        current = {v.collection: v for v in self.versions()}.get(version.collection)
+        if current is None or not current.ready:
+            raise IndexCheckFailed(f"{version.collection} is not a checked, ready collection: refusing to publish")
+        if self.config.alias in self.client.list_aliases().get("aliases", []):
+            self.client.alter_alias(version.collection, self.config.alias)
+        else:
+            self.client.create_alias(version.collection, self.config.alias)
+        log.info("alias %s → %s", self.config.alias, version.collection)
+
+    def publish(self, model_version: str, products: pd.DataFrame, vectors: np.ndarray,
+                queries: np.ndarray | None = None) -> tuple[IndexVersion, dict[str, float]]:
+        """Build, check, swap, prune. A failed check drops the new collection and leaves the alias."""
+        version = self.build(model_version, products, vectors)
+        try:
+            checks = self.check(version, products["product_id"].to_numpy(np.int64), vectors, queries)
+        except IndexCheckFailed:
+            self.drop(version.collection)
+            raise
+        self.swap(version)
+        self.prune()
+        return version, checks
+
+    def rollback(self) -> IndexVersion:
+        """Re-point the alias to the newest ready collection older than the one serving."""
+        current = self.serving()
+        if current is None:
+            raise AliasTargetMissing(f"alias {self.config.alias!r} does not exist: nothing to roll back")
+        older = [v for v in self.versions() if v.ready and v.created_at < current.created_at]
+        if not older:
+            raise AliasTargetMissing(f"no earlier ready collection than {current.collection} is kept")
+        self.swap(older[-1])
+        return older[-1]
+
+    def drop(self, collection: str) -> None:
+        if self._aliased(collection):
+            raise RuntimeError(f"refusing to drop {collection}: alias(es) {self._aliased(collection)} point to it")
+        self.client.drop_collection(collection)
+
+    def prune(self) -> list[str]:
+        """Drop crashed builds older than the serving collection, and ready ones beyond the newest
+        ``keep_previous`` older than it. Never a collection an alias points to."""
+        serving = self.serving()
+        kept_ready = 0
+        dropped = []
+        for version in reversed(self.versions()):
+            if self._aliased(version.collection):
+                continue
+            newer = serving is None or version.created_at > serving.created_at
+            if newer:  # a build in progress, or a newer ready one after a rollback (roll-forward)
+                continue
+            if version.ready and kept_ready < self.config.keep_previous:
+                kept_ready += 1
+                continue
+            self.client.drop_collection(version.collection)
+            dropped.append(version.collection)
+        return dropped

@@ -1,0 +1,215 @@
+"""The retrieval logic behind the API, free of HTTP: request → user history (Feast online, TTL cache) →
+query tower + boosting weights → Milvus search with safe filters → results.
+
+Version consistency: the service follows the serving alias. When the alias moves, the bundle of the
+model version that built the new collection is loaded first, then (model, collection) are swapped
+together in one reference; requests in flight finish on the pair they started with, and search the
+concrete collection, not the alias. If the new collection's model is not loadable, the old pair keeps
+serving and the refusal is reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Annotated
+
+import numpy as np
+from cachetools import TTLCache
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from retrieval_core.settings import Settings
+from serving.bundle import ModelBundle, ModelNotFound
+from serving.engine import EngineUnavailable
+from serving.filters import Filters
+from serving.index import AliasTargetMissing, IndexLifecycle, IndexVersion
+
+log = logging.getLogger(__name__)
+
+Query = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
+
+
+class RetrievalRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query: Query
+    user_id: Annotated[int, Field(ge=0, le=2**62)] | None = None
+    k: Annotated[int, Field(ge=1, le=1000)] = 100
+    filters: Filters | None = None
+
+
+class RetrievedItem(BaseModel):
+    product_id: int
+    score: float
+
+
+class RetrievalResponse(BaseModel):
+    model_version: str
+    index_version: str
+    personalized: bool  # the user's history was found and used
+    results: list[RetrievedItem]
+
+
+class Unavailable(RuntimeError):
+    """A dependency (Milvus, the online store) or the model/index pair is not available right now."""
+
+
+@dataclass(frozen=True)
+class ServingPair:
+    bundle: ModelBundle
+    index: IndexVersion
+
+
+StageTimer = Callable[[str, float], None]
+
+
+class Retriever:
+    def __init__(self, settings: Settings, on_stage: StageTimer | None = None,
+                 on_cache: Callable[[bool], None] | None = None):
+        self.settings = settings
+        self._pair: ServingPair | None = None
+        self._lifecycle: IndexLifecycle | None = None
+        self._lock = threading.Lock()
+        self._history: TTLCache = TTLCache(settings.serving.history_cache_size, settings.serving.history_cache_ttl_s)
+        self._store = None
+        self._bundles: dict[str, ModelBundle] = {}
+        self.last_refusal: str | None = None
+        self._on_stage = on_stage or (lambda stage, seconds: None)
+        self._on_cache = on_cache or (lambda hit: None)
+
+    # -- state -----------------------------------------------------------------------------------------
+
+    @property
+    def pair(self) -> ServingPair | None:
+        return self._pair
+
+    def lifecycle(self) -> IndexLifecycle:
+        if self._lifecycle is None:
+            with self._lock:
+                if self._lifecycle is None:
+                    try:
+                        self._lifecycle = IndexLifecycle(self.settings)
+                    except Exception as exc:
+                        raise Unavailable(f"Milvus at {self.settings.milvus.uri} is unreachable: {exc}") from exc
+        return self._lifecycle
+
+    def reload(self) -> bool:
+        """Follow the alias: load the model version that built its collection, then swap the pair.
+        Returns True when the pair changed. Never drops a working pair for a broken one."""
+        try:
+            target = self.lifecycle().serving()
+        except (Unavailable, EngineUnavailable, AliasTargetMissing) as exc:
+            self.last_refusal = str(exc)
+            return False
+        except Exception as exc:  # a Milvus RPC error: keep serving what we have
+            self.last_refusal = f"cannot read the serving alias from Milvus: {exc}"
+            return False
+        if target is None:
+            self.last_refusal = f"nothing published under alias {self.settings.milvus.alias!r} yet"
+            return False
+        current = self._pair
+        if current is not None and current.index.collection == target.collection:
+            return False
+        try:
+            bundle = self._bundles.get(target.model_version) or ModelBundle.load(self.settings, target.model_version)
+        except ModelNotFound as exc:
+            self.last_refusal = (f"index {target.index_version} was built by model {target.model_version}, which "
+                                 f"cannot be loaded ({exc}); still serving "
+                                 f"{current.index.index_version if current else 'nothing'}")
+            log.error(self.last_refusal)
+            return False
+        self._bundles = {target.model_version: bundle}
+        self._pair = ServingPair(bundle, target)
+        self.last_refusal = None
+        log.info("serving model %s with index %s", target.model_version, target.index_version)
+        return True
+
+    def ready(self) -> bool:
+        pair = self._pair
+        return pair is not None and pair.bundle.model_version == pair.index.model_version
+
+    # -- per request -----------------------------------------------------------------------------------
+
+    def _feature_store(self):  # noqa: ANN202 - feast.FeatureStore
+        if self._store is None:
+            from feature_repo.store import get_store
+
+            self._store = get_store(self.settings)
+        return self._store
+
+    def histories(self, user_ids: Sequence[int]) -> dict[int, dict]:
+        """``query_tower_v1`` features per user (a row of None values for unknown users)."""
+        out, missing = {}, []
+        for user in dict.fromkeys(user_ids):
+            row = self._history.get(user)
+            self._on_cache(row is not None)
+            if row is None:
+                missing.append(user)
+            else:
+                out[user] = row
+        if missing:
+            store = self._feature_store()
+            try:
+                table = store.get_online_features(features=store.get_feature_service("query_tower_v1"),
+                                                  entity_rows=[{"user_id": u} for u in missing]).to_dict()
+            except Exception as exc:
+                raise Unavailable(f"the online feature store ({self.settings.online_store}) failed: {exc}") from exc
+            for i, user in enumerate(missing):
+                row = {name: values[i] for name, values in table.items() if name != "user_id"}
+                self._history[user] = out[user] = row
+        return out
+
+    def retrieve(self, requests: Sequence[RetrievalRequest]) -> list[RetrievalResponse]:
+        pair = self._pair  # one snapshot for the whole call
+        if pair is None or not self.ready():
+            raise Unavailable("no model and index are loaded yet: " + (self.last_refusal or "starting"))
+        start = time.perf_counter()
+        users = self.histories([r.user_id for r in requests if r.user_id is not None])
+        mark = time.perf_counter()
+        self._on_stage("history", mark - start)
+        rows, personalized = [], []
+        for r in requests:
+            history = users.get(r.user_id, {}) if r.user_id is not None else {}
+            known = any(v not in (None, []) for v in history.values())
+            rows.append({"query": r.query, **history})
+            personalized.append(known)
+        vectors = pair.bundle.query_vectors(rows)
+        now = time.perf_counter()
+        self._on_stage("query_tower", now - mark)
+        mark = now
+        results: list[list[tuple[int, float]]] = [[] for _ in requests]
+        # one Milvus call per distinct (filter, k): the usual batch shares both
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault((r.filters.expression() if r.filters else "", r.k), []).append(i)
+        lifecycle = self.lifecycle()
+        for (expr, k), members in groups.items():
+            try:
+                hits = lifecycle.search(pair.index.collection, vectors[np.array(members)], k, expr)
+            except Exception as first:
+                # A restarted Milvus comes back with collections released: load and retry once.
+                try:
+                    lifecycle.ensure_loaded(pair.index.collection)
+                    hits = lifecycle.search(pair.index.collection, vectors[np.array(members)], k, expr)
+                except Exception as exc:
+                    raise Unavailable(f"Milvus search failed ({self.settings.milvus.uri}): {exc}") from first
+            for i, row in zip(members, hits, strict=True):
+                results[i] = row
+        self._on_stage("ann_search", time.perf_counter() - mark)
+        return [RetrievalResponse(model_version=pair.bundle.model_version, index_version=pair.index.index_version,
+                                  personalized=p, results=[RetrievedItem(product_id=pid, score=s) for pid, s in row])
+                for p, row in zip(personalized, results, strict=True)]
+
+
+def smoke_query(settings: Settings, query: str = "gift", k: int = 10) -> dict:
+    """One signed-out request through the same code as the API, against what the alias serves now."""
+    retriever = Retriever(settings)
+    if not retriever.reload() and retriever.pair is None:
+        raise Unavailable(f"smoke query: nothing to serve ({retriever.last_refusal})")
+    [response] = retriever.retrieve([RetrievalRequest(query=query, k=k)])
+    if len(response.results) != k:
+        raise Unavailable(f"smoke query returned {len(response.results)} results instead of {k}")
+    return response.model_dump()

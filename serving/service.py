@@ -1,0 +1,113 @@
+"""The retrieval API (BentoML): ``POST /retrieve`` and the adaptively batched ``POST /retrieve_batch``.
+
+BentoML provides ``/livez``, ``/readyz`` (ready = a model and the index it built are loaded) and
+``/metrics`` (Prometheus; ours: per-stage latency and history-cache hits). Start it with
+``uer serve`` (binds 127.0.0.1 from the settings). Bad input → 400 with the field and the rule;
+Milvus or the online store down → 503 with what failed, and the process keeps running; an alias
+swap or a new model version is picked up without a restart.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+from http import HTTPStatus
+from typing import Annotated
+
+import bentoml
+from bentoml.exceptions import InvalidArgument, ServiceUnavailable
+from pydantic import Field, ValidationError
+from starlette.responses import JSONResponse
+
+from retrieval_core.settings import get_settings
+from serving.filters import Filters
+from serving.retriever import RetrievalRequest, RetrievalResponse, Retriever, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics")
+
+
+class ApiKeyMiddleware:
+    """When ``serving.api_key`` is set, every API route needs a matching ``X-API-Key`` header."""
+
+    def __init__(self, app, api_key: str) -> None:  # noqa: ANN001 - an ASGI app
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 - ASGI
+        if scope["type"] == "http" and not scope["path"].startswith(OPEN_PATHS):
+            given = dict(scope.get("headers", [])).get(b"x-api-key", b"")
+            if not hmac.compare_digest(given, self.key):
+                await send({"type": "http.response.start", "status": HTTPStatus.UNAUTHORIZED,
+                            "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body",
+                            "body": b'{"error": "missing or wrong X-API-Key header"}'})
+                return
+        await self.app(scope, receive, send)
+
+
+@bentoml.service(name="unified_retrieval", traffic={"timeout": 30})
+class RetrievalService:
+    def __init__(self) -> None:
+        # prometheus_client is imported here, after BentoML set up its multiprocess metrics directory.
+        from prometheus_client import Counter, Histogram
+
+        self.settings = get_settings()
+        stage = Histogram("uer_retrieval_stage_seconds", "Time per retrieval stage", ["stage"],
+                          buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))
+        cache = Counter("uer_history_cache_total", "User-history cache lookups", ["result"])
+        self.retriever = Retriever(self.settings, on_stage=lambda s, t: stage.labels(s).observe(t),
+                                   on_cache=lambda hit: cache.labels("hit" if hit else "miss").inc())
+        self.retriever.reload()
+        self._stop = threading.Event()
+        threading.Thread(target=self._follow_alias, daemon=True, name="follow-alias").start()
+
+    def _follow_alias(self) -> None:
+        while not self._stop.wait(self.settings.serving.reload_interval_s):
+            try:
+                self.retriever.reload()
+            except Exception:  # never let the watcher die: the next tick retries
+                log.exception("reload failed")
+
+    def __is_ready__(self) -> bool:
+        return self.retriever.ready()
+
+    def _run(self, requests: list[RetrievalRequest]) -> list[RetrievalResponse]:
+        if self.retriever.pair is None:
+            self.retriever.reload()  # e.g. the first index was published after start-up
+        try:
+            return self.retriever.retrieve(requests)
+        except Unavailable as exc:
+            raise ServiceUnavailable(str(exc)) from exc
+
+    @bentoml.api(route="/retrieve")
+    def retrieve(self, query: str, user_id: int | None = None,
+                 k: Annotated[int, Field(ge=1, le=1000)] = 100,
+                 filters: Filters | None = None) -> RetrievalResponse:
+        """Top-k products for one query, personalized by the user's history when ``user_id`` is known."""
+        try:
+            request = RetrievalRequest(query=query, user_id=user_id, k=k, filters=filters)
+        except ValidationError as exc:
+            raise InvalidArgument(_explain(exc)) from exc
+        try:
+            return self._run([request])[0]
+        except ServiceUnavailable as exc:
+            # BentoML hides the text of 5xx errors; the caller should learn which dependency is down.
+            return JSONResponse({"error": str(exc)}, status_code=HTTPStatus.SERVICE_UNAVAILABLE)
+
+    @bentoml.api(route="/retrieve_batch", batchable=True, max_batch_size=64, max_latency_ms=20)
+    def retrieve_batch(self, requests: list[RetrievalRequest]) -> list[RetrievalResponse]:
+        """Many requests in one call; concurrent calls are merged by BentoML's adaptive batching.
+        (A 503 here carries BentoML's generic text: batched outputs cannot be a custom response.)"""
+        return self._run(requests)
+
+
+def _explain(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}" for e in exc.errors())
+
+
+if get_settings().serving.api_key is not None:
+    RetrievalService.add_asgi_middleware(ApiKeyMiddleware,
+                                         api_key=get_settings().serving.api_key.get_secret_value())

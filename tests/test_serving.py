@@ -1,0 +1,304 @@
+"""Serving: the Milvus index lifecycle, safe filters, train/serve consistency and the BentoML API,
+against a real Milvus Lite server on loopback and the real Feast online store of the tiny world."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+from pydantic import ValidationError
+
+from retrieval_core.settings import PROJECT_ROOT, Settings
+from serving.filters import Filters
+from serving.index import IndexCheckFailed, IndexLifecycle
+from tests.serving_helpers import free_port, milvus_server, tiny_training_config, with_milvus
+
+FIRST, SECOND = "serve-a", "serve-b"
+
+
+@pytest.fixture(scope="module")
+def served(tiny_features: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """A trained, exported model version with its collection published under the alias."""
+    from serving.refresh import refresh_index
+    from training.stages import run_training
+
+    settings = with_milvus(tiny_features.model_copy(
+        update={"artifacts_dir": tmp_path_factory.mktemp("serving") / "artifacts"}), free_port())
+    report = run_training(settings, tiny_training_config(), version=FIRST)
+    assert report.promoted
+    with milvus_server(settings):
+        refresh_index(settings)
+        yield settings
+
+
+def lifecycle(settings: Settings) -> IndexLifecycle:
+    return IndexLifecycle(settings)
+
+
+# -- filters ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [
+    {"category": ['kitchen" or product_id > 0 or category_path == "x']},
+    {"category": ["a\\\" || 1==1"]},
+    {"shop_country": ["US\" or true"]},
+    {"shop_country": ["us"]},
+    {"category_prefix": "home%' or 1"},
+    {"price_min": -1},
+    {"price_min": 10, "price_max": 5},
+    {"price_max": float("nan")},
+    {"expr": "price > 0"},
+])
+def test_filter_values_that_could_inject_are_rejected(bad: dict) -> None:
+    with pytest.raises(ValidationError):
+        Filters(**bad)
+
+
+def test_filter_expression_quotes_every_value() -> None:
+    expr = Filters(category=["pets > collars", "art & craft"], shop_country=["US", "FR"], price_min=1.5,
+                   price_max=20).expression()
+    assert expr == ('category_path in ["pets > collars", "art & craft"] and shop_country in ["US", "FR"] '
+                    "and price >= 1.5 and price <= 20.0")
+    assert Filters().expression() == ""
+
+
+# -- index lifecycle -------------------------------------------------------------------------------------
+
+
+def test_published_index_matches_catalogue_and_filters_hold(served: Settings) -> None:
+    from training.dataset import product_features
+
+    index = lifecycle(served)
+    current = index.serving()
+    assert current is not None and current.model_version == FIRST and current.ready
+    products = product_features(served, dt.datetime.now(dt.UTC))
+    count = index.client.query(current.collection, filter="", output_fields=["count(*)"])[0]["count(*)"]
+    assert count == len(products)
+    category = products["category_path"].mode()[0]
+    query = np.ones((1, index.client.describe_collection(current.collection)["fields"][1]["params"]["dim"]), np.float32)
+    hits = index.search(current.collection, query, 50, Filters(category=[category], price_max=50).expression())
+    allowed = set(products.loc[(products["category_path"] == category) & (products["price"] <= 50), "product_id"])
+    assert hits[0] and {pid for pid, _ in hits[0]} <= allowed
+
+
+def test_failed_check_and_crash_mid_build_leave_the_alias_serving(served: Settings,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from serving import refresh
+
+    index = lifecycle(served)
+    before = index.serving()
+    strict = served.model_copy(update={"milvus": served.milvus.model_copy(update={"min_ann_recall_at_100": 1.01})})
+    with pytest.raises(IndexCheckFailed, match="ANN recall@100"):
+        refresh.refresh_index(strict)
+    assert index.serving() == before
+    assert [v.collection for v in index.versions()] == [before.collection]  # the failed build was dropped
+
+    def crash(self, name: str, rows: int, timeout_s: float = 0) -> None:  # noqa: ANN001
+        raise KeyboardInterrupt("killed while indexing")
+
+    monkeypatch.setattr(IndexLifecycle, "_wait_indexed", crash)
+    with pytest.raises(KeyboardInterrupt):
+        refresh.refresh_index(served)
+    monkeypatch.undo()
+    leftovers = [v for v in index.versions() if not v.ready]
+    assert index.serving() == before and len(leftovers) == 1
+    with pytest.raises(IndexCheckFailed, match="not a checked"):
+        index.swap(leftovers[0])  # a half-built collection can never be published
+
+
+def test_swap_rollback_prune_and_never_drop_the_aliased(served: Settings) -> None:
+    from serving.refresh import refresh_index
+
+    index = lifecycle(served)
+    first = index.serving()
+    second = refresh_index(served).index
+    third = refresh_index(served).index
+    assert index.serving().collection == third.collection
+    assert index.rollback().collection == second.collection == index.serving().collection
+    assert index.rollback().collection == first.collection
+    with pytest.raises(RuntimeError, match="refusing to drop"):
+        index.drop(first.collection)
+    assert index.prune() == []  # the newer ones are kept for roll-forward, the serving one is aliased
+    index.swap(index.versions()[-1])
+    fourth = refresh_index(served).index  # publishing prunes: serving + keep_previous older ones remain
+    names = [v.collection for v in index.versions()]
+    assert names[-1] == fourth.collection and len(names) == served.milvus.keep_previous + 1
+    assert first.collection not in names
+
+
+# -- train/serve consistency ----------------------------------------------------------------------------
+
+
+def test_service_and_training_code_give_the_same_query_vector(served: Settings) -> None:
+    """Online history through the service's path == offline history through training's path."""
+    from feature_repo.stages import closed_at
+    from feature_repo.store import get_store
+    from serving.bundle import ModelBundle
+    from tests.feature_helpers import NEXT_DAY
+    from serving.retriever import Retriever
+    from training.boosting import augment
+    from training.stages import _query_vectors
+
+    bundle = ModelBundle.load(served, FIRST)
+    retriever = Retriever(served)
+    users = [1, 2, 3, 10**9]
+    online = retriever.histories(users)
+    feast = get_store(served)
+    materialized_until = closed_at(NEXT_DAY)  # the online store holds the rows as of this moment
+    offline = feast.get_historical_features(
+        entity_df=pd.DataFrame({"user_id": users, "event_timestamp": materialized_until}),
+        features=feast.get_feature_service("query_tower_v1")).to_df().set_index("user_id").loc[users]
+    offline = offline.reset_index().assign(query="rustic oak side table")
+    served_vectors = bundle.query_vectors([{"query": "rustic oak side table", **online[u]} for u in users])
+    p = np.zeros((1, bundle.model.config.output_dim), np.float32)
+    _, trained = augment(p, np.zeros((1, len(bundle.boost_weights)), np.float32),
+                         _query_vectors(bundle.model, offline), bundle.boost_weights)
+    assert any(online[u]["recent_queries"] for u in users[:3])  # real histories were compared
+    np.testing.assert_allclose(served_vectors, trained, rtol=1e-5, atol=1e-6)
+
+
+# -- the HTTP API ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def api(served: Settings) -> Iterator[str]:
+    port = free_port()
+    env = {**os.environ, "UER_DATA_DIR": str(served.data_dir), "UER_ARTIFACTS_DIR": str(served.artifacts_dir),
+           "UER_MILVUS__URI": served.milvus.uri, "UER_MILVUS__EMBEDDED_SERVER": "false",
+           "UER_SERVING__RELOAD_INTERVAL_S": "0.5", "BENTOML_HOME": str(served.artifacts_dir / "bentoml")}
+    log = (served.artifacts_dir / "api.log").open("w")
+    command = [str(Path(sys.executable).with_name("bentoml")), "serve", "serving.service:RetrievalService",
+               "--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None, (served.artifacts_dir / "api.log").read_text()[-3000:]
+            time.sleep(0.5)
+        else:
+            pytest.fail("the API did not become ready: " + (served.artifacts_dir / "api.log").read_text()[-3000:])
+        yield url
+    finally:
+        os.killpg(process.pid, 15)
+        process.wait(30)
+
+
+def post(url: str, path: str, body: dict) -> httpx.Response:
+    return httpx.post(url + path, json=body, timeout=30)
+
+
+def test_api_happy_path_signed_out_and_unknown_user(api: str) -> None:
+    signed_in = post(api, "/retrieve", {"query": "wooden bowl", "user_id": 1, "k": 20})
+    assert signed_in.status_code == 200, signed_in.text
+    body = signed_in.json()
+    assert body["model_version"] in (FIRST, SECOND) and body["index_version"].startswith(body["model_version"])
+    assert len(body["results"]) == 20 and body["personalized"] is True
+    scores = [r["score"] for r in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+    signed_out = post(api, "/retrieve", {"query": "wooden bowl", "k": 5}).json()
+    assert len(signed_out["results"]) == 5 and signed_out["personalized"] is False
+    unknown = post(api, "/retrieve", {"query": "wooden bowl", "user_id": 10**12, "k": 5}).json()
+    assert unknown["personalized"] is False and [r["product_id"] for r in unknown["results"]] == [
+        r["product_id"] for r in signed_out["results"]]
+    batch = post(api, "/retrieve_batch", {"requests": [{"query": "wooden bowl", "k": 3},
+                                                       {"query": "silver ring", "user_id": 2, "k": 4}]})
+    assert batch.status_code == 200, batch.text
+    assert [len(r["results"]) for r in batch.json()] == [3, 4]
+
+
+@pytest.mark.parametrize("body", [
+    {"query": "bowl", "k": 0}, {"query": "bowl", "k": 1001}, {"query": "   "}, {"k": 5}, {"query": "x" * 300},
+    {"query": "bowl", "user_id": -1}, {"query": "bowl", "filters": {"category": ['a" or 1==1']}},
+    {"query": "bowl", "filters": {"price_min": 9, "price_max": 1}}, {"query": "bowl", "filters": {"raw": "x"}},
+    {"query": "bowl", "k": "many"},
+])
+def test_api_rejects_bad_input_with_a_clear_4xx(api: str, body: dict) -> None:
+    response = post(api, "/retrieve", body)
+    assert 400 <= response.status_code < 500, response.text
+    assert response.text  # a message a person can act on
+
+
+def test_alias_swap_under_load_fails_no_request_and_is_picked_up(api: str, served: Settings) -> None:
+    from serving.refresh import refresh_index
+    from training.export import register_model
+
+    run = served.artifacts_dir / "models" / FIRST
+    register_model(served, SECOND, run, run / "text_encoder")  # same weights, a new version label
+    failures, seen, stop = [], set(), threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=30) as http:
+            while not stop.is_set():
+                r = http.post(api + "/retrieve", json={"query": "wooden bowl", "user_id": 1, "k": 10})
+                if r.status_code != 200:
+                    failures.append(r.text)
+                else:
+                    seen.add(r.json()["model_version"])
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        refresh_index(served, SECOND)
+        deadline = time.monotonic() + 30
+        while SECOND not in seen and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        thread.join()
+    assert failures == [] and SECOND in seen, failures[:3]
+
+
+def test_index_of_an_unknown_model_is_refused_and_the_old_pair_keeps_serving(api: str, served: Settings) -> None:
+    from serving.bundle import ModelBundle
+    from serving.refresh import catalogue_with_encodings
+
+    index = lifecycle(served)
+    before = post(api, "/retrieve", {"query": "wooden bowl", "k": 3}).json()
+    bundle = ModelBundle.load(served, before["model_version"])
+    products, _ = catalogue_with_encodings(served, bundle, dt.datetime.now(dt.UTC))
+    vectors = bundle.product_vectors(products)
+    index.publish("never-exported", products, vectors)  # the alias now points at an unloadable model
+    time.sleep(2)
+    after = post(api, "/retrieve", {"query": "wooden bowl", "k": 3})
+    assert after.status_code == 200 and after.json()["index_version"] == before["index_version"]
+    index.rollback()
+
+
+def test_milvus_down_gives_503_and_the_service_recovers(api: str, served: Settings) -> None:
+    from serving.engine import ensure_server
+
+    port = int(served.milvus.uri.rsplit(":", 1)[1])
+    [pid] = subprocess.run(["pgrep", "-f", f"milvus-lite server --host 127.0.0.1 --port {port}"],
+                           capture_output=True, text=True).stdout.split()
+    os.kill(int(pid), 9)
+    time.sleep(1)
+    down = post(api, "/retrieve", {"query": "wooden bowl", "k": 3})
+    assert down.status_code == 503 and "Milvus" in down.text
+    assert httpx.get(api + "/livez").status_code == 200  # the process stayed up
+    restarted = ensure_server(served)
+    try:
+        deadline, status = time.monotonic() + 60, None
+        while time.monotonic() < deadline and status != 200:
+            status = post(api, "/retrieve", {"query": "wooden bowl", "k": 3}).status_code
+            time.sleep(1)
+        assert status == 200
+    finally:
+        restarted.terminate()  # the module fixture's server was the one killed above
+        restarted.wait(30)
