@@ -7,7 +7,8 @@ UV := $(PY_BOOTSTRAP) -m uv
 UER := $(VENV)/bin/uer
 WORLD ?= default
 
-.PHONY: setup demo test lint bench bench-simulate bench-setup bench-features features feature-server clean services help
+.PHONY: setup demo test lint bench bench-simulate bench-setup bench-features bench-serve features feature-server \
+	api-start api-stop airflow-ui clean services help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -20,11 +21,32 @@ $(VENV)/.synced: uv.lock pyproject.toml
 
 setup: $(VENV)/.synced  ## create .venv from uv.lock (no-op when up to date)
 
-demo: setup  ## install, simulate the default world, build its features, and show them
+# A smaller training run than the nightly default, so the demo stays within minutes on 2 cores.
+DEMO_RUN ?= {"run_config": {"train": {"steps": 300}, "adapt_pairs_max": 4000}}
+API_URL := http://127.0.0.1:3000
+
+demo: setup  ## install, simulate, run the daily DAG, start the API and query it (see README)
 	$(UER) simulate --world $(WORLD)
 	$(VENV)/bin/python -m retrieval_core.world_report
-	$(UER) features build
-	$(UER) features lookup --user-id 1 --user-id 2
+	$(UER) airflow test --conf '$(DEMO_RUN)'
+	$(MAKE) --no-print-directory api-start
+	$(VENV)/bin/python -m serving.demo $(API_URL)
+	@echo "The API keeps running on $(API_URL): stop it with 'make api-stop'; browse the DAGs with 'make airflow-ui'."
+
+api-start: setup  ## start the retrieval API in the background on 127.0.0.1:3000 and wait until it is ready
+	@mkdir -p data
+	@if [ -f data/api.pid ] && kill -0 $$(cat data/api.pid) 2>/dev/null; then echo "API already running"; else \
+		setsid $(UER) serve > data/api.log 2>&1 & echo $$! > data/api.pid; fi
+	@for i in $$(seq 1 120); do curl -sf $(API_URL)/readyz >/dev/null && echo "API ready on $(API_URL)" && exit 0; \
+		sleep 1; done; echo "API not ready after 120 s: see data/api.log"; tail -20 data/api.log; exit 1
+
+api-stop:  ## stop the retrieval API and the embedded Milvus Lite server
+	@if [ -f data/api.pid ]; then kill -- -$$(cat data/api.pid) 2>/dev/null || true; rm -f data/api.pid; fi
+	@pkill -f "milvus-lite server --host 127.0.0.1" 2>/dev/null || true
+	@echo "stopped"
+
+airflow-ui: setup  ## Airflow UI on http://127.0.0.1:8080 (airflow standalone; Ctrl-C stops it)
+	$(UER) airflow ui
 
 features: setup  ## build the latest landed day's features (dbt → GX gate → Feast)
 	$(UER) features build
@@ -48,6 +70,9 @@ bench-setup: setup  ## time `make setup` in a fresh clone with an empty uv cache
 
 bench-features: setup services  ## feature pipeline seconds per day and online lookup latency
 	$(VENV)/bin/python benchmarks/features.py
+
+bench-serve: setup  ## HTTP latency at fixed rates, refresh time, failed requests during a swap (after make demo)
+	$(VENV)/bin/python benchmarks/serving.py
 
 bench-simulate: setup  ## the large world: time and peak memory of `uer simulate --world large`
 	$(VENV)/bin/python benchmarks/simulate_large.py

@@ -247,5 +247,102 @@ def train_command(
     console.print(f"artefacts: {where}")
 
 
+index = typer.Typer(help="The Milvus product index: publish (refresh), status, rollback.", no_args_is_help=True)
+app.add_typer(index, name="index")
+
+
+@index.command("publish")
+def index_publish(
+    model_version: Annotated[str | None, typer.Option(help="model version (default: production)")] = None,
+) -> None:
+    """Embed the catalogue with a model version, check the new collection, swap the alias (nightly refresh)."""
+    from serving.refresh import refresh_index
+
+    report = refresh_index(get_settings(), model_version)
+    console.print(f"alias {get_settings().milvus.alias} → {report.index.collection}: {report.products} products, "
+                  f"{report.newly_encoded} newly encoded, ANN recall@100 {report.checks['ann_recall_at_100']:.3f}, "
+                  f"{report.seconds['total']:.1f} s")
+
+
+@index.command("status")
+def index_status() -> None:
+    """The collections kept, which one the alias serves, and their model versions."""
+    from serving.index import IndexLifecycle
+
+    lifecycle = IndexLifecycle(get_settings())
+    serving = lifecycle.serving()
+    for v in lifecycle.versions():
+        mark = "→" if serving is not None and v.collection == serving.collection else " "
+        console.print(f"{mark} {v.collection}  model={v.model_version}  ready={v.ready}  created={v.created_at}")
+
+
+@index.command("rollback")
+def index_rollback() -> None:
+    """Point the alias back at the previous ready collection."""
+    from serving.index import IndexLifecycle
+
+    target = IndexLifecycle(get_settings()).rollback()
+    console.print(f"alias {get_settings().milvus.alias} → {target.collection} (model {target.model_version})")
+
+
+@app.command("serve")
+def serve_command(
+    port: Annotated[int | None, typer.Option(help="port on the settings' host (default: serving.port)")] = None,
+) -> None:
+    """Run the retrieval API (BentoML) on the settings' loopback host; Ctrl-C stops it."""
+    import os
+    import subprocess
+    import sys
+
+    from retrieval_core.settings import PROJECT_ROOT
+    from serving.engine import ensure_server
+    from training.export import bentoml_home
+
+    s = get_settings()
+    ensure_server(s)  # the embedded Milvus Lite server (local profile), if it is not running yet
+    env = {**os.environ, "BENTOML_HOME": str(bentoml_home(s))}
+    command = [str(Path(sys.executable).with_name("bentoml")), "serve", "serving.service:RetrievalService",
+               "--host", s.serving.host, "--port", str(port or s.serving.port)]
+    console.print(f"retrieval API on http://{s.serving.host}:{port or s.serving.port} (POST /retrieve)")
+    raise typer.Exit(subprocess.call(command, env=env, cwd=PROJECT_ROOT))
+
+
+airflow = typer.Typer(help="Run the platform's Airflow DAGs on this machine (SQLite metadata DB).",
+                      no_args_is_help=True)
+app.add_typer(airflow, name="airflow")
+
+
+def _airflow(args: list[str]) -> int:
+    import os
+    import subprocess
+    import sys
+
+    from dags.common import airflow_environment
+
+    env = {**os.environ, **airflow_environment(get_settings())}
+    binary = str(Path(sys.executable).with_name("airflow"))
+    if not (Path(env["AIRFLOW_HOME"]) / "airflow.db").exists() or args[:1] == ["standalone"]:
+        subprocess.run([binary, "db", "migrate"], env=env, check=True, capture_output=True)
+    return subprocess.call([binary, *args], env=env)
+
+
+@airflow.command("test")
+def airflow_test(
+    ds: DsOption = None,
+    dag_id: Annotated[str, typer.Option(help="which DAG")] = "uer_daily_retraining",
+    conf: Annotated[str, typer.Option(help="JSON run conf, e.g. {\"run_config\": {...}}")] = "{}",
+) -> None:
+    """``airflow dags test`` one run of a DAG for a day (default: the latest landed day)."""
+    day = _day(ds)
+    console.print(f"airflow dags test {dag_id} {day}")
+    raise typer.Exit(_airflow(["dags", "test", dag_id, day.isoformat(), "--conf", conf]))
+
+
+@airflow.command("ui")
+def airflow_ui() -> None:
+    """``airflow standalone`` on http://127.0.0.1:8080 (Ctrl-C stops it)."""
+    raise typer.Exit(_airflow(["standalone"]))
+
+
 if __name__ == "__main__":
     app()

@@ -260,6 +260,22 @@ def land_partition(src: Path, table: str, day: dt.date, raw_dir: Path, quarantin
     return dest
 
 
+def land_day(day: dt.date, raw_dir: Path, landing_dir: Path, quarantine_dir: Path) -> dict[str, str]:
+    """Land whatever waits in ``landing_dir/<table>/ds=<day>.parquet`` and check every table has its
+    partition for ``day``. Returns table → partition path. Idempotent: an already-landed day passes."""
+    landed = {}
+    for table in TABLES:
+        waiting = landing_dir / table / f"ds={day.isoformat()}.parquet"
+        if waiting.exists():
+            land_partition(waiting, table, day, raw_dir, quarantine_dir)
+        dest = partition_path(raw_dir, table, day)
+        if not dest.exists():
+            raise ContractViolation(dest, "*", f"the {table} partition for {day} has not been delivered "
+                                               f"(expected in {landing_dir / table})")
+        landed[table] = str(dest)
+    return landed
+
+
 def write_atomic(table: pa.Table, dest: Path) -> None:
     """Write parquet to a temporary sibling then rename, so readers never see half a file."""
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -185,3 +185,27 @@ def run_locally(settings: Settings, run_config_json: str, version: str) -> Path:
         os.environ.clear()
         os.environ.update(saved)
     return root
+
+
+def run_pipeline(settings: Settings, run_config_json: str, version: str) -> dict:
+    """Run the training pipeline where the settings say (kfp.local here; a KFP cluster in production)
+    and report ``{"version", "promoted", "pipeline_root"}``; the gate moves the production pointer."""
+    import json
+
+    from training.gate import production_pointer
+
+    if settings.kfp.mode == "local":
+        root = run_locally(settings, run_config_json, version)
+    else:  # submit exactly the compiled YAML to the cluster and wait for it
+        import kfp
+
+        package = compile_pipeline(settings.artifacts_dir / "kfp" / "training_pipeline.yaml")
+        token = settings.kfp.token.get_secret_value() if settings.kfp.token else None
+        client = kfp.Client(host=settings.kfp.host, existing_token=token)
+        run = client.create_run_from_pipeline_package(str(package), arguments={"run_config": run_config_json,
+                                                                                "version": version})
+        client.wait_for_run_completion(run.run_id, timeout=6 * 3600)
+        root = Path(settings.kfp.pipeline_root)
+    pointer = production_pointer(settings.artifacts_dir / "models")
+    promoted = pointer.exists() and json.loads(pointer.read_text())["version"] == version
+    return {"version": version, "promoted": bool(promoted), "pipeline_root": str(root)}

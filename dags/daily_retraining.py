@@ -1,0 +1,83 @@
+"""The daily DAG: land → features (dbt → GX gate → Feast) → training pipeline (KFP) → gate branch →
+index publish (check + alias swap) → smoke query. Every task is idempotent for its logical date."""
+
+from __future__ import annotations
+
+from airflow.sdk import dag, get_current_context, task
+
+from dags.common import START_DATE, day_of, default_args
+
+
+@dag(dag_id="uer_daily_retraining", schedule="@daily", start_date=START_DATE, catchup=False, max_active_runs=1,
+     default_args=default_args(), tags=["uer"],
+     params={"run_config": {}, "train": True},
+     doc_md=__doc__)
+def uer_daily_retraining() -> None:
+    @task
+    def land_raw_partitions(ds: str | None = None) -> dict[str, str]:
+        """Validate and land the day's raw partitions (already landed: checked and kept)."""
+        from retrieval_core.contract import land_day
+        from retrieval_core.settings import get_settings
+
+        s = get_settings()
+        return land_day(day_of(ds), s.raw_dir, s.landing_dir, s.quarantine_dir)
+
+    @task
+    def build_features(landed: dict[str, str], ds: str | None = None) -> dict:
+        """dbt build → great-expectations gate → publish → Feast materialisation for the day."""
+        from feature_repo.stages import build_feature_day
+        from retrieval_core.settings import get_settings
+
+        report = build_feature_day(get_settings(), day_of(ds))
+        return {"ds": str(report.ds), "rows": report.rows, "seconds": report.seconds}
+
+    @task
+    def train_and_validate(features: dict, ds: str | None = None) -> dict:
+        """The KFP training pipeline; its validation gate decides promotion."""
+        from retrieval_core.settings import get_settings
+        from training.pipeline import run_pipeline
+        from training.stages import TrainingRunConfig
+
+        params = get_current_context()["params"]
+        if not params.get("train", True):
+            return {"version": None, "promoted": False}
+        config = TrainingRunConfig.model_validate(params.get("run_config") or {})
+        # One version per data day: rerunning the day retrains under the same name.
+        return run_pipeline(get_settings(), config.model_dump_json(), f"daily-{day_of(ds):%Y%m%d}")
+
+    @task.branch
+    def promoted(outcome: dict) -> str:
+        return "publish_index" if outcome["promoted"] else "keep_serving_index"
+
+    @task
+    def publish_index(outcome: dict) -> dict:
+        """Embed the catalogue with the new version, check the collection, swap the alias."""
+        from retrieval_core.settings import get_settings
+        from serving.refresh import refresh_index
+
+        report = refresh_index(get_settings(), outcome["version"])
+        return {"collection": report.index.collection, "checks": report.checks, "seconds": report.seconds}
+
+    @task
+    def keep_serving_index() -> str:
+        return "the gate kept the production model: the index and the service are unchanged"
+
+    @task(trigger_rule="none_failed_min_one_success")
+    def smoke_query() -> dict:
+        """What the service now serves answers a query (the service follows the alias by itself)."""
+        from retrieval_core.settings import get_settings
+        from serving.index import IndexLifecycle
+        from serving.retriever import smoke_query as run_smoke
+
+        settings = get_settings()
+        if IndexLifecycle(settings).serving() is None:  # e.g. a features-only backfill before the first model
+            return {"skipped": f"nothing is published under {settings.milvus.alias!r} yet"}
+        return run_smoke(settings)
+
+    outcome = train_and_validate(build_features(land_raw_partitions()))
+    branch = promoted(outcome)
+    branch >> [publish_index(outcome), keep_serving_index()] >> smoke_query()
+
+
+uer_daily_retraining()
+

@@ -1,0 +1,33 @@
+"""The nightly refresh: re-embed new and changed products with the production model (no retraining),
+check the new collection and swap the alias; then a smoke query."""
+
+from __future__ import annotations
+
+from airflow.sdk import dag, task
+
+from dags.common import START_DATE, default_args
+
+
+@dag(dag_id="uer_nightly_index_refresh", schedule="0 3 * * *", start_date=START_DATE, catchup=False,
+     max_active_runs=1, default_args=default_args(), tags=["uer"], doc_md=__doc__)
+def uer_nightly_index_refresh() -> None:
+    @task
+    def refresh_index() -> dict:
+        from retrieval_core.settings import get_settings
+        from serving.refresh import refresh_index as refresh
+
+        report = refresh(get_settings())
+        return {"collection": report.index.collection, "newly_encoded": report.newly_encoded,
+                "checks": report.checks, "seconds": report.seconds}
+
+    @task
+    def smoke_query(published: dict) -> dict:
+        from retrieval_core.settings import get_settings
+        from serving.retriever import smoke_query as run_smoke
+
+        return run_smoke(get_settings())
+
+    smoke_query(refresh_index())
+
+
+uer_nightly_index_refresh()
