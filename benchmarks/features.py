@@ -2,9 +2,12 @@
 
 For each world (default, and large unless --skip-large): simulate into a scratch dir, build the
 backlog up to the second-to-last day (first build), then the last day as the daily incremental
-run; record dbt / GX / materialise seconds of both. Then time online lookups of one user's history
-through the feature service `query_tower_v1`: in-process SDK and through `feast serve` over HTTP on
-127.0.0.1, for SQLite (local profile) and Redis (production profile, Postgres offline store).
+run; record dbt / GX / materialise seconds of both (and, per world, every stage's seconds, the rows
+written online and the large world's peak resident memory). `--raw-from DIR` reuses the raw
+partitions of a large world already simulated into DIR (`BENCH_DATA_DIR=DIR make bench-simulate`).
+Then time online lookups of one user's history through the feature service `query_tower_v1`:
+in-process SDK and through `feast serve` over HTTP on 127.0.0.1, for SQLite (local profile) and
+Redis (production profile, Postgres offline store).
 Writes benchmarks/results/features.json. Reference: Feast's published Python server p99 15.3 ms.
 """
 
@@ -14,6 +17,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -32,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, write_result  # noqa: E402
 
 from feature_repo import store  # noqa: E402
-from feature_repo.stages import build_feature_day  # noqa: E402
+from feature_repo.stages import FeatureDayReport, build_feature_day  # noqa: E402
 from retrieval_core.contract import landed_days, read_table  # noqa: E402
 from retrieval_core.settings import Settings  # noqa: E402
 from retrieval_core.simulator import simulate, world_config  # noqa: E402
@@ -48,10 +52,20 @@ def _settings(root: Path, profile: str, database: str | None = None) -> Settings
 
 
 def _pipeline(settings: Settings) -> dict[str, dict[str, float]]:
+    return {run: report.seconds for run, report in _pipeline_reports(settings).items()}
+
+
+def _pipeline_reports(settings: Settings) -> dict[str, FeatureDayReport]:
+    """The first build (the backlog up to the second-to-last day), then the last day alone."""
     days = landed_days(settings.raw_dir, "events")
-    first = build_feature_day(settings, days[-2])
-    daily = build_feature_day(settings, days[-1])
-    return {"first_build": first.seconds, "daily": daily.seconds}
+    return {"first_build": build_feature_day(settings, days[-2]), "daily": build_feature_day(settings, days[-1])}
+
+
+def _peak_rss_mb() -> dict[str, float]:
+    """Peak resident memory so far (Linux ru_maxrss is in KiB): this process, and its largest child
+    (dbt runs in child processes)."""
+    return {"pipeline_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "largest_child_process": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
 
 
 def _percentiles(samples: list[float]) -> dict[str, float]:
@@ -128,6 +142,9 @@ def main() -> None:
     parser.add_argument("--skip-large", action="store_true", help="only the default world")
     parser.add_argument("--only-large", action="store_true",
                         help="only the large world, merged into the existing result file")
+    parser.add_argument("--raw-from", type=Path, default=None,
+                        help="a data dir whose raw/ already holds the simulated large world (not simulated again)")
+    parser.add_argument("--keep-scratch", action="store_true", help="leave the built worlds in the scratch dir")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="uer-features-"))
     result: dict[str, object] = {"world": {}, "dbt_seconds": {}, "gx_seconds": {}, "materialize_seconds": {},
@@ -136,19 +153,32 @@ def main() -> None:
     previous = RESULT_FILE.exists() and json.loads(RESULT_FILE.read_text())
     if args.only_large and previous:
         worlds = ["large"]
-        result = {k: v for k, v in previous.items() if k not in ("command", "date", "machine")}
+        result = {k: v for k, v in previous.items()
+                  if k not in ("command", "date", "machine", "large_world_attempt")}
     database = f"uer_bench_{uuid.uuid4().hex[:6]}"
     try:
         for world in worlds:
             local = _settings(scratch / world, "local")
             config = world_config(world)
-            simulate(config, local.raw_dir, local.landing_dir, local.quarantine_dir, local.diagnostics_dir,
-                     show_progress=False)
-            timings = _pipeline(local)
+            if world == "large" and args.raw_from:
+                local.raw_dir.parent.mkdir(parents=True, exist_ok=True)
+                local.raw_dir.symlink_to(args.raw_from.resolve() / "raw", target_is_directory=True)
+            else:
+                simulate(config, local.raw_dir, local.landing_dir, local.quarantine_dir, local.diagnostics_dir,
+                         show_progress=False)
+            reports = _pipeline_reports(local)
+            timings = {run: report.seconds for run, report in reports.items()}
             result["world"][world] = {"products": config.n_products, "users": config.n_users, "days": config.days}
             for key, name in (("dbt_seconds", "dbt"), ("gx_seconds", "gx"), ("materialize_seconds", "materialize")):
                 result[key][world] = {run: t[name] for run, t in timings.items()}
-            print(world, timings, flush=True)
+            result.setdefault("pipeline_seconds", {})[world] = timings
+            result.setdefault("published_days", {})[world] = {run: [str(reports[run].published_days[0]),
+                                                                    str(reports[run].published_days[-1])]
+                                                              for run in reports}
+            result.setdefault("online_rows_written", {})[world] = {run: r.online_rows for run, r in reports.items()}
+            if world == "large":
+                result["peak_rss_mb"] = {"large": _peak_rss_mb()}
+            print(world, timings, {run: r.online_rows for run, r in reports.items()}, _peak_rss_mb(), flush=True)
             if world == "default":
                 users = _active_users(local)
                 result["online_lookup_ms"]["sqlite_sdk"] = _sdk_latency(local, users)
@@ -160,17 +190,23 @@ def main() -> None:
                 result["online_lookup_ms"]["redis_sdk"] = _sdk_latency(prod, users)
                 result["online_lookup_ms"]["redis_server"] = _server_latency(prod, users)
                 print(result["online_lookup_ms"], flush=True)
-            shutil.rmtree(scratch / world, ignore_errors=True)
+            if not args.keep_scratch:
+                shutil.rmtree(scratch / world, ignore_errors=True)
     finally:
         with psycopg.connect(Settings().postgres.dsn(database="postgres"), autocommit=True) as conn:
             conn.execute(f'drop database if exists "{database}" with (force)')
         redis.Redis(db=4).flushdb()
-        shutil.rmtree(scratch, ignore_errors=True)
+        if args.keep_scratch:
+            print(f"scratch kept: {scratch}", flush=True)
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
     result["reference"] = {"feast_python_server_p99_ms": 15.3}
     result["date_utc"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     command = "make bench-features" + ("  # --skip-large" if args.skip_large else "")
     if args.only_large:
-        result["large_world_command"] = "python benchmarks/features.py --only-large"
+        result["large_world_command"] = "python benchmarks/features.py --only-large" + (
+            f"  # raw partitions from `uer simulate --world large` (seed {world_config('large').seed})"
+            if args.raw_from else "")
         command = previous["command"] if previous else command
     print(write_result("features", result, command=command).read_text())
 

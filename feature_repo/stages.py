@@ -28,6 +28,7 @@ class FeatureDayReport:
     rows: dict[str, int]
     warnings: list[str]
     seconds: dict[str, float] = field(default_factory=dict)
+    online_rows: dict[str, int] = field(default_factory=dict)  # rows written to the online store per view
 
 
 def closed_at(day: dt.date) -> dt.datetime:
@@ -58,13 +59,14 @@ def build_feature_day(settings: Settings, ds: dt.date) -> FeatureDayReport:
     rows = timed("publish", warehouse.publish_days, settings, days)
     timed("apply", store.apply, settings)
     log.info("features %s: materialise", ds)
-    timed("materialize", materialize_days, settings, days, first_publication)
-    return FeatureDayReport(ds=ds, published_days=days, rows=rows, warnings=report.warnings, seconds=seconds)
+    online = timed("materialize", materialize_days, settings, days, first_publication)
+    return FeatureDayReport(ds=ds, published_days=days, rows=rows, warnings=report.warnings, seconds=seconds,
+                            online_rows=online)
 
 
-def materialize_days(settings: Settings, days: list[dt.date], first_publication: bool) -> None:
-    """Materialise the published days in one window (Feast keeps the latest row per entity; one
-    scan of the sources, since the DuckDB offline store cannot prune partitions). The first
-    publication also loads everything older (first listings keep their creation time)."""
+def materialize_days(settings: Settings, days: list[dt.date], first_publication: bool) -> dict[str, int]:
+    """Materialise the published days in one window: the latest row per entity goes online, written
+    in bounded chunks (:func:`feature_repo.store.materialize`). The first publication also loads
+    everything older (first listings keep their creation time)."""
     start = FIRST_MATERIALIZATION_START if first_publication else closed_at(min(days)) - dt.timedelta(days=1)
-    store.materialize(settings, start, closed_at(max(days)) + dt.timedelta(seconds=1))
+    return store.materialize(settings, start, closed_at(max(days)) + dt.timedelta(seconds=1))

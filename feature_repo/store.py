@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import yaml
 
 from retrieval_core.settings import Settings
@@ -16,6 +17,8 @@ from retrieval_core.settings import Settings
 PROJECT = "uer"
 # Views that the feature pipeline materialises; product_embeddings is written by training.
 PIPELINE_VIEWS = ("user_history", "product_profile", "product_quality")
+# Rows per write to the online store: bounds the memory of a materialisation, whatever the window.
+ONLINE_WRITE_CHUNK_ROWS = 50_000
 
 
 def feast_dir(settings: Settings) -> Path:
@@ -84,11 +87,68 @@ def apply(settings: Settings) -> list[str]:
 
 
 def materialize(settings: Settings, start: dt.datetime, end: dt.datetime,
-                views: tuple[str, ...] = PIPELINE_VIEWS) -> None:
-    """Load feature rows with event_timestamp in [start, end] into the online store."""
+                views: tuple[str, ...] = PIPELINE_VIEWS, chunk_rows: int = ONLINE_WRITE_CHUNK_ROWS) -> dict[str, int]:
+    """Load the window ``[start, end]`` of each view into the online store, as ``feast materialize`` does,
+    without Feast's materialisation engine; returns the rows written per view.
+
+    Same result as ``FeatureStore.materialize(start, end)``: per entity, the newest row with
+    ``start <= event_timestamp <= end`` (Feast applies no TTL when it materialises a window: a view's
+    TTL only bounds point-in-time joins and picks the first window of ``materialize-incremental``).
+    Feast's engine reads the whole window into memory (the DuckDB offline store cannot prune
+    partitions), which on the large world needs more than 17 GB; here the offline store itself picks
+    the latest rows (:func:`feature_repo.warehouse.latest_rows`: DuckDB over the published parquet,
+    ``distinct on`` in Postgres) and they go to the online store ``chunk_rows`` at a time through the
+    SDK's ``write_to_online_store`` (SQLite and Redis alike, one code path). Each view's window is then
+    recorded in the registry exactly as Feast records it (``apply_materialization``), so
+    ``most_recent_end_time`` and ``feast materialize-incremental`` carry on from here."""
+    from feature_repo.warehouse import latest_rows
+
+    start, end = _utc(start), _utc(end)
+    if start > end:
+        raise ValueError(f"materialisation window starts after it ends: {start} > {end}")
     store = get_store(settings)
-    with contextlib.redirect_stdout(io.StringIO()):
-        store.materialize(start_date=start, end_date=end, feature_views=list(views))
+    written: dict[str, int] = {}
+    for name in views:
+        view = store.get_feature_view(name)
+        keys = [column.name for column in view.entity_columns]
+        if len(keys) != 1:
+            raise ValueError(f"feature view {name} has {len(keys)} join keys; the chunked writer handles one")
+        timestamp = view.batch_source.timestamp_field
+        columns = [*keys, *(f.name for f in view.features), timestamp]
+        written[name] = 0
+        for chunk in latest_rows(settings, name, keys[0], columns, start, end, chunk_rows):
+            # Arrow-backed columns: Feast turns the frame back into exactly these Arrow arrays.
+            store.write_to_online_store(name, chunk.to_pandas(types_mapper=pd.ArrowDtype))
+            written[name] += chunk.num_rows
+        store.registry.apply_materialization(view, store.project, start, end)
+    return written
+
+
+def materialize_incremental(settings: Settings, end: dt.datetime, views: tuple[str, ...] = PIPELINE_VIEWS,
+                            chunk_rows: int = ONLINE_WRITE_CHUNK_ROWS) -> dict[str, int]:
+    """``feast materialize-incremental`` with the chunked writer: each view from the end of its last
+    recorded window (or, never materialised, from ``now - ttl`` as Feast does) up to ``end``."""
+    store = get_store(settings)
+    end = _utc(end)
+    written: dict[str, int] = {}
+    for name in views:
+        view = store.get_feature_view(name)
+        start = view.most_recent_end_time
+        if start is None:
+            if not view.ttl:
+                raise ValueError(f"feature view {name} has no TTL and was never materialised: "
+                                 "run materialize with an explicit window first")
+            start = dt.datetime.now(dt.UTC) - view.ttl
+        start = _utc(start)
+        if start >= end:
+            written[name] = 0
+            continue
+        written.update(materialize(settings, start, end, (name,), chunk_rows))
+    return written
+
+
+def _utc(ts: dt.datetime) -> dt.datetime:
+    return ts.replace(tzinfo=dt.UTC) if ts.tzinfo is None else ts.astimezone(dt.UTC)
 
 
 def online_user_history(settings: Settings, user_ids: list[int], service: str = "query_tower_v1") -> dict[str, list]:

@@ -284,6 +284,58 @@ def read_published(settings: Settings, mart: str) -> pd.DataFrame:
         return pd.DataFrame(cur.fetchall(), columns=[c.name for c in cur.description])
 
 
+# DuckDB's share of the memory while it picks the latest rows (it spills to disk beyond this).
+LATEST_ROWS_MEMORY_LIMIT = "3GB"
+# Postgres column types (information_schema udt_name) → Arrow, so every chunk has the mart's types
+# even when a column is all null in that chunk.
+_ARROW_FROM_PG = {"int8": pa.int64(), "int4": pa.int32(), "float8": pa.float64(), "text": pa.string(),
+                  "varchar": pa.string(), "bool": pa.bool_(), "date": pa.date32(),
+                  "timestamptz": pa.timestamp("us", "UTC"), "_text": pa.list_(pa.string()),
+                  "_varchar": pa.list_(pa.string()), "_int8": pa.list_(pa.int64()), "_int4": pa.list_(pa.int32()),
+                  "_float8": pa.list_(pa.float64()), "_float4": pa.list_(pa.float32()), "float4": pa.float32()}
+
+
+def latest_rows(settings: Settings, mart: str, key: str, columns: list[str], start: dt.datetime,
+                end: dt.datetime, chunk_rows: int) -> Iterator[pa.Table]:
+    """The newest published row of ``mart`` per ``key`` among rows with ``start <= event_timestamp <= end``
+    (what Feast's ``pull_latest_from_table_or_query`` selects for a materialisation window), as Arrow
+    tables of at most ``chunk_rows`` rows. Ties on the timestamp keep one row per key.
+
+    Locally DuckDB reads the published parquet partitions (the timestamp filter is pushed into the scan,
+    so row groups outside the window are skipped by their statistics) and spills to disk past
+    ``LATEST_ROWS_MEMORY_LIMIT``; in production Postgres does the same with ``distinct on`` behind a
+    server-side cursor. Nothing holds the whole window in Python."""
+    cols = ", ".join(f'"{c}"' for c in columns)
+    if settings.offline_store == "duckdb":
+        files = features_dir(settings) / mart / "*" / "*.parquet"
+        if not list((features_dir(settings) / mart).glob("*/*.parquet")):
+            return
+        tmp = settings.data_dir / "tmp" / "duckdb"
+        tmp.mkdir(parents=True, exist_ok=True)
+        with duckdb.connect(config={"memory_limit": LATEST_ROWS_MEMORY_LIMIT, "temp_directory": str(tmp),
+                                    "preserve_insertion_order": False}) as con:
+            sql = (f"select {cols} from read_parquet('{files}', hive_partitioning = false) "
+                   f"where event_timestamp between ? and ? "
+                   f'qualify row_number() over (partition by "{key}" order by event_timestamp desc) = 1')
+            for batch in con.sql(sql, params=[start, end]).to_arrow_reader(chunk_rows):
+                if batch.num_rows:
+                    yield pa.Table.from_batches([batch])
+        return
+    with postgres(settings) as conn:
+        types = dict(conn.execute("select column_name, udt_name from information_schema.columns "
+                                  "where table_schema = %s and table_name = %s", (FEATURES_SCHEMA, mart)).fetchall())
+        if not types:
+            return
+        schema = pa.schema([(c, _ARROW_FROM_PG[types[c]]) for c in columns])
+        sql = (f"select distinct on (\"{key}\") {cols} from {FEATURES_SCHEMA}.{mart} "
+               f"where event_timestamp between %s and %s order by \"{key}\", event_timestamp desc")
+        with conn.cursor(name=f"latest_{mart}") as cur:  # server-side: rows arrive chunk by chunk
+            cur.itersize = chunk_rows
+            cur.execute(sql, (start, end))
+            while rows := cur.fetchmany(chunk_rows):
+                yield pa.Table.from_pylist([dict(zip(columns, row, strict=True)) for row in rows], schema=schema)
+
+
 EMBEDDINGS = "product_embeddings"
 EMBEDDINGS_SCHEMA = pa.schema([("product_id", pa.int64()), ("event_timestamp", pa.timestamp("us", "UTC")),
                                ("text_embedding", pa.list_(pa.float32())), ("graph_embedding", pa.list_(pa.float32())),
