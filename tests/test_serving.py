@@ -144,8 +144,8 @@ def test_service_and_training_code_give_the_same_query_vector(served: Settings) 
     from feature_repo.stages import closed_at
     from feature_repo.store import get_store
     from serving.bundle import ModelBundle
-    from tests.feature_helpers import NEXT_DAY
     from serving.retriever import Retriever
+    from tests.feature_helpers import NEXT_DAY
     from training.boosting import augment
     from training.stages import _query_vectors
 
