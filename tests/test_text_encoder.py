@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.text_encoder import EmbeddingCache, TextEncoderConfig, adapt, encode, for_inference, load_minilm
+from training.text_encoder import (
+    EmbeddingCache,
+    TextEncoderConfig,
+    adapt,
+    encode,
+    for_inference,
+    length_batches,
+    load_minilm,
+)
 
 TITLES = ["Boho Sterling Silver Necklace, Gift For Her", "Rustic Walnut Cutting Board", "Gothic Black Velvet Dress",
           "Minimalist White Ceramic Mug", "Vintage Brown Leather Tote Bag", "Cottagecore Pink Linen Pillow"]
@@ -59,3 +67,20 @@ def test_cache_encodes_only_new_text(tmp_path, minilm) -> None:
     assert np.allclose(again[:4], first, atol=1e-6)
     _, new = EmbeddingCache(tmp_path / "cache.parquet", encoder_version="v2").encode(TITLES[:1], encode_fn)
     assert new == 1  # another encoder version never reuses old vectors
+
+
+def test_length_batches_cover_every_text_once_within_the_token_budget() -> None:
+    lengths = [5, 30, 7, 7, 12, 3, 30, 9]
+    batches = length_batches(lengths, bucket_tokens=32, max_batch=3)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(len(lengths)))
+    assert [lengths[i] for i in flat] == sorted(lengths)  # shortest first
+    assert all(len(b) <= 3 and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 32) for b in batches)
+
+
+def test_batching_by_length_keeps_order_and_vectors(minilm) -> None:
+    texts = TITLES + QUERIES + ["a much longer product title " * 6]
+    plain = encode(minilm, texts, TextEncoderConfig(bucket_tokens=0))
+    by_length = encode(minilm, texts, TextEncoderConfig(bucket_tokens=64, threads=1))
+    assert np.allclose(plain, by_length, atol=1e-5)
+    assert encode(minilm, [], TextEncoderConfig()).shape == (0, 384)

@@ -74,6 +74,27 @@ def bm25_retriever(products: pd.DataFrame) -> Retriever:
     return retrieve
 
 
+def rrf_retriever(retrievers: Sequence[Retriever], k: int = 60, depth: int | None = None) -> Retriever:
+    """Reciprocal rank fusion (Cormack et al. 2009): score(p) = sum over retrievers of 1 / (k + rank),
+    rank 1-based, over each retriever's top ``depth`` (default: the asked ``max_k``); ties keep the
+    order of the first retriever's list. Rows short of ``max_k`` fused products are padded with -1."""
+    def retrieve(rows: pd.DataFrame, max_k: int) -> np.ndarray:
+        lists = [np.asarray(r(rows, depth or max_k)) for r in retrievers]
+        out = np.full((len(rows), max_k), -1, dtype=np.int64)
+        for i in range(len(rows)):
+            ids = np.concatenate([lst[i] for lst in lists])
+            scores = np.concatenate([1.0 / (k + np.arange(1, len(lst[i]) + 1)) for lst in lists])
+            keep = ids >= 0
+            ids, scores = ids[keep], scores[keep]
+            unique, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+            total = np.bincount(inverse, weights=scores)
+            order = np.lexsort((first, -total))[:max_k]  # by fused score, then first appearance
+            out[i, : len(order)] = unique[order]
+        return out
+
+    return retrieve
+
+
 def evaluate(systems: dict[str, Retriever], rows: pd.DataFrame, products: pd.DataFrame,
              query_class: dict[str, str], max_k: int = max(KS)) -> dict[str, dict[str, dict[str, float]]]:
     """Metrics of every system on ``rows`` (one relevant product each), overall and per slice."""

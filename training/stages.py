@@ -98,7 +98,8 @@ def step_text(dataset: Path, config: TrainingRunConfig, cache_dir: Path, version
     products = pd.read_parquet(dataset / "eval_products.parquet")
     texts = [product_text(r) for r in products.to_dict("records")]
     base = load_minilm(config.text)
-    base_vectors, _ = EmbeddingCache(cache_dir / "minilm-base.parquet", "minilm-base").encode(
+    base_key = f"minilm-base-{config.text.max_seq_length}"  # encodings differ by sequence length
+    base_vectors, _ = EmbeddingCache(cache_dir / f"{base_key}.parquet", base_key).encode(
         texts, lambda t: encode(base, t, config.text))
     examples = pd.read_parquet(dataset / "examples.parquet")
     engaged = examples[(examples["split"] == "train") & examples["interaction"].isin(ENGAGED)]
