@@ -29,7 +29,7 @@ def broad_query(settings: Settings) -> str:
 def contrasting_users(settings: Settings) -> tuple[int, int]:
     """Two active users whose purchased tags overlap the least."""
     history = read_published(settings, "user_history").sort_values("ds").groupby("user_id").tail(1)
-    history = history[history["purchased_tags"].map(lambda t: t is not None and len(t) >= 3)]
+    history = history[history["purchased_tags"].map(lambda t: hasattr(t, "__len__") and len(t) >= 3)]
     history = history.sort_values("sessions_30d", ascending=False).head(200)
     tags = {int(u): set(t) for u, t in zip(history["user_id"], history["purchased_tags"], strict=True)}
     first = next(iter(tags))
