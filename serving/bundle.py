@@ -22,7 +22,7 @@ import torch
 from retrieval_core.settings import Settings
 from training.batching import product_batch, query_batch
 from training.boosting import augment, quality_vectors
-from training.export import BENTO_MODEL_NAME, bentoml_home
+from training.export import BENTO_MODEL_NAME, bentoml_home, model_store
 from training.model import UnifiedModel
 from training.stages import load_model
 from training.text_encoder import TextEncoderConfig, encode
@@ -42,8 +42,14 @@ def _bentoml(settings: Settings):  # noqa: ANN202 - the bentoml module
 def registered_versions(settings: Settings) -> dict[str, Path]:
     """model_version → bundle directory, for every bundle in the store (newest registration wins)."""
     bentoml = _bentoml(settings)
+    from bentoml.exceptions import NotFound
+
     found: dict[str, tuple[object, Path]] = {}
-    for model in bentoml.models.list(BENTO_MODEL_NAME):
+    try:
+        models = bentoml.models.list(BENTO_MODEL_NAME, _model_store=model_store(settings))
+    except NotFound:  # nothing registered yet
+        models = []
+    for model in models:
         version = model.info.labels.get("model_version")
         if version and (version not in found or model.info.creation_time > found[version][0]):
             found[version] = (model.info.creation_time, Path(model.path))

@@ -141,11 +141,9 @@ def test_swap_rollback_prune_and_never_drop_the_aliased(served: Settings) -> Non
 
 def test_service_and_training_code_give_the_same_query_vector(served: Settings) -> None:
     """Online history through the service's path == offline history through training's path."""
-    from feature_repo.stages import closed_at
     from feature_repo.store import get_store
     from serving.bundle import ModelBundle
     from serving.retriever import Retriever
-    from tests.feature_helpers import NEXT_DAY
     from training.boosting import augment
     from training.stages import _query_vectors
 
@@ -154,7 +152,8 @@ def test_service_and_training_code_give_the_same_query_vector(served: Settings) 
     users = [1, 2, 3, 10**9]
     online = retriever.histories(users)
     feast = get_store(served)
-    materialized_until = closed_at(NEXT_DAY)  # the online store holds the rows as of this moment
+    # the online store holds the rows as of the end of its last materialisation (other tests may add days)
+    materialized_until = feast.get_feature_view("user_history").most_recent_end_time
     offline = feast.get_historical_features(
         entity_df=pd.DataFrame({"user_id": users, "event_timestamp": materialized_until}),
         features=feast.get_feature_service("query_tower_v1")).to_df().set_index("user_id").loc[users]

@@ -18,15 +18,26 @@ def bentoml_home(settings: Settings) -> Path:
     return settings.artifacts_dir / "bentoml"
 
 
+def model_store(settings: Settings):  # noqa: ANN201 - bentoml's ModelStore
+    """The settings' BentoML model store, passed explicitly: BENTOML_HOME is read once per process, so
+    relying on it would let two settings objects in one process share (the first one's) store."""
+    from bentoml._internal.models import ModelStore
+
+    path = bentoml_home(settings) / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return ModelStore(str(path))
+
+
 def register_model(settings: Settings, version: str, models: Path, text_encoder: Path | None = None) -> str:
     """Save ``models/model`` (+ ``boost.json``, + the adapted text encoder) as ``unified_retrieval:<tag>``
     labelled with the version."""
-    os.environ["BENTOML_HOME"] = str(bentoml_home(settings))
+    os.environ.setdefault("BENTOML_HOME", str(bentoml_home(settings)))
     import bentoml
 
     boost = json.loads((models / "boost.json").read_text()) if (models / "boost.json").exists() else None
     with bentoml.models.create(name=BENTO_MODEL_NAME, labels={"model_version": version},
-                               metadata={"model_version": version, "boost_features": (boost or {}).get("features"),
+                               _model_store=model_store(settings),
+                               metadata={"model_version": version, "boost_features": (boost or {}).get("features") or [],
                                          "embedding_source": "feast:product_embeddings"}) as bento_model:
         shutil.copytree(models / "model", Path(bento_model.path) / "model")
         if boost is not None:
