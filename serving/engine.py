@@ -66,7 +66,7 @@ def ensure_server(settings: Settings, wait_s: float = 30.0) -> subprocess.Popen 
     raise EngineUnavailable(f"Milvus Lite server did not listen on 127.0.0.1:{port} within {wait_s:.0f} s")
 
 
-def connect(settings: Settings, start_server: bool = True):  # noqa: ANN201 - pymilvus.MilvusClient, imported lazily
+def connect(settings: Settings, start_server: bool = True, attempts: int = 4):  # noqa: ANN201 - pymilvus.MilvusClient
     """A client for the configured Milvus; raises :class:`EngineUnavailable` with the URI if it is down."""
     from pymilvus import MilvusClient
 
@@ -76,7 +76,13 @@ def connect(settings: Settings, start_server: bool = True):  # noqa: ANN201 - py
     if not uri.startswith(("http://", "https://")):
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
     token = settings.milvus.token.get_secret_value() if settings.milvus.token else ""
-    try:
-        return MilvusClient(uri=uri, token=token, timeout=settings.milvus.timeout_s)
-    except Exception as exc:  # pymilvus raises several types for "cannot connect"
-        raise EngineUnavailable(f"cannot reach Milvus at {uri}: {exc}") from exc
+    # A busy server can refuse a new channel for a moment (e.g. Milvus Lite's gRPC "too many pings"
+    # GOAWAY while other clients keep their connections alive): retry briefly before giving up.
+    for attempt in range(attempts):
+        try:
+            return MilvusClient(uri=uri, token=token, timeout=settings.milvus.timeout_s)
+        except Exception as exc:  # pymilvus raises several types for "cannot connect"
+            if attempt == attempts - 1:
+                raise EngineUnavailable(f"cannot reach Milvus at {uri} after {attempts} attempts: {exc}") from exc
+            time.sleep(2.0 * (attempt + 1))
+    raise AssertionError("unreachable")
