@@ -35,9 +35,10 @@ def register_model(settings: Settings, version: str, models: Path, text_encoder:
     import bentoml
 
     boost = json.loads((models / "boost.json").read_text()) if (models / "boost.json").exists() else None
+    boost_features = (boost or {}).get("features") or []
     with bentoml.models.create(name=BENTO_MODEL_NAME, labels={"model_version": version},
                                _model_store=model_store(settings),
-                               metadata={"model_version": version, "boost_features": (boost or {}).get("features") or [],
+                               metadata={"model_version": version, "boost_features": boost_features,
                                          "embedding_source": "feast:product_embeddings"}) as bento_model:
         shutil.copytree(models / "model", Path(bento_model.path) / "model")
         if boost is not None:
