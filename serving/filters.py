@@ -8,42 +8,25 @@ filter value can add an operator or a clause.
 from __future__ import annotations
 
 import json
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 # Category paths look like "pets > collars"; countries are ISO-3166 alpha-2 codes.
 CATEGORY_PATTERN = r"^[A-Za-z0-9_&/ .,>-]{1,128}$"
 COUNTRY_PATTERN = r"^[A-Z]{2}$"
+Category = Annotated[str, StringConstraints(pattern=CATEGORY_PATTERN)]
+Country = Annotated[str, StringConstraints(pattern=COUNTRY_PATTERN)]
 
 
 class Filters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    category: list[str] | None = Field(None, max_length=50, description="exact category paths (any of)")
-    category_prefix: str | None = Field(None, pattern=CATEGORY_PATTERN, description="a category subtree")
-    shop_country: list[str] | None = Field(None, max_length=50, description="ISO country codes (any of)")
+    category: list[Category] | None = Field(None, max_length=50, description="exact category paths (any of)")
+    category_prefix: Category | None = Field(None, description="a category subtree")
+    shop_country: list[Country] | None = Field(None, max_length=50, description="ISO country codes (any of)")
     price_min: float | None = Field(None, ge=0, le=1e7)
     price_max: float | None = Field(None, ge=0, le=1e7)
-
-    @field_validator("category")
-    @classmethod
-    def _categories(cls, values: list[str] | None) -> list[str] | None:
-        import re
-
-        for value in values or []:
-            if not re.fullmatch(CATEGORY_PATTERN, value):
-                raise ValueError(f"category {value!r} may only contain letters, digits, space and _&/.,>-")
-        return values
-
-    @field_validator("shop_country")
-    @classmethod
-    def _countries(cls, values: list[str] | None) -> list[str] | None:
-        import re
-
-        for value in values or []:
-            if not re.fullmatch(COUNTRY_PATTERN, value):
-                raise ValueError(f"shop_country {value!r} must be a two-letter upper-case ISO code")
-        return values
 
     @model_validator(mode="after")
     def _price_range(self) -> Filters:
