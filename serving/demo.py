@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
@@ -26,12 +27,16 @@ def broad_query(settings: Settings) -> str:
     return str((head if not head.empty else stats).sort_values("sessions", ascending=False)["query"].iloc[0])
 
 
-def contrasting_users(settings: Settings) -> tuple[int, int]:
+def latest_user_history(settings: Settings) -> pd.DataFrame:
+    """Each user's newest published history row, indexed by user_id."""
+    return read_published(settings, "user_history").sort_values("ds").groupby("user_id").tail(1).set_index("user_id")
+
+
+def contrasting_users(history: pd.DataFrame) -> tuple[int, int]:
     """Two active users whose purchased tags overlap the least."""
-    history = read_published(settings, "user_history").sort_values("ds").groupby("user_id").tail(1)
     history = history[history["purchased_tags"].map(lambda t: hasattr(t, "__len__") and len(t) >= 3)]
     history = history.sort_values("sessions_30d", ascending=False).head(200)
-    tags = {int(u): set(t) for u, t in zip(history["user_id"], history["purchased_tags"], strict=True)}
+    tags = {int(u): set(t) for u, t in zip(history.index, history["purchased_tags"], strict=True)}
     first = next(iter(tags))
     second = min((u for u in tags if u != first), key=lambda u: len(tags[u] & tags[first]) / len(tags[u] | tags[first]))
     return first, second
@@ -41,10 +46,10 @@ def main(url: str | None = None) -> None:
     settings = get_settings()
     url = url or f"http://{settings.serving.host}:{settings.serving.port}"
     query = broad_query(settings)
-    users = contrasting_users(settings)
+    history = latest_user_history(settings)
+    users = contrasting_users(history)
     titles = read_published(settings, "product_profile").sort_values("ds").groupby("product_id").tail(1)
     title = dict(zip(titles["product_id"], titles["title"], strict=True))
-    history = read_published(settings, "user_history").sort_values("ds").groupby("user_id").tail(1).set_index("user_id")
     columns = {}
     for label, user in ((f"user {users[0]}", users[0]), (f"user {users[1]}", users[1]), ("signed out", None)):
         body = {"query": query, "k": 10, **({"user_id": user} if user is not None else {})}
