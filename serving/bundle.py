@@ -83,7 +83,7 @@ class ModelBundle:
     @property
     def dim(self) -> int:
         """Dimension of the vectors in the index: tower output + boosting features."""
-        return self.model.config.output_dim + len(self.boost_weights)
+        return self.model.config.embedding_dim + len(self.boost_weights)
 
     def query_vectors(self, rows: Sequence[Mapping[str, object]]) -> np.ndarray:
         """``[q, w]`` for rows of ``query`` + the ``query_tower_v1`` features (absent: signed out)."""
@@ -101,7 +101,7 @@ class ModelBundle:
             for start in range(0, len(products), batch_size):
                 chunk = products.iloc[start:start + batch_size]
                 parts.append(self.model.product_tower(product_batch(chunk.to_dict("records"), self.model.config)))
-        p = torch.cat(parts).numpy() if parts else np.zeros((0, self.model.config.output_dim), np.float32)
+        p = torch.cat(parts).numpy() if parts else np.zeros((0, self.model.config.embedding_dim), np.float32)
         vectors, _ = augment(p, quality_vectors(products), p[:0], self.boost_weights)
         return vectors
 

@@ -52,17 +52,15 @@ def encoding_cache(settings: Settings, model_version: str) -> EmbeddingCache:
     return EmbeddingCache(settings.artifacts_dir / "encoder_cache" / f"minilm-{model_version}.parquet", model_version)
 
 
-def catalogue_with_encodings(settings: Settings, bundle: ModelBundle, as_of: dt.datetime) -> tuple[pd.DataFrame, int]:
-    """``product_tower_v1`` rows of the catalogue as of ``as_of`` with this version's encodings.
-
-    Rows whose Feast encodings were written by another version (or by none: new products) get their
-    text encoded through the cache and the graph fallback (they have no engagement in this version's
-    graph); the completed encodings are written back to Feast. Returns the rows and how many texts
-    were newly encoded."""
-    products = product_features(settings, as_of)
+def with_version_encodings(settings: Settings, bundle: ModelBundle,
+                           products: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, int]:
+    """``product_tower_v1`` rows with this version's encodings: rows whose Feast encodings were
+    written by another version (or by none: new products) get their text encoded through the
+    version's cache and the graph fallback (they have no engagement in this version's graph).
+    Returns the rows, which rows changed, and how many texts were newly encoded. Writes nothing."""
     stale = (products["embedding_version"] != bundle.model_version).to_numpy()
     if not stale.any():
-        return products, 0
+        return products, stale, 0
     products = products.copy()
     products.loc[stale, "graph_embedding"] = None
     new = 0
@@ -70,8 +68,16 @@ def catalogue_with_encodings(settings: Settings, bundle: ModelBundle, as_of: dt.
         texts = [product_text(r) for r in products.loc[stale].to_dict("records")]
         vectors, new = encoding_cache(settings, bundle.model_version).encode(texts, bundle.encode_texts)
         products.loc[stale, "text_embedding"] = pd.Series(list(vectors), index=products.index[stale])
-    publish_product_embeddings(settings, products[["product_id", "text_embedding", "graph_embedding"]],
-                               bundle.model_version)
+    return products, stale, new
+
+
+def catalogue_with_encodings(settings: Settings, bundle: ModelBundle, as_of: dt.datetime) -> tuple[pd.DataFrame, int]:
+    """The catalogue as of ``as_of`` with the version's encodings (``with_version_encodings``); the
+    completed encodings are written back to Feast. Returns the rows and how many texts were newly encoded."""
+    products, stale, new = with_version_encodings(settings, bundle, product_features(settings, as_of))
+    if stale.any():
+        publish_product_embeddings(settings, products[["product_id", "text_embedding", "graph_embedding"]],
+                                   bundle.model_version)
     return products, new
 
 
@@ -92,7 +98,7 @@ def refresh_index(settings: Settings, model_version: str | None = None,
     # Stand-in queries for the ANN check: the products' own tower vectors with the query-side weights.
     rng = np.random.default_rng(settings.seed)
     sample = rng.choice(len(vectors), min(settings.milvus.ann_check_queries, len(vectors)), replace=False)
-    out_dim = bundle.model.config.output_dim
+    out_dim = bundle.model.config.embedding_dim
     queries = np.concatenate([vectors[sample, :out_dim],
                               np.broadcast_to(bundle.boost_weights, (len(sample), len(bundle.boost_weights)))], 1)
     mark = time.perf_counter()

@@ -99,7 +99,8 @@ def test_judgments_grade_by_strongest_event(tiny_raw) -> None:
 
 
 def test_contract_eval_runs_end_to_end(tiny_raw, tmp_path) -> None:
-    run = TrainingRunConfig(train=TrainConfig(steps=30, batch_size=32, uniform_negatives=16, hard_negatives=2,
+    run = TrainingRunConfig(train=TrainConfig(steps=30, batch_size=32, distill_warm_start_steps=10,
+                                              distill_batch_size=256, uniform_negatives=16, hard_negatives=2,
                                               warmup_steps=10, ramp_steps=10, hard_refresh_steps=10),
                             text=TextEncoderConfig(adapt_batch_size=16), graph_dim=8)
     result = run_contract_eval(tiny_raw, tmp_path, ContractEvalConfig(run=run), log=lambda m: None)

@@ -22,7 +22,7 @@ def test_towers_return_unit_vectors_for_signed_in_and_signed_out_users() -> None
     with torch.no_grad():
         q = model.query_tower(query_batch([SIGNED_IN, SIGNED_OUT], CONFIG))
         p = model.product_tower(product_batch([PRODUCT, {"title": "mug"}], CONFIG))
-    assert q.shape == (2, CONFIG.output_dim) and p.shape == (2, CONFIG.output_dim)
+    assert q.shape == (2, CONFIG.embedding_dim) and p.shape == (2, CONFIG.embedding_dim)
     assert torch.allclose(q.norm(dim=1), torch.ones(2), atol=1e-5)
     assert torch.allclose(p.norm(dim=1), torch.ones(2), atol=1e-5)
     assert torch.isfinite(q).all() and torch.isfinite(p).all()

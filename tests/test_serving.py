@@ -159,7 +159,7 @@ def test_service_and_training_code_give_the_same_query_vector(served: Settings) 
         features=feast.get_feature_service("query_tower_v1")).to_df().set_index("user_id").loc[users]
     offline = offline.reset_index().assign(query="rustic oak side table")
     served_vectors = bundle.query_vectors([{"query": "rustic oak side table", **online[u]} for u in users])
-    p = np.zeros((1, bundle.model.config.output_dim), np.float32)
+    p = np.zeros((1, bundle.model.config.embedding_dim), np.float32)
     _, trained = augment(p, np.zeros((1, len(bundle.boost_weights)), np.float32),
                          _query_vectors(bundle.model, offline), bundle.boost_weights)
     assert any(online[u]["recent_queries"] for u in users[:3])  # real histories were compared

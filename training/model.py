@@ -39,6 +39,23 @@ class ModelConfig(BaseModel):
     history_heads: int = 4
     use_history: bool = True
     dropout: float = 0.1
+    lexical_dim: int = Field(256, ge=0, description="width of the lexical match channel; 0 disables it")
+    semantic_channel: bool = Field(True, description="append the transformer channel (needs text_dim > 0)")
+    distill_buckets: int = Field(1 << 16, ge=1024, description="term table of the semantic channel's query side")
+    distill_dim: int = 256
+
+    @property
+    def semantic_dim(self) -> int:
+        return self.text_dim if self.semantic_channel else 0
+
+    @property
+    def channels(self) -> int:
+        return 1 + (self.lexical_dim > 0) + (self.semantic_dim > 0)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the vectors both towers emit: the learned channel, the lexical, the semantic."""
+        return self.output_dim + self.lexical_dim + self.semantic_dim
 
 
 @dataclass
@@ -85,10 +102,87 @@ class TermEncoder(nn.Module):
         return self.bag(ids)
 
 
-class ProductTower(nn.Module):
-    def __init__(self, config: ModelConfig, terms: TermEncoder):
+class LexicalChannel(nn.Module):
+    """The shared term encoder's exact-match channel, appended to both towers' vectors.
+
+    A text's channel is the weighted sum of one random vector per hashed term, L2-normalised: the dot
+    product of two such vectors approximates the weighted cosine of their sparse term bags (a random
+    projection), so a query and a title that share rare words score high even when neither word was
+    in the training data — the lexical matching a dense model over a few thousand training queries
+    cannot learn. The per-term weights (an IDF of sorts) are learned; the term vectors stay the fixed
+    random projection (learning them would only let training-set words drift from unseen ones, and
+    a frozen table costs no optimiser state or gradient traffic).
+    """
+
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.config, self.terms = config, terms
+        n, d = config.featurizer.n_buckets, config.lexical_dim
+        self.vectors = nn.EmbeddingBag(n, d, mode="sum", padding_idx=0)
+        nn.init.normal_(self.vectors.weight, std=d ** -0.5)
+        self.vectors.weight.requires_grad_(False)
+        self.weights = nn.Embedding(n, 1, padding_idx=0)
+        nn.init.ones_(self.weights.weight)
+        with torch.no_grad():
+            self.weights.weight[0] = 0.0
+
+    @torch.no_grad()
+    def init_idf(self, catalogue_terms: torch.Tensor) -> None:
+        """Start each term's weight at its inverse document frequency in the catalogue,
+        log(1 + N / (1 + df)): rare words count, common trigrams hardly (a tf-idf cosine to begin with)."""
+        n_docs, n = len(catalogue_terms), self.weights.num_embeddings
+        rows = torch.arange(n_docs).repeat_interleave(catalogue_terms.shape[1])
+        keys = torch.unique(rows * n + catalogue_terms.reshape(-1))
+        df = torch.bincount(keys % n, minlength=n).float()
+        idf = torch.log1p(n_docs / (1.0 + df))
+        self.weights.weight[:, 0] = torch.log(torch.expm1(idf.clamp(min=1e-3)))  # softplus⁻¹
+        self.weights.weight[0] = 0.0
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        weights = nn.functional.softplus(self.weights(ids).squeeze(-1)) * (ids != 0)
+        return nn.functional.normalize(self.vectors(ids, per_sample_weights=weights), dim=1)
+
+
+class ChannelMix(nn.Module):
+    """Joins the towers' channels (learned, lexical, semantic: each made unit length) into one vector
+    with learned scales s_i shared by both towers: the inner product of two joined vectors is
+    Σ s_i² cos_i / Σ s_i², a learned blend of the channels' cosines that stays an inner product
+    (ANN-ready)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.log_scales = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, channels: list[torch.Tensor]) -> torch.Tensor:
+        if len(channels) == 1:
+            return nn.functional.normalize(channels[0], dim=1)
+        scales = self.log_scales.exp()
+        parts = [s * nn.functional.normalize(c, dim=1) for s, c in zip(scales, channels, strict=True)]
+        # Unit length again: a channel with no input (zeros) hands its weight to the others.
+        return nn.functional.normalize(torch.cat(parts, dim=1), dim=1)
+
+
+class SemanticDistiller(nn.Module):
+    """The query side of the semantic channel: a bag of hashed terms (its own table, the term ids
+    folded into ``distill_buckets``) mapped into the transformer's space, trained to reproduce the
+    product titles' MiniLM encodings (distillation on the whole catalogue, no labels), so the light
+    query tower can match the product tower's transformer encoding without running a transformer
+    per request."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.buckets = config.distill_buckets
+        self.bag = nn.EmbeddingBag(config.distill_buckets, config.distill_dim, mode="mean", padding_idx=0)
+        self.map = nn.Sequential(nn.GELU(), nn.Linear(config.distill_dim, config.text_dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        folded = torch.where(ids > 0, 1 + ids % (self.buckets - 1), 0)
+        return self.map(self.bag(folded))
+
+
+class ProductTower(nn.Module):
+    def __init__(self, config: ModelConfig, terms: TermEncoder, lexical: LexicalChannel | None, mix: ChannelMix):
+        super().__init__()
+        self.config, self.terms, self.lexical, self.mix = config, terms, lexical, mix
         d = config.term_dim
         self.category = nn.Embedding(config.category_buckets, 32)
         self.country = nn.Embedding(config.country_buckets, 16)
@@ -103,19 +197,25 @@ class ProductTower(nn.Module):
                  self.country(batch.country)]
         parts += [emb(batch.buckets[:, i]) for i, emb in enumerate(self.buckets)]
         n = len(batch.category)
+        text = batch.text if batch.text is not None else torch.zeros(n, self.config.text_dim)
         if self.config.text_dim:
-            parts.append(batch.text if batch.text is not None else torch.zeros(n, self.config.text_dim))
+            parts.append(text)
         if self.config.graph_dim:
             known = batch.graph_known if batch.graph_known is not None else torch.zeros(n, dtype=torch.bool)
             graph = batch.graph if batch.graph is not None else torch.zeros(n, self.config.graph_dim)
             parts.append(torch.where(known[:, None], graph, self.graph_fallback.expand(n, -1)))
-        return nn.functional.normalize(self.project(torch.cat(parts, dim=1)), dim=1)
+        channels = [self.project(torch.cat(parts, dim=1))]
+        if self.lexical is not None:
+            channels.append(self.lexical(batch.terms))
+        if self.config.semantic_dim:
+            channels.append(text)
+        return self.mix(channels)
 
 
 class QueryTower(nn.Module):
-    def __init__(self, config: ModelConfig, terms: TermEncoder):
+    def __init__(self, config: ModelConfig, terms: TermEncoder, lexical: LexicalChannel | None, mix: ChannelMix):
         super().__init__()
-        self.config, self.terms = config, terms
+        self.config, self.terms, self.lexical, self.mix = config, terms, lexical, mix
         d = config.term_dim
         self.country = nn.Embedding(config.country_buckets, 16)
         self.shop = nn.Embedding(config.shop_buckets, d, padding_idx=0)
@@ -126,6 +226,7 @@ class QueryTower(nn.Module):
                                        batch_first=True), num_layers=1, enable_nested_tensor=False)
         self.project = _mlp(d + 16 + (d if config.use_history else 0), config.hidden_dim, config.output_dim,
                             config.dropout)
+        self.semantic = SemanticDistiller(config) if config.semantic_dim else None
 
     def encode_history(self, batch: QueryBatch) -> torch.Tensor:
         n, d = len(batch.terms), self.config.term_dim
@@ -142,10 +243,16 @@ class QueryTower(nn.Module):
         return self.history(seq, src_key_padding_mask=mask)[:, 0]
 
     def forward(self, batch: QueryBatch) -> torch.Tensor:
-        parts = [self.terms(batch.terms), self.country(batch.country)]
+        terms = self.terms(batch.terms)
+        parts = [terms, self.country(batch.country)]
         if self.config.use_history:
             parts.append(self.encode_history(batch))
-        return nn.functional.normalize(self.project(torch.cat(parts, dim=1)), dim=1)
+        channels = [self.project(torch.cat(parts, dim=1))]
+        if self.lexical is not None:
+            channels.append(self.lexical(batch.terms))
+        if self.semantic is not None:
+            channels.append(self.semantic(batch.terms))
+        return self.mix(channels)
 
 
 class UnifiedModel(nn.Module):
@@ -153,8 +260,21 @@ class UnifiedModel(nn.Module):
         super().__init__()
         self.config = config
         self.terms = TermEncoder(config)
-        self.product_tower = ProductTower(config, self.terms)
-        self.query_tower = QueryTower(config, self.terms)
+        self.lexical = LexicalChannel(config) if config.lexical_dim else None
+        self.mix = ChannelMix(config.channels)
+        self.product_tower = ProductTower(config, self.terms, self.lexical, self.mix)
+        self.query_tower = QueryTower(config, self.terms, self.lexical, self.mix)
 
     def forward(self, queries: QueryBatch, products: ProductBatch) -> tuple[torch.Tensor, torch.Tensor]:
         return self.query_tower(queries), self.product_tower(products)
+
+    def distillation_loss(self, products: ProductBatch) -> torch.Tensor:
+        """1 − cosine between the semantic distiller's reading of the products' terms and their
+        transformer encodings (products without text are skipped); 0 when the channel is off."""
+        if self.query_tower.semantic is None or products.text is None:
+            return torch.zeros(())
+        has_text = products.text.abs().sum(dim=1) > 0
+        if not has_text.any():
+            return torch.zeros(())
+        predicted = self.query_tower.semantic(products.terms[has_text])
+        return 1.0 - nn.functional.cosine_similarity(predicted, products.text[has_text], dim=1).mean()

@@ -65,7 +65,7 @@ def text_op(dataset: Input[Dataset], run_config: str, version: str, text: Output
 @dsl.component(**COMPONENT)
 def train_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Dataset], run_config: str,
              models: Output[Model], throughput: Output[Metrics]) -> float:
-    """The unified model and its no-history ablation."""
+    """The unified model and its ablations (one model per component removed)."""
     from pathlib import Path
 
     from training.stages import TrainingRunConfig, step_train
@@ -98,15 +98,16 @@ def boost_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Dataset
 def evaluate_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Dataset], models: Input[Model],
                 run_config: str, metrics: Output[Artifact], summary: Output[Metrics],
                 report_html: Output[HTML]) -> float:
-    """Recall@K / NDCG@10 on the test window for the model, its ablation and the baselines."""
+    """Recall@K / NDCG@10 on the test window for the model, its ablations, production and the baselines."""
     import shutil
     from pathlib import Path
 
+    from retrieval_core.settings import get_settings
     from training.stages import TrainingRunConfig, step_evaluate
 
     config = TrainingRunConfig.model_validate_json(run_config)
     report = step_evaluate(Path(dataset.path), Path(graph.path), Path(text.path) / "text.parquet",
-                           Path(models.path), config, Path(metrics.path))
+                           Path(models.path), config, Path(metrics.path), get_settings())
     shutil.copy(Path(metrics.path).with_name("report.html"), report_html.path)
     for system, slices in report.items():
         summary.log_metric(f"{system}_recall_at_100", slices["all"]["recall@100"])

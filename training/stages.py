@@ -15,6 +15,7 @@ import json
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -47,10 +48,19 @@ class TrainingRunConfig(BaseModel):
     graph_dim: int = 64
     adapt_pairs_max: int = Field(20_000, ge=0, description="pre-training pairs drawn from the training window")
     boost: BoostConfig = Field(default_factory=BoostConfig)
+    ablations: tuple[Literal["history", "text", "graph", "lexical", "semantic"], ...] = Field(
+        ("history",), description="components removed one at a time: each is one more model trained and "
+        "evaluated as no_<component> (the ablation table); history is what the personalisation gate reads")
 
     def model_config_(self) -> ModelConfig:
         return self.train.model.model_copy(update={"graph_dim": self.graph_dim,
                                                    "text_dim": 384 if self.use_text else 0})
+
+    def ablated(self, component: str) -> ModelConfig:
+        """The model config without ``component``."""
+        off = {"history": {"use_history": False}, "text": {"text_dim": 0}, "graph": {"graph_dim": 0},
+               "lexical": {"lexical_dim": 0}, "semantic": {"semantic_channel": False}}[component]
+        return self.model_config_().model_copy(update=off)
 
 
 @dataclass
@@ -127,12 +137,13 @@ def _with_encodings(products: pd.DataFrame, graph: Path | None, text: Path | Non
 
 
 def step_train(dataset: Path, graph: Path, text: Path | None, config: TrainingRunConfig, out: Path) -> dict:
-    """model/ and ablation/ directories: weights + model config; returns throughput figures."""
+    """model/ and one ablation_<component>/ per ablation: weights + model config; returns throughput figures."""
     examples = pd.read_parquet(dataset / "examples.parquet")
     products = _with_encodings(pd.read_parquet(dataset / "train_products.parquet"), graph, text)
-    model_config = config.model_config_()
     figures = {}
-    for name, mc in (("model", model_config), ("ablation", model_config.model_copy(update={"use_history": False}))):
+    models = [("model", config.model_config_())]
+    models += [(f"ablation_{component}", config.ablated(component)) for component in config.ablations]
+    for name, mc in models:
         result = train(examples[examples["split"] == "train"], products,
                        config.train.model_copy(update={"model": mc}), show_progress=False)
         save_model(result.model, out / name)
@@ -159,7 +170,7 @@ def _product_vectors(model: UnifiedModel, products: pd.DataFrame) -> np.ndarray:
 
 def _query_vectors(model: UnifiedModel, rows: pd.DataFrame, batch_size: int = 512) -> np.ndarray:
     if rows.empty:
-        return np.zeros((0, model.config.output_dim), dtype=np.float32)
+        return np.zeros((0, model.config.embedding_dim), dtype=np.float32)
     with torch.no_grad():
         return torch.cat([model.query_tower(query_batch(rows.iloc[i:i + batch_size].to_dict("records"), model.config))
                           for i in range(0, len(rows), batch_size)]).numpy()
@@ -204,9 +215,31 @@ def minilm_retriever(model: torch.nn.Module, product_vectors: np.ndarray, config
     return retrieve
 
 
+def production_retriever(settings: Settings, dataset: Path) -> tuple[str, Retriever] | None:
+    """The model serving now, as it serves (its own text encoder and graph, boosting appended), on
+    this run's evaluation catalogue; None before the first promotion."""
+    from serving.bundle import ModelBundle, ModelNotFound
+    from serving.refresh import production_model_version, with_version_encodings
+
+    try:
+        version = production_model_version(settings)
+        bundle = ModelBundle.load(settings, version)
+    except ModelNotFound:
+        return None
+    products, _, _ = with_version_encodings(settings, bundle, pd.read_parquet(dataset / "eval_products.parquet"))
+    p = bundle.product_vectors(products)
+
+    def retrieve(rows: pd.DataFrame, k: int) -> np.ndarray:
+        q = bundle.query_vectors(rows.to_dict("records"))
+        return torch.from_numpy(q @ p.T).topk(min(k, len(p)), dim=1).indices.numpy()
+
+    return version, retrieve
+
+
 def step_evaluate(dataset: Path, graph: Path, text: Path | None, models: Path, config: TrainingRunConfig,
-                  out: Path) -> dict:
-    """metrics.json: every system on the test window's purchases, overall and by slice."""
+                  out: Path, settings: Settings | None = None) -> dict:
+    """metrics.json: every system on the test window's purchases, overall and by slice; with
+    ``settings``, the production model too (as ``production``)."""
     examples = pd.read_parquet(dataset / "examples.parquet")
     meta = json.loads((dataset / "meta.json").read_text())
     train_rows = examples[examples["split"] == "train"]
@@ -214,8 +247,9 @@ def step_evaluate(dataset: Path, graph: Path, text: Path | None, models: Path, c
     products = _with_encodings(pd.read_parquet(dataset / "eval_products.parquet"), graph, text)
     model = load_model(models / "model")
     systems = {"unified": model_retriever(model, products),
-               "no_history": model_retriever(load_model(models / "ablation"), products),
                "popularity": popularity_retriever(products, train_rows), "bm25": bm25_retriever(products)}
+    for ablation in sorted(models.glob("ablation_*")):
+        systems["no_" + ablation.name.removeprefix("ablation_")] = model_retriever(load_model(ablation), products)
     boost = models / "boost.json"
     if boost.exists():
         weights = np.array(json.loads(boost.read_text())["weights"], dtype=np.float32)
@@ -224,6 +258,9 @@ def step_evaluate(dataset: Path, graph: Path, text: Path | None, models: Path, c
     if base is not None and base.exists():
         vectors = np.stack(pd.read_parquet(base)["text_embedding"].to_numpy()).astype(np.float32)
         systems["minilm"] = minilm_retriever(load_minilm(config.text), vectors, config.text)
+    production = production_retriever(settings, dataset) if settings is not None else None
+    if production is not None:
+        systems["production"] = production[1]
     metrics = evaluate(systems, test, products, meta["query_class"])
     out.write_text(json.dumps(metrics, indent=2))
     write_report(metrics, out.with_name("report.html"), "Unified retrieval: evaluation on the test window",
@@ -299,7 +336,7 @@ def run_training(settings: Settings, config: TrainingRunConfig, version: str | N
         step_text(dataset, config, settings.artifacts_dir / "encoder_cache", version, text)
     figures = step_train(dataset, out / "graph.parquet", text, config, out)
     step_boost(dataset, out / "graph.parquet", text, out, config, out / "boost.json")
-    metrics = step_evaluate(dataset, out / "graph.parquet", text, out, config, out / "metrics.json")
+    metrics = step_evaluate(dataset, out / "graph.parquet", text, out, config, out / "metrics.json", settings)
     decision = step_gate(dataset, out / "graph.parquet", text, out, out / "metrics.json", out.parent, version,
                          out / "decision.json")
     if decision.promote:

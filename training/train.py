@@ -40,6 +40,10 @@ class TrainConfig(BaseModel):
     warmup_steps: int = 150
     ramp_steps: int = 300
     hard_refresh_steps: int = 100
+    distill_weight: float = Field(1.0, ge=0, description="weight of the semantic channel's distillation loss")
+    distill_warm_start_steps: int = Field(300, ge=0, description="distillation-only steps over the catalogue "
+                                          "before ranking training (the semantic channel starts useful)")
+    distill_batch_size: int = Field(1024, ge=1)
     seed: int = 7
 
 
@@ -61,7 +65,7 @@ def encode_products(model: UnifiedModel, products: ProductBatch, batch_size: int
             index = torch.arange(start, min(start + batch_size, len(products.category)))
             out.append(model.product_tower(products.take(index)))
     model.train()
-    return torch.cat(out) if out else torch.zeros(0, model.config.output_dim)
+    return torch.cat(out) if out else torch.zeros(0, model.config.embedding_dim)
 
 
 class TrainingStep(nn.Module):
@@ -91,7 +95,31 @@ class TrainingStep(nn.Module):
             groups.append(((queries[:, None, :] * hard).sum(dim=2), top != pos_rows[:, None], mix))
         negatives = torch.cat([g[0] for g in groups], dim=1)
         weights = torch.cat([g[1].float() * g[2] for g in groups], dim=1)
-        return self.loss_fn(positive, negatives, types, weights)
+        loss = self.loss_fn(positive, negatives, types, weights)
+        if config.distill_weight:
+            seen = pos_rows if uniform is None else torch.cat([pos_rows, uniform])
+            loss = loss + config.distill_weight * model.distillation_loss(catalogue.take(seen))
+        return loss
+
+
+def warm_start_distillation(model: UnifiedModel, catalogue: ProductBatch, config: TrainConfig) -> list[float]:
+    """Distillation-only steps on random catalogue titles, so the semantic channel (and the shared term
+    encoder under it) reads text like the transformer before ranking starts. Seeded alike on every
+    rank: under DDP each rank computes the same steps and the weights stay identical."""
+    rng = np.random.default_rng(config.seed)
+    if not (config.distill_warm_start_steps and model.query_tower.semantic is not None and catalogue.text is not None):
+        return []
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    losses = []
+    for _ in range(config.distill_warm_start_steps):
+        rows = torch.from_numpy(rng.integers(0, len(catalogue.category), config.distill_batch_size))
+        loss = model.distillation_loss(catalogue.take(rows))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
 
 
 def train(examples: pd.DataFrame, products: pd.DataFrame, config: TrainConfig,
@@ -108,11 +136,13 @@ def train(examples: pd.DataFrame, products: pd.DataFrame, config: TrainConfig,
     model = UnifiedModel(config.model)
     loss_fn: nn.Module = (ThresholdHingeLoss(margin=config.hinge_margin) if config.loss == "hinge"
                           else InfoNCELoss())
+    catalogue = product_batch(products.to_dict("records"), config.model)
+    if model.lexical is not None:
+        model.lexical.init_idf(catalogue.terms)  # the same on every rank: computed from the same catalogue
     step_module = TrainingStep(model, loss_fn, config)
     runner: nn.Module = DistributedDataParallel(step_module, find_unused_parameters=True) if distributed \
         else step_module
     optimizer = torch.optim.AdamW(step_module.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    catalogue = product_batch(products.to_dict("records"), config.model)
     row_of = pd.Series(np.arange(len(products)), index=products["product_id"].to_numpy())
     examples = examples[examples["product_id"].isin(row_of.index)].reset_index(drop=True)
     if examples.empty:
@@ -123,6 +153,7 @@ def train(examples: pd.DataFrame, products: pd.DataFrame, config: TrainConfig,
     product_vectors: torch.Tensor | None = None
     result = TrainResult(model=model, loss_fn=loss_fn)
     start = time.perf_counter()
+    warm_start_distillation(model, catalogue, config)
     with Progress(disable=not show_progress or rank != 0) as progress:
         task = progress.add_task("training", total=config.steps)
         for step in range(config.steps):
