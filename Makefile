@@ -8,7 +8,7 @@ UER := $(VENV)/bin/uer
 WORLD ?= default
 
 .PHONY: setup demo test lint bench bench-simulate bench-setup bench-features bench-serve features feature-server \
-	api-start api-stop airflow-ui clean services help
+	api-start api-stop airflow-ui clean services help milvus-start milvus-stop milvus-status bench-serve-1m
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -73,6 +73,25 @@ bench-features: setup services  ## feature pipeline seconds per day and online l
 
 bench-serve: setup  ## HTTP latency at fixed rates, refresh time, failed requests during a swap (after make demo)
 	$(VENV)/bin/python benchmarks/serving.py
+
+# A real standalone Milvus 2.3 server (PyPI `milvus`, no Docker) for the 1M-product benchmark only. It listens on
+# nine ports on all interfaces, so it runs in its own network namespace (root: `unshare --net`) and a forwarder
+# exposes its gRPC port on 127.0.0.1 only. Data: data/milvus_standalone/; logs: data/logs/milvus_*.log.
+MILVUS_PORT ?= 19530
+BENCH_PRODUCTS ?= 1000000
+
+milvus-start: setup  ## standalone Milvus server (benchmarks) on 127.0.0.1:19530, in its own network namespace
+	$(UV) sync --frozen --group bench-milvus
+	$(VENV)/bin/python infra/milvus_standalone.py start --port $(MILVUS_PORT)
+
+milvus-stop:  ## stop the standalone Milvus server (WIPE=1 also deletes data/milvus_standalone)
+	@$(VENV)/bin/python infra/milvus_standalone.py stop $(if $(WIPE),--wipe)
+
+milvus-status:  ## is the standalone Milvus server up, and where does it listen
+	@$(VENV)/bin/python infra/milvus_standalone.py status --port $(MILVUS_PORT)
+
+bench-serve-1m: milvus-start  ## serving benchmark on 1M products (real + synthetic) on the standalone server (after make demo)
+	$(VENV)/bin/python benchmarks/serving.py --products $(BENCH_PRODUCTS) --milvus-uri http://127.0.0.1:$(MILVUS_PORT)
 
 bench-simulate: setup  ## the large world: time and peak memory of `uer simulate --world large`
 	$(VENV)/bin/python benchmarks/simulate_large.py

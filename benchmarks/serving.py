@@ -1,15 +1,31 @@
 """Serving benchmark: drive the HTTP retrieval API at fixed request rates on loopback (bounded), then
 publish a new index version under load and count failed requests during the alias swap.
 
-Needs a world with a published index (run ``make demo`` first); starts its own API on a free port.
+Needs a world with a published model (run ``make demo`` first); starts its own API on a free port.
 Writes benchmarks/results/serving.json: per rate p50/p95/p99 (ms), errors, requests; the stage
 breakdown from the service's Prometheus metrics; refresh seconds; swap_failed_requests; the ANN recall.
+
+Two modes:
+
+* default: the published world as it is, on the configured Milvus (Milvus Lite in the local profile);
+* ``--products N --milvus-uri http://127.0.0.1:19530`` (``make bench-serve-1m``): against a real
+  standalone Milvus server (``make milvus-start``). The default world's real index is published there
+  first (``refresh_index``, if the server does not serve it yet), then a collection of N product
+  vectors goes through the same ``IndexLifecycle.publish`` path (insert → flush → wait until no row
+  is pending → load → checks → alias swap → prune), so its refresh time is real. The rows beyond the
+  real catalogue are synthetic (see ``synthesize``). On top: ANN recall@100 of real query vectors on
+  the served index, recall@100 under selective filters (vs exact top-100 among the matching rows), the
+  failed requests while a new N-product collection is built and swapped in under load, and an
+  index-parameter sweep: the served index type's knob (HNSW ef / IVF_FLAT nprobe), then the previous
+  collection (no longer serving) re-indexed with the other type and swept too. The index type and
+  search ef come from the settings (e.g. ``UER_MILVUS__INDEX_TYPE=IVF_FLAT``), as for the API.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import os
 import re
 import socket
@@ -17,14 +33,19 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import numpy as np
+import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import write_result  # noqa: E402
 from retrieval_core.settings import PROJECT_ROOT, get_settings  # noqa: E402
+
+# Synthetic product ids start here: far above every real id (the simulator's and Home Depot's are < 1e9).
+SYNTHETIC_ID_OFFSET = 1_000_000_000_000
 
 
 def free_port() -> int:
@@ -33,12 +54,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_api(port: int) -> subprocess.Popen:
+def start_api(port: int, timeout_s: float = 180.0) -> subprocess.Popen:
     env = {**os.environ, "UER_SERVING__RELOAD_INTERVAL_S": "1"}
     process = subprocess.Popen([str(Path(sys.executable).with_name("uer")), "serve", "--port", str(port)], env=env,
                                cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
-    for _ in range(240):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
                 return process
@@ -46,7 +68,12 @@ def start_api(port: int) -> subprocess.Popen:
             pass
         time.sleep(0.5)
     os.killpg(process.pid, 15)
-    raise SystemExit("the API did not become ready in 120 s")
+    raise SystemExit(f"the API did not become ready in {timeout_s:.0f} s")
+
+
+def percentiles(latencies: list[float]) -> dict[str, float]:
+    p = np.percentile(latencies, [50, 95, 99]) if latencies else [float("nan")] * 3
+    return {"p50_ms": round(float(p[0]), 2), "p95_ms": round(float(p[1]), 2), "p99_ms": round(float(p[2]), 2)}
 
 
 async def drive(url: str, rps: float, seconds: float, queries: list[str], users: list[int]) -> dict:
@@ -79,24 +106,482 @@ async def drive(url: str, rps: float, seconds: float, queries: list[str], users:
             body = {"query": queries[i % len(queries)], "k": 100, **({"user_id": user} if user else {})}
             tasks.append(asyncio.create_task(one(client, body)))
         await asyncio.gather(*tasks)
-    p = np.percentile(latencies, [50, 95, 99]) if latencies else [float("nan")] * 3
-    return {"rps": rps, "p50_ms": round(p[0], 2), "p95_ms": round(p[1], 2), "p99_ms": round(p[2], 2),
-            "errors": errors, "requests": n}
+    return {"rps": rps, **percentiles(latencies), "errors": errors, "requests": n}
+
+
+class CpuMeter:
+    """Cores used by the API (its process tree), Milvus, this process (the load generator) and the rest of
+    the machine between ``start`` and ``stop``: on 2 shared cores, where the time goes."""
+
+    def __init__(self, api_pid: int):
+        import psutil
+
+        self.psutil = psutil
+        self.api_pid = api_pid
+
+    def _groups(self) -> dict[str, list]:
+        psutil = self.psutil
+        groups: dict[str, list] = {"api": [], "milvus": [], "load_generator": [psutil.Process()]}
+        try:
+            api = psutil.Process(self.api_pid)
+            groups["api"] = [api, *api.children(recursive=True)]  # uer serve → bentoml → its workers
+        except psutil.Error:
+            pass
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if proc.info["cmdline"] and Path(proc.info["cmdline"][0]).name == "milvus":
+                    groups["milvus"].append(proc)
+            except (psutil.Error, TypeError, IndexError):
+                continue
+        return groups
+
+    def _sample(self) -> tuple[float, dict[str, float], float]:
+        out = {}
+        for name, procs in self._groups().items():
+            total = 0.0
+            for proc in procs:
+                try:
+                    times = proc.cpu_times()
+                    total += times.user + times.system
+                except self.psutil.Error:
+                    pass
+            out[name] = total
+        busy = self.psutil.cpu_times()
+        return time.perf_counter(), out, busy.user + busy.system + busy.nice + busy.irq + busy.softirq
+
+    def start(self) -> None:
+        self._start = self._sample()
+
+    def stop(self) -> dict[str, float]:
+        (t0, a, b0), (t1, b, b1) = self._start, self._sample()
+        wall = t1 - t0
+        used = {name: round(max(b.get(name, 0.0) - a.get(name, 0.0), 0.0) / wall, 2) for name in b}
+        used["whole_machine"] = round((b1 - b0) / wall, 2)
+        used["others"] = round(max(used["whole_machine"] - sum(used[n] for n in b), 0.0), 2)
+        return used
 
 
 def stage_breakdown(url: str) -> dict[str, float]:
-    """Mean seconds per stage from the service's Prometheus histograms."""
+    """Mean milliseconds per stage from the service's Prometheus histograms."""
     text = httpx.get(url + "/metrics", timeout=10).text
     sums = dict(re.findall(r'uer_retrieval_stage_seconds_sum\{stage="(\w+)"\} ([0-9.e+-]+)', text))
     counts = dict(re.findall(r'uer_retrieval_stage_seconds_count\{stage="(\w+)"\} ([0-9.e+-]+)', text))
     return {stage: round(float(sums[stage]) / max(float(counts[stage]), 1) * 1000, 3) for stage in sums}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rates", default="5,10,20,50", help="requests per second, comma separated")
-    parser.add_argument("--seconds", type=float, default=20.0, help="duration of each rate")
-    args = parser.parse_args()
+def under_load(url: str, queries: list[str], rps: float, action: Callable[[], object],
+               settle_s: float = 3.0) -> tuple[object, dict]:
+    """Run ``action`` while one client sends ``rps`` requests per second (paced, synchronous); keep
+    the load ``settle_s`` more seconds (the service follows the alias within reload_interval_s)."""
+    latencies, failures, versions, stop = [], [0], [], threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=30) as http:
+            i, next_at = 0, time.perf_counter()
+            while not stop.is_set():
+                start = time.perf_counter()
+                try:
+                    r = http.post(url + "/retrieve", json={"query": queries[i % len(queries)], "k": 100})
+                    ok = r.status_code == 200
+                    if ok:
+                        versions.append(r.json()["index_version"])
+                except httpx.HTTPError:
+                    ok = False
+                if ok:
+                    latencies.append((time.perf_counter() - start) * 1000)
+                else:
+                    failures[0] += 1
+                i += 1
+                next_at += 1 / rps
+                time.sleep(max(0.0, next_at - time.perf_counter()))
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        result = action()
+        time.sleep(settle_s)
+    finally:
+        stop.set()
+        thread.join()
+    return result, {"swap_failed_requests": failures[0], "swap_requests": len(latencies) + failures[0],
+                    "latency_during_refresh_ms": percentiles(latencies),
+                    "index_versions_seen": list(dict.fromkeys(versions))}
+
+
+# -- the N-product mode ------------------------------------------------------------------------------
+
+
+def use_milvus(uri: str) -> None:
+    """Point this process and the API it starts at ``uri`` (a running Milvus server: no embedded one)."""
+    os.environ["UER_MILVUS__URI"] = uri
+    os.environ["UER_MILVUS__EMBEDDED_SERVER"] = "false"
+    get_settings.cache_clear()
+
+
+def synthesize(products: pd.DataFrame, vectors: np.ndarray, channels: list[int], total: int, noise: float,
+               seed: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """``total`` rows: the real catalogue, then rows made from randomly sampled real products.
+
+    A synthetic row copies a sampled product's scalar fields (category_path, shop_country, price) and its
+    quality columns (the vector's tail beyond the tower channels), and takes its tower vector channel
+    by channel plus Gaussian noise of relative norm ``noise``, rescaled to the channel's original norm
+    (the towers emit normalised channels times a scale). Its id is ``SYNTHETIC_ID_OFFSET + i``."""
+    n_real = len(products)
+    if products["product_id"].max() >= SYNTHETIC_ID_OFFSET:
+        raise ValueError("real product ids reach the synthetic range")
+    extra = total - n_real
+    if extra <= 0:
+        return products, vectors
+    rng = np.random.default_rng(seed)
+    source = rng.integers(0, n_real, size=extra)
+    out = np.empty((total, vectors.shape[1]), np.float32)
+    out[:n_real] = vectors
+    chunk = 100_000
+    for start in range(0, extra, chunk):
+        rows = source[start:start + chunk]
+        block = vectors[rows].copy()
+        lo = 0
+        for width in channels:
+            part = block[:, lo:lo + width]
+            norm = np.linalg.norm(part, axis=1, keepdims=True)
+            noisy = part + rng.standard_normal(part.shape, dtype=np.float32) * (noise * norm / np.sqrt(width))
+            scale = np.divide(norm, np.linalg.norm(noisy, axis=1, keepdims=True),
+                              out=np.zeros_like(norm), where=norm > 0)
+            block[:, lo:lo + width] = noisy * scale
+            lo += width
+        out[n_real + start:n_real + start + len(rows)] = block
+    fields = ["category_path", "shop_country", "price"]
+    synthetic = products[fields].iloc[source].reset_index(drop=True)
+    synthetic.insert(0, "product_id", SYNTHETIC_ID_OFFSET + np.arange(extra, dtype=np.int64))
+    frame = pd.concat([products[["product_id", *fields]].reset_index(drop=True), synthetic], ignore_index=True)
+    return frame, out
+
+
+def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int, chunk: int = 200_000) -> np.ndarray:
+    """Row indices of the exact inner-product top-k per query (best first), chunked over the rows."""
+    best_scores = np.full((len(queries), 0), -np.inf, np.float32)
+    best_rows = np.zeros((len(queries), 0), np.int64)
+    for start in range(0, len(vectors), chunk):
+        scores = queries @ vectors[start:start + chunk].T
+        kk = min(k, scores.shape[1])
+        top = np.argpartition(-scores, kth=kk - 1, axis=1)[:, :kk]
+        best_scores = np.concatenate([best_scores, np.take_along_axis(scores, top, 1)], 1)
+        best_rows = np.concatenate([best_rows, top + start], 1)
+        keep = np.argsort(-best_scores, axis=1)[:, :k]
+        best_scores, best_rows = np.take_along_axis(best_scores, keep, 1), np.take_along_axis(best_rows, keep, 1)
+    return best_rows
+
+
+def wait_index_loaded(client: object, collection: str, timeout_s: float = 900.0) -> float:
+    """Seconds until the query node serves every flushed segment of ``collection`` from its vector index.
+
+    On Milvus 2.3.5 ``load_collection`` can return while a freshly indexed segment is still served from
+    its raw vectors (brute force) and its index is loaded a few seconds later: a recall measured in that
+    window (as ``IndexLifecycle.check`` does right after the load) is exact search's, not the index's."""
+    from pymilvus.client.types import SegmentState
+
+    start, stable = time.perf_counter(), 0
+    while time.perf_counter() - start < timeout_s:
+        loaded = client.list_loaded_segments(collection)
+        flushed = {s.segment_id for s in client.list_persistent_segments(collection)
+                   if s.state == SegmentState.Flushed}
+        ready = bool(loaded) and all(s.index_name for s in loaded) and {s.segment_id for s in loaded} == flushed
+        stable = stable + 1 if ready else 0
+        if stable >= 3:  # the same answer three polls running: no handoff in flight
+            return round(time.perf_counter() - start - 2.0, 1)
+        time.sleep(1.0)
+    raise RuntimeError(f"{collection}: the query node still serves segments without the index after {timeout_s} s")
+
+
+def segments(client: object, collection: str) -> list[int]:
+    return sorted((int(s.num_rows) for s in client.list_loaded_segments(collection)), reverse=True)
+
+
+def timed_search(client: object, collection: str, queries: np.ndarray, k: int, params: dict,
+                 expr: str = "") -> tuple[list[list[int]], dict]:
+    """One query per call, sequentially (the latency a request sees from pymilvus, through the forwarder)."""
+    ids, latencies = [], []
+    for q in queries:
+        start = time.perf_counter()
+        hits = client.search(collection, data=[q.tolist()], limit=k, filter=expr, anns_field="embedding",
+                             search_params={"params": params})
+        latencies.append((time.perf_counter() - start) * 1000)
+        ids.append([int(h["id"] if "id" in h else h["product_id"]) for h in hits[0]])
+    return ids, percentiles(latencies)
+
+
+def recall(approx: list[list[int]], exact: list[np.ndarray]) -> float:
+    return float(np.mean([len(set(a) & set(e.tolist())) / max(len(e), 1) for a, e in zip(approx, exact,
+                                                                                        strict=True)]))
+
+
+def filtered_recall(client: object, collection: str, frame: pd.DataFrame, vectors: np.ndarray,
+                    queries: np.ndarray, params: dict) -> list[dict]:
+    """Recall@100 of filtered ANN search vs the exact top-100 among the rows matching the filter."""
+    from serving.filters import Filters
+
+    ids = frame["product_id"].to_numpy(np.int64)
+    shares = frame["category_path"].value_counts(normalize=True)
+    category = shares.index[np.argmin(np.abs(shares.to_numpy() - 0.02))]  # the category nearest 2 % of rows
+    countries = frame["shop_country"].value_counts(normalize=True)
+    country = countries.index[np.argmin(np.abs(countries.to_numpy() - 0.15))]
+    # Milvus holds price as FLOAT (-1 when unknown): compare what it compares
+    price = pd.to_numeric(frame["price"], errors="coerce").fillna(-1.0).astype(np.float32).astype(np.float64)
+    lo, hi = (float(round(x, 2)) for x in price[frame["shop_country"] == country].quantile([0.4, 0.6]))
+    small = countries.index[-1]
+    # The expressions come from the API's own filter model (serving.filters), as a request's would.
+    cases = [
+        ("one category", Filters(category=[category]),
+         (frame["category_path"] == category).to_numpy()),
+        ("one country + price range", Filters(shop_country=[country], price_min=lo, price_max=hi),
+         ((frame["shop_country"] == country) & (price >= lo) & (price <= hi)).to_numpy()),
+        ("one category + the rarest country", Filters(category=[category], shop_country=[small]),
+         ((frame["category_path"] == category) & (frame["shop_country"] == small)).to_numpy()),
+    ]
+    out = []
+    for name, filters, mask in cases:
+        expr = filters.expression()
+        rows = np.flatnonzero(mask)
+        exact = [ids[rows[r]] for r in exact_top_k(queries, vectors[rows], 100)]
+        approx, latency = timed_search(client, collection, queries, 100, params, expr)
+        out.append({"filter": name, "expr": expr, "matching_rows": int(len(rows)),
+                    "selectivity": round(len(rows) / len(frame), 5), "recall_at_100": round(recall(approx, exact), 4),
+                    **latency})
+    return out
+
+
+class StepTimer:
+    """Seconds spent in each step of ``IndexLifecycle.publish`` (wrapping the instance's own methods)."""
+
+    def __init__(self, lifecycle: object):
+        self.seconds: dict[str, float] = {}
+        for name in ("build", "_wait_indexed", "ensure_loaded", "check", "swap", "prune"):
+            setattr(lifecycle, name, self._wrap(name, getattr(lifecycle, name)))
+        client = lifecycle.client
+        for name in ("insert", "flush", "load_collection"):
+            setattr(client, name, self._wrap(name, getattr(client, name)))
+
+    def _wrap(self, name: str, method: Callable) -> Callable:
+        def timed(*args: object, **kwargs: object) -> object:
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+        return timed
+
+    def take(self) -> dict[str, float]:
+        out, self.seconds = self.seconds, {}
+        return out
+
+
+def sweep(client: object, collection: str, index_type: str, values: list[int], queries: np.ndarray,
+          exact: list[np.ndarray], build_s: float | None = None) -> list[dict]:
+    """Recall@100 and single-query latency of ``collection`` for each ef (HNSW) or nprobe (IVF_FLAT)."""
+    knob = {"HNSW": "ef", "IVF_FLAT": "nprobe"}[index_type]
+    out = []
+    for value in values:
+        approx, latency = timed_search(client, collection, queries, 100, {knob: value})
+        out.append({"index": index_type, knob: value, "recall_at_100": round(recall(approx, exact), 4), **latency,
+                    **({"build_and_load_s": build_s} if build_s is not None else {})})
+    return out
+
+
+def rebuild(lifecycle: object, collection: str, rows: int, index_type: str) -> float:
+    """Re-index ``collection`` (no longer serving) as ``index_type`` with the lifecycle's parameters;
+    returns the seconds from create_index until the query node serves the new index."""
+    client, config = lifecycle.client, lifecycle.config
+    index_params = ({"M": config.hnsw_m, "efConstruction": config.hnsw_ef_construction} if index_type == "HNSW"
+                    else {"nlist": max(1, min(4096, int(np.sqrt(rows) * 4)))})  # IndexLifecycle.build's rule
+    client.release_collection(collection)
+    client.drop_index(collection, "embedding")
+    params = client.prepare_index_params()
+    params.add_index(field_name="embedding", index_type=index_type, metric_type="IP", params=index_params)
+    start = time.perf_counter()
+    client.create_index(collection, params)
+    lifecycle._wait_indexed(collection, rows)
+    client.load_collection(collection)
+    wait_index_loaded(client, collection)
+    return round(time.perf_counter() - start, 1)
+
+
+def run_scaled(args: argparse.Namespace) -> None:
+    from feature_repo.warehouse import read_published
+    from serving.bundle import ModelBundle
+    from serving.index import IndexCheckFailed, IndexLifecycle, IndexVersion
+    from serving.refresh import catalogue_with_encodings, production_model_version, refresh_index
+
+    settings = get_settings()
+    lifecycle = IndexLifecycle(settings)
+    server_version = lifecycle.client.get_server_version()
+    version = production_model_version(settings)
+    figures: dict[str, object] = {}
+    load_start = round(os.getloadavg()[0], 2)  # other work on the same 2 cores skews every latency here
+
+    # 1. The real world, published in this server (what `uer index publish` does nightly).
+    base = lifecycle.serving()
+    if base is not None and base.model_version == version:
+        real_rows = int(lifecycle.client.query(base.collection, filter="product_id < " + str(SYNTHETIC_ID_OFFSET),
+                                               output_fields=["count(*)"])[0]["count(*)"])
+        total_rows = int(lifecycle.client.query(base.collection, filter="",
+                                                output_fields=["count(*)"])[0]["count(*)"])
+        if real_rows != total_rows:
+            base = None  # a synthetic collection left serving by an interrupted run
+    if base is None:
+        print(f"publishing the real catalogue of model {version} into {settings.milvus.uri}", flush=True)
+        report = refresh_index(settings, version)
+        base = report.index
+        figures["real_refresh"] = {"products": report.products, "seconds": report.seconds,
+                                   "ann_recall_at_100": report.checks["ann_recall_at_100"]}
+    bundle = ModelBundle.load(settings, version)
+    mark = time.perf_counter()
+    products, _ = catalogue_with_encodings(settings, bundle, dt.datetime.now(dt.UTC))
+    real_vectors = bundle.product_vectors(products)
+    tower_seconds = time.perf_counter() - mark
+    config = bundle.model.config
+    # The tower's channels (learned; lexical and semantic where the model has them), then quality columns.
+    channels = [w for w in (config.output_dim, getattr(config, "lexical_dim", 0), getattr(config, "semantic_dim", 0))
+                if w]
+
+    # 2. N products (real + synthetic) through the real publish path.
+    frame, vectors = synthesize(products, real_vectors, channels, args.products, args.noise, settings.seed)
+    stats = read_published(settings, "query_stats").sort_values("sessions", ascending=False)
+    query_texts = stats["query"].head(500).tolist()
+    users = read_published(settings, "user_history")["user_id"].unique()[:2000].tolist()
+    queries = bundle.query_vectors([{"query": q} for q in query_texts[:args.recall_queries]])
+    print(f"{len(frame):,} products ({len(products):,} real), dim {vectors.shape[1]}; publishing", flush=True)
+    timer = StepTimer(lifecycle)
+    synthetic: list[str] = []
+    api = None
+    try:
+        start = time.perf_counter()
+        try:
+            big, checks = lifecycle.publish(version, frame, vectors, queries)
+        except IndexCheckFailed as exc:
+            print(f"the publish gate refused the collection after {time.perf_counter() - start:.0f} s "
+                  f"({timer.take()}): {exc}", flush=True)
+            raise
+        refresh_seconds = round(time.perf_counter() - start, 1)
+        synthetic.append(big.collection)
+        breakdown = timer.take()
+        print(f"published {big.collection} in {refresh_seconds} s: {breakdown}; {checks}", flush=True)
+        client = lifecycle.client
+        index_lag = wait_index_loaded(client, big.collection)
+        layout = segments(client, big.collection)
+        print(f"index served on every segment {index_lag} s after the swap; segments {layout}", flush=True)
+
+        # 3. HTTP load at fixed rates against the N-product collection.
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        api = start_api(port)
+        asyncio.run(drive(url, 20, 5, query_texts, users))  # warm-up
+        rates, meter = [], CpuMeter(api.pid)
+        for r in args.rates.split(","):
+            meter.start()
+            rates.append(asyncio.run(drive(url, float(r), args.seconds, query_texts, users)))
+            rates[-1]["cpu_cores_used"] = meter.stop()
+            print("rate", rates[-1], flush=True)
+        stages = stage_breakdown(url)
+
+        # 4. Recall of the served index: unfiltered at the serving ef, filtered, then the sweep.
+        exact = [frame["product_id"].to_numpy(np.int64)[r] for r in exact_top_k(queries, vectors, 100)]
+        approx, serving_latency = timed_search(client, big.collection, queries, 100, lifecycle.search_params())
+        served_recall = round(recall(approx, exact), 4)
+        print(f"served ANN recall@100 {served_recall} ({serving_latency})", flush=True)
+        filtered = filtered_recall(client, big.collection, frame, vectors, queries, lifecycle.search_params())
+        print("filtered", filtered, flush=True)
+        knobs = {"HNSW": [int(x) for x in args.ef.split(",") if x],
+                 "IVF_FLAT": [int(x) for x in args.nprobe.split(",") if x]}
+        served_type = settings.milvus.index_type
+        index_sweep = sweep(client, big.collection, served_type, knobs.get(served_type, []), queries, exact)
+        print("sweep", index_sweep, flush=True)
+
+        # 5. A new N-product collection built, checked and swapped in while the API serves traffic.
+        if args.swap == "rebuild":
+            def action() -> object:
+                return lifecycle.publish(version, frame, vectors, queries)
+        else:
+            def action() -> object:
+                report = refresh_index(settings, version)
+                return report.index, report.checks
+        start = time.perf_counter()
+        (swapped, swap_checks), swap = under_load(url, query_texts, args.swap_rps, action)
+        swap_seconds = round(time.perf_counter() - start, 1)
+        if args.swap == "rebuild":
+            synthetic.append(swapped.collection)
+        swap_breakdown = timer.take()
+        swap["index_served_after_s"] = wait_index_loaded(client, swapped.collection)
+        print(f"swap under load: {swap_seconds} s, {swap}", flush=True)
+        os.killpg(api.pid, 15)
+        api = None
+
+        # 6. The other index type on the previous N-product collection (it no longer serves).
+        other = "IVF_FLAT" if served_type == "HNSW" else "HNSW"
+        if args.other_index and knobs[other]:
+            build_s = rebuild(lifecycle, big.collection, len(frame), other)
+            index_sweep += sweep(client, big.collection, other, knobs[other], queries, exact, build_s)
+            print("sweep", index_sweep[-len(knobs[other]):], flush=True)
+    finally:
+        if api is not None:
+            os.killpg(api.pid, 15)
+        if not args.keep:  # leave the server serving the real catalogue, without the synthetic collections
+            serving = lifecycle.serving()
+            if serving is not None and serving.collection in synthetic:
+                lifecycle.swap(IndexVersion(base.collection, base.model_version, base.index_version,
+                                            base.created_at, True))
+            for name in synthetic:
+                if name in lifecycle.client.list_collections():
+                    lifecycle.drop(name)
+
+    write_result(args.result, {
+        "engine": f"Milvus {server_version} standalone server (PyPI `milvus` 2.3.5, own network namespace, "
+                  f"127.0.0.1 forwarder) at {settings.milvus.uri}, serving index {settings.milvus.index_type} "
+                  + (f"M={settings.milvus.hnsw_m} efConstruction={settings.milvus.hnsw_ef_construction} "
+                     f"ef={settings.milvus.search_ef}" if settings.milvus.index_type == "HNSW" else
+                     f"search params {lifecycle.search_params()}"),
+        "milvus_settings": {k: v for k, v in settings.milvus.model_dump().items() if k != "token"},
+        "env_overrides": {k: v for k, v in os.environ.items() if k.startswith("UER_") and "TOKEN" not in k
+                          and "PASSWORD" not in k and "KEY" not in k},
+        "products": len(frame), "real_products": len(products), "dim": int(vectors.shape[1]),
+        "rates": rates, "stage_mean_ms": stages,
+        "refresh_seconds": refresh_seconds, "refresh_breakdown_s": breakdown,
+        "product_tower_seconds_real_catalogue": round(tower_seconds, 1),
+        "swap_failed_requests": swap["swap_failed_requests"], "swap_requests": swap["swap_requests"],
+        "swap_under_load": {"mode": args.swap, "client_rps": args.swap_rps, "seconds": swap_seconds,
+                            "breakdown_s": swap_breakdown, "ann_recall_at_100": swap_checks["ann_recall_at_100"],
+                            **swap},
+        "ann_recall_at_100": served_recall,
+        "ann_recall_at_100_publish_check": checks["ann_recall_at_100"],
+        "ann_recall_queries": f"{len(queries)} real queries (top by sessions, signed out) through the query tower; "
+                              f"exact top-100 by numpy over all {len(frame):,} vectors",
+        "served_search_ms": serving_latency,
+        "index_served_after_publish_s": index_lag,
+        "segments_rows": layout,
+        "load_average_1m": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
+        "filtered_recall_at_100": filtered,
+        "index_sweep": index_sweep,
+        **figures,
+        "note": (f"{len(products):,} real products of the default world plus {len(frame) - len(products):,} "
+                 f"synthetic rows: each copies a randomly sampled real product's category_path, shop_country, "
+                 f"price and quality columns, and takes its tower vector plus Gaussian noise of relative norm "
+                 f"{args.noise} per channel, rescaled to the channel's norm; ids from {SYNTHETIC_ID_OFFSET}. "
+                 f"refresh_seconds is IndexLifecycle.publish of all {len(frame):,} vectors (insert, flush, wait "
+                 f"until no row is pending, load, checks, alias swap, prune); the embedding step of a real "
+                 f"refresh is not in it (the product tower took {tower_seconds:.1f} s for the "
+                 f"{len(products):,} real products). ann_recall_at_100 is measured on the served index after "
+                 f"the query node serves every segment from it (index_served_after_publish_s); "
+                 f"ann_recall_at_100_publish_check is IndexLifecycle.check's figure, taken right after "
+                 f"load_collection, when Milvus 2.3.5 may still answer from raw vectors (exact search). "
+                 f"Load generator (httpx, asyncio), BentoML API and Milvus share the same 2 cores (load "
+                 f"average in load_average_1m). Sweep, filtered and served_search latencies: one pymilvus search "
+                 f"per call, k=100, sequential, through the forwarder."),
+    }, command="make bench-serve-1m  # " + " ".join(sys.argv[1:]))
+
+
+# -- the default mode --------------------------------------------------------------------------------
+
+
+def run_published(args: argparse.Namespace) -> None:
     settings = get_settings()
     from feature_repo.warehouse import read_published
     from serving.index import IndexLifecycle
@@ -118,31 +603,50 @@ def main() -> None:
         rates = [asyncio.run(drive(url, float(r), args.seconds, queries, users)) for r in args.rates.split(",")]
         stages = stage_breakdown(url)
         # A refresh (new collection, check, alias swap) while a client keeps querying.
-        failures, done, stop = [0], [0], threading.Event()
-
-        def client() -> None:
-            with httpx.Client(timeout=30) as http:
-                while not stop.is_set():
-                    r = http.post(url + "/retrieve", json={"query": queries[0], "k": 100})
-                    done[0] += 1
-                    failures[0] += r.status_code != 200
-
-        thread = threading.Thread(target=client)
-        thread.start()
-        report = refresh_index(settings)
-        time.sleep(3)  # the service follows the alias within reload_interval_s
-        stop.set()
-        thread.join()
+        report, swap = under_load(url, queries, args.swap_rps, lambda: refresh_index(settings))
     finally:
         os.killpg(api.pid, 15)
-    write_result("serving", {
-        "engine": f"milvus-lite (gRPC server on loopback) at {settings.milvus.uri}, index {settings.milvus.index_type}",
+    write_result(args.result, {
+        "engine": f"Milvus at {settings.milvus.uri} (embedded Milvus Lite server: {settings.milvus.embedded_server}), "
+                  f"index {settings.milvus.index_type}",
         "products": products, "rates": rates, "stage_mean_ms": stages,
         "refresh_seconds": report.seconds["total"], "refresh_breakdown_s": report.seconds,
-        "swap_failed_requests": failures[0], "swap_requests": done[0],
+        "swap_failed_requests": swap["swap_failed_requests"], "swap_requests": swap["swap_requests"],
+        "swap_under_load": swap,
         "ann_recall_at_100": report.checks["ann_recall_at_100"],
-        "note": "default world (not the 1M-product target): the 1M run on a standalone Milvus server is not done yet",
+        "note": "the published world as it is (no synthetic rows)",
     }, command="make bench-serve  # " + " ".join(sys.argv[1:]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rates", default=None, help="requests per second, comma separated "
+                        "(default 5,10,20,50; with --products 50,100,200)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="duration of each rate")
+    parser.add_argument("--milvus-uri", default=None, help="a running Milvus server (sets UER_MILVUS__URI and "
+                        "UER_MILVUS__EMBEDDED_SERVER=false for this run and its API)")
+    parser.add_argument("--products", type=int, default=0,
+                        help="publish a collection of this many products (real + synthetic) and benchmark it")
+    parser.add_argument("--noise", type=float, default=0.5, help="relative noise norm of synthetic vectors")
+    parser.add_argument("--recall-queries", type=int, default=200, help="real queries for the recall figures")
+    parser.add_argument("--ef", default="100,200,400,800,1600", help="HNSW ef values of the sweep")
+    parser.add_argument("--nprobe", default="8,16,32,64,128", help="IVF_FLAT nprobe values of the sweep")
+    parser.add_argument("--no-other-index", dest="other_index", action="store_false",
+                        help="skip re-indexing the previous collection with the other index type (HNSW ↔ IVF_FLAT)")
+    parser.add_argument("--swap", choices=["rebuild", "refresh"], default="rebuild",
+                        help="under load: rebuild the N-product collection, or refresh the real catalogue")
+    parser.add_argument("--swap-rps", type=float, default=20.0, help="client rate while the swap happens")
+    parser.add_argument("--keep", action="store_true", help="keep the synthetic collections (and the alias)")
+    parser.add_argument("--result", default="serving", help="result file name under benchmarks/results/")
+    args = parser.parse_args()
+    if args.milvus_uri:
+        use_milvus(args.milvus_uri)
+    if args.products:
+        args.rates = args.rates or "50,100,200"
+        run_scaled(args)
+    else:
+        args.rates = args.rates or "5,10,20,50"
+        run_published(args)
 
 
 if __name__ == "__main__":
