@@ -97,8 +97,10 @@ def test_daily_dag_end_to_end_then_failed_gate_and_rerun_keep_serving(world: Set
     assert first is not None and first.model_version == f"daily-{NEXT_DAY:%Y%m%d}"
     assert smoke_query(world)["model_version"] == first.model_version
 
-    # A model that cannot pass the gate (one optimiser step): the branch keeps the previous pair.
-    bad = {**TINY_RUN, "train": {**TINY_RUN["train"], "steps": 1, "warmup_steps": 0, "ramp_steps": 0}}
+    # A model that cannot pass the gate (one optimiser step, and no lexical channel, which is a fair
+    # tf-idf matcher before any training): the branch keeps the previous pair.
+    bad = {**TINY_RUN, "train": {**TINY_RUN["train"], "steps": 1, "warmup_steps": 0, "ramp_steps": 0,
+                                 "model": {**TINY_RUN["train"]["model"], "lexical_dim": 0}}}
     done = dags_test(world, HELD_OUT, {"run_config": bad})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     decision = json.loads(next((world.artifacts_dir / "kfp" / f"daily-{HELD_OUT:%Y%m%d}").glob(
