@@ -57,3 +57,21 @@ def test_promotion_moves_the_production_pointer(tmp_path) -> None:
     (tmp_path / "v1.json").write_text('{"unified": {"all": {"recall@100": 0.4}}}')
     promote(tmp_path, "v1", tmp_path / "v1.json")
     assert production_metrics(tmp_path)["unified"]["all"]["recall@100"] == 0.4
+
+
+def test_a_production_model_that_no_longer_loads_is_left_out_of_the_evaluation(tmp_path, caplog) -> None:
+    """The pointer names a version the model store cannot give back (deleted, or weights of an older
+    architecture): the new run is still evaluated and gated, with a warning, instead of failing."""
+    import json
+
+    from retrieval_core.settings import Settings
+    from training.gate import production_pointer
+    from training.stages import production_retriever
+
+    settings = Settings(data_dir=tmp_path / "data", artifacts_dir=tmp_path / "artifacts")
+    assert production_retriever(settings, tmp_path / "dataset") is None  # nothing promoted yet
+    pointer = production_pointer(settings.artifacts_dir / "models")
+    pointer.parent.mkdir(parents=True)
+    pointer.write_text(json.dumps({"version": "gone-20261001", "metrics": str(tmp_path / "metrics.json")}))
+    assert production_retriever(settings, tmp_path / "dataset") is None
+    assert "gone-20261001" in caplog.text and "does not load" in caplog.text

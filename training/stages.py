@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ class TrainingRunConfig(BaseModel):
     boost: BoostConfig = Field(default_factory=BoostConfig)
     ablations: tuple[Literal["history", "text", "graph", "lexical", "semantic"], ...] = Field(
         ("history",), description="components removed one at a time: each is one more model trained and "
-        "evaluated as no_<component> (the ablation table); history is what the personalisation gate reads")
+        "evaluated as no_<component> (the ablation table); the default keeps the nightly run to one extra model")
 
     def model_config_(self) -> ModelConfig:
         return self.train.model.model_copy(update={"graph_dim": self.graph_dim,
@@ -215,16 +216,22 @@ def minilm_retriever(model: torch.nn.Module, product_vectors: np.ndarray, config
     return retrieve
 
 
-def production_retriever(settings: Settings, dataset: Path) -> tuple[str, Retriever] | None:
+def production_retriever(settings: Settings, dataset: Path) -> Retriever | None:
     """The model serving now, as it serves (its own text encoder and graph, boosting appended), on
-    this run's evaluation catalogue; None before the first promotion."""
+    this run's evaluation catalogue. None before the first promotion, and None (with a warning) when
+    the production bundle no longer loads with this code — after an architecture change the new model
+    must still be evaluated and gated, not fail on yesterday's weights."""
     from serving.bundle import ModelBundle, ModelNotFound
     from serving.refresh import production_model_version, with_version_encodings
 
     try:
         version = production_model_version(settings)
-        bundle = ModelBundle.load(settings, version)
     except ModelNotFound:
+        return None
+    try:
+        bundle = ModelBundle.load(settings, version)
+    except (ModelNotFound, RuntimeError, ValueError, KeyError) as exc:
+        logging.getLogger(__name__).warning("production model %s not evaluated: it does not load (%s)", version, exc)
         return None
     products, _, _ = with_version_encodings(settings, bundle, pd.read_parquet(dataset / "eval_products.parquet"))
     p = bundle.product_vectors(products)
@@ -233,7 +240,7 @@ def production_retriever(settings: Settings, dataset: Path) -> tuple[str, Retrie
         q = bundle.query_vectors(rows.to_dict("records"))
         return torch.from_numpy(q @ p.T).topk(min(k, len(p)), dim=1).indices.numpy()
 
-    return version, retrieve
+    return retrieve
 
 
 def step_evaluate(dataset: Path, graph: Path, text: Path | None, models: Path, config: TrainingRunConfig,
@@ -260,7 +267,7 @@ def step_evaluate(dataset: Path, graph: Path, text: Path | None, models: Path, c
         systems["minilm"] = minilm_retriever(load_minilm(config.text), vectors, config.text)
     production = production_retriever(settings, dataset) if settings is not None else None
     if production is not None:
-        systems["production"] = production[1]
+        systems["production"] = production
     metrics = evaluate(systems, test, products, meta["query_class"])
     out.write_text(json.dumps(metrics, indent=2))
     write_report(metrics, out.with_name("report.html"), "Unified retrieval: evaluation on the test window",
