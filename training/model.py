@@ -7,6 +7,9 @@
   transformer over the user's history items (recent queries, clicked shops, clicked-title words,
   purchased tags), read through a [CLS] slot → projection → L2 normalisation. A signed-out user has
   an empty history: the [CLS] slot alone still gives a vector.
+* Each tower's vector joins three channels (``ChannelMix``): the *learned* projection above, the
+  *lexical* match of the shared hashed terms (``LexicalChannel``) and the *semantic* one (product:
+  the transformer encoding; query: ``SemanticDistiller``, a bag of terms trained to reproduce it).
 
 Batches are built by :mod:`training.batching` from the same feature dicts in training and serving.
 """
@@ -243,8 +246,7 @@ class QueryTower(nn.Module):
         return self.history(seq, src_key_padding_mask=mask)[:, 0]
 
     def forward(self, batch: QueryBatch) -> torch.Tensor:
-        terms = self.terms(batch.terms)
-        parts = [terms, self.country(batch.country)]
+        parts = [self.terms(batch.terms), self.country(batch.country)]
         if self.config.use_history:
             parts.append(self.encode_history(batch))
         channels = [self.project(torch.cat(parts, dim=1))]

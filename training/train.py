@@ -103,12 +103,12 @@ class TrainingStep(nn.Module):
 
 
 def warm_start_distillation(model: UnifiedModel, catalogue: ProductBatch, config: TrainConfig) -> list[float]:
-    """Distillation-only steps on random catalogue titles, so the semantic channel (and the shared term
-    encoder under it) reads text like the transformer before ranking starts. Seeded alike on every
-    rank: under DDP each rank computes the same steps and the weights stay identical."""
-    rng = np.random.default_rng(config.seed)
+    """Distillation-only steps on random catalogue titles, so the semantic channel's query side reads
+    text like the transformer before ranking starts; returns the losses. Seeded alike on every rank:
+    under DDP each rank computes the same steps and the weights stay identical."""
     if not (config.distill_warm_start_steps and model.query_tower.semantic is not None and catalogue.text is not None):
         return []
+    rng = np.random.default_rng(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     losses = []
