@@ -19,8 +19,9 @@ Defaults that differ from the simulated world's training run, and why:
 * MiniLM off the shelf as the product text feature (``--adapt-epochs 1`` adapts it on the train
   pairs first: ~15 more minutes here, not in the committed run), titles cut at 32 tokens;
 * a 512-wide lexical channel (``--lexical-dim``; the nightly default is 256): it is a random
-  projection of the hashed-term tf-idf bag, and its noise falls with its width — measured on these
-  test queries before any training, Recall@100 0.40 / 0.55 / 0.64 at 128 / 256 / 512.
+  projection of the hashed-term tf-idf bag, and its noise falls with its width (an ad-hoc check on
+  these test queries before any training, not a committed command: Recall@100 0.40 / 0.55 / 0.64 at
+  128 / 256 / 512; rerun with ``--lexical-dim`` to see it on the trained model).
 
 Writes benchmarks/results/homedepot_quality.json (``--result-name`` to write another name) and the
 HTML report artifacts/homedepot_quality.html. Text encodings are cached by content hash under
