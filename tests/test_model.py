@@ -62,3 +62,28 @@ def test_products_without_graph_embedding_use_the_learned_fallback() -> None:
         p = model.product_tower(product_batch(rows, CONFIG))
     assert torch.allclose(p[0], p[1]) and torch.allclose(p[1], p[2])  # missing = fallback = [0.5]*4
     assert not torch.allclose(p[0], p[3])
+
+
+def test_lexical_weights_start_at_idf_so_a_shared_rare_word_outscores_a_shared_common_one() -> None:
+    torch.manual_seed(0)
+    model = UnifiedModel(CONFIG).eval()
+    titles = [f"{colour} ceramic mug" for colour in ("red", "blue", "green", "black", "white", "teal")]
+    titles.append("zanzibar lamp")
+    catalogue = product_batch([{"title": t} for t in titles], CONFIG)
+    model.lexical.init_idf(catalogue.terms)
+    weight = lambda word: float(torch.nn.functional.softplus(  # noqa: E731
+        model.lexical.weights(product_batch([{"title": word}], CONFIG).terms[:, :1]))[0, 0, 0])
+    assert weight("zanzibar") > 2 * weight("mug")  # in 1 of 7 titles vs all but one
+
+
+def test_distillation_warm_start_brings_the_query_side_towards_the_text_encodings() -> None:
+    from training.train import TrainConfig, warm_start_distillation
+
+    torch.manual_seed(0)
+    model = UnifiedModel(CONFIG)
+    rows = [{"title": f"item {i} {w}", "text_embedding": torch.randn(8).tolist()}
+            for i, w in enumerate(["mug", "lamp", "rug", "vase"] * 8)]
+    catalogue = product_batch(rows, CONFIG)
+    losses = warm_start_distillation(model, catalogue, TrainConfig(model=CONFIG, distill_warm_start_steps=60,
+                                                                   distill_batch_size=32))
+    assert len(losses) == 60 and losses[-1] < 0.5 * losses[0]
