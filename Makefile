@@ -8,7 +8,7 @@ UER := $(VENV)/bin/uer
 WORLD ?= default
 
 .PHONY: setup demo test lint bench bench-simulate bench-setup bench-features bench-serve features feature-server \
-	api-start api-stop airflow-ui clean services help milvus-start milvus-stop milvus-status bench-serve-1m
+	api-start api-stop airflow-ui clean services help bench-demo milvus-start milvus-stop milvus-status bench-serve-1m
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -64,6 +64,9 @@ services:  ## make sure the local Postgres and Redis servers (127.0.0.1) are up
 	@bash infra/services.sh ensure
 
 bench: bench-simulate bench-features  ## every benchmark; results land in benchmarks/results/
+
+bench-demo:  ## time `make setup` + `make demo` in a fresh clone with an empty uv cache (nothing else running)
+	$(PY_BOOTSTRAP) benchmarks/demo_fresh.py
 
 bench-setup: setup  ## time `make setup` in a fresh clone with an empty uv cache
 	$(VENV)/bin/python benchmarks/setup_fresh.py

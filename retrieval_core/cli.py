@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -335,7 +336,10 @@ def airflow_test(
     """``airflow dags test`` one run of a DAG for a day (default: the latest landed day)."""
     day = _day(ds)
     console.print(f"airflow dags test {dag_id} {day}")
-    raise typer.Exit(_airflow(["dags", "test", dag_id, day.isoformat(), "--conf", conf]))
+    start = time.perf_counter()
+    code = _airflow(["dags", "test", dag_id, day.isoformat(), "--conf", conf])
+    console.print(f"airflow dags test {dag_id} {day} finished in {time.perf_counter() - start:.1f} s (exit {code})")
+    raise typer.Exit(code)
 
 
 @airflow.command("ui")

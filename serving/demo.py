@@ -68,7 +68,10 @@ def main(url: str | None = None) -> None:
         table.add_row(*row)
     console.print(table)
     a, b = (set(columns[f"user {u}"]) for u in users)
-    console.print(f"the two users share {len(a & b)} of 10 results: the history changes what they see")
+    first, second = (columns[f"user {u}"] for u in users)
+    verdict = ("the same list in the same order: history did not change this query" if first == second else
+               "the same products in another order" if a == b else "their histories change what they see")
+    console.print(f"the two users share {len(a & b)} of {len(first)} results: {verdict}")
     print_evaluation(settings)
 
 
