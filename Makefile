@@ -65,8 +65,8 @@ services:  ## make sure the local Postgres and Redis servers (127.0.0.1) are up
 
 bench: bench-simulate bench-features  ## every benchmark; results land in benchmarks/results/
 
-bench-demo:  ## time `make setup` + `make demo` in a fresh clone with an empty uv cache (nothing else running)
-	$(PY_BOOTSTRAP) benchmarks/demo_fresh.py
+bench-demo: setup  ## time `make setup` + `make demo` in a fresh clone with an empty uv cache (nothing else running)
+	$(VENV)/bin/python benchmarks/demo_fresh.py
 
 bench-setup: setup  ## time `make setup` in a fresh clone with an empty uv cache
 	$(VENV)/bin/python benchmarks/setup_fresh.py
