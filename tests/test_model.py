@@ -87,3 +87,23 @@ def test_distillation_warm_start_brings_the_query_side_towards_the_text_encoding
     losses = warm_start_distillation(model, catalogue, TrainConfig(model=CONFIG, distill_warm_start_steps=60,
                                                                    distill_batch_size=32))
     assert len(losses) == 60 and losses[-1] < 0.5 * losses[0]
+
+
+def test_history_expansion_moves_a_broad_query_toward_the_users_taste_before_any_training() -> None:
+    """The lexical channel of "dress" from a user who bought linen things favours the linen dress; the
+    same query signed out (no history) scores both dresses alike, and so does the no-history ablation."""
+    config = CONFIG.model_copy(update={"text_dim": 0, "graph_dim": 0})
+    torch.manual_seed(0)
+    model = UnifiedModel(config).eval()
+    dresses = product_batch([{"title": "linen midi dress"}, {"title": "velvet party dress"}], config)
+    linen_fan = {"query": "dress", "purchased_tags": ["linen", "linen shirt"], "recent_click_terms": ["linen"]}
+    with torch.no_grad():
+        linen, velvet = model.lexical(dresses.terms)
+        for row, expected_gap in ((linen_fan, True), ({"query": "dress"}, False)):
+            batch = query_batch([row], config)
+            q = model.query_tower.expand_lexical(model.lexical(batch.terms), model.lexical(batch.history_terms),
+                                                 batch)[0]
+            gap = float(q @ linen - q @ velvet)
+            assert (gap > 0.1) if expected_gap else abs(gap) < 0.05, (row, gap)
+    ablated = UnifiedModel(config.model_copy(update={"use_history": False}))
+    assert ablated.query_tower.expand_lexical is None and ablated.query_tower.expand_semantic is None

@@ -10,6 +10,8 @@
 * Each tower's vector joins three channels (``ChannelMix``): the *learned* projection above, the
   *lexical* match of the shared hashed terms (``LexicalChannel``) and the *semantic* one (product:
   the transformer encoding; query: ``SemanticDistiller``, a bag of terms trained to reproduce it).
+  The query's lexical and semantic channels are personalised by the same encoders' reading of the
+  history items (``HistoryExpansion``).
 
 Batches are built by :mod:`training.batching` from the same feature dicts in training and serving.
 """
@@ -46,6 +48,8 @@ class ModelConfig(BaseModel):
     semantic_channel: bool = Field(True, description="append the transformer channel (needs text_dim > 0)")
     distill_buckets: int = Field(1 << 16, ge=1024, description="term table of the semantic channel's query side")
     distill_dim: int = 256
+    history_expansion: float = Field(0.3, ge=0, description="starting weight of each history item type in the "
+                                     "query's lexical and semantic channels (learned; 0 turns the expansion off)")
 
     @property
     def semantic_dim(self) -> int:
@@ -90,6 +94,47 @@ class QueryBatch:
     max_items: int = 0
 
 
+class HashedBag(nn.Module):
+    """Mean of the embeddings of each row's hashed term ids (0 = padding), with a sparse gradient over
+    the distinct ids of the batch only.
+
+    ``nn.EmbeddingBag`` gives either a dense gradient (the whole table zero-filled on every lookup's
+    backward and updated whole by every optimiser step: two thirds of a training step's time with ~35M
+    hashed rows) or a sparse one with a row per term *occurrence* (hard-negative batches repeat terms
+    hundreds of times: slower still). Here the distinct ids are looked up once, sparsely, and the bags
+    are pooled over that small table."""
+
+    def __init__(self, buckets: int, dim: int):
+        super().__init__()
+        self.sparse = True
+        self.weight = nn.Parameter(torch.empty(buckets, dim))
+        nn.init.normal_(self.weight)
+        with torch.no_grad():
+            self.weight[0] = 0.0
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.numel() == 0:
+            return torch.zeros(len(ids), self.weight.shape[1])
+        distinct, position = torch.unique(ids, return_inverse=True)
+        rows = nn.functional.embedding(distinct, self.weight, sparse=self.sparse)
+        padding = 0 if int(distinct[0]) == 0 else None  # id 0, if present, is the smallest
+        return nn.functional.embedding_bag(position, rows, mode="mean", padding_idx=padding)
+
+
+def sparse_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The trainable hashed tables (term bags, distiller bag, lexical weights, shops): their gradients
+    are sparse (only the rows a step touched), so they need a sparse optimiser."""
+    return [m.weight for m in module.modules()
+            if isinstance(m, HashedBag | nn.Embedding) and m.sparse and m.weight.requires_grad]
+
+
+def use_dense_gradients(module: nn.Module) -> None:
+    """Dense gradients everywhere: DistributedDataParallel cannot all-reduce sparse ones."""
+    for m in module.modules():
+        if isinstance(m, HashedBag | nn.Embedding):
+            m.sparse = False
+
+
 def _mlp(in_dim: int, hidden: int, out: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out))
 
@@ -99,7 +144,7 @@ class TermEncoder(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.bag = nn.EmbeddingBag(config.featurizer.n_buckets, config.term_dim, mode="mean", padding_idx=0)
+        self.bag = HashedBag(config.featurizer.n_buckets, config.term_dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.bag(ids)
@@ -123,7 +168,7 @@ class LexicalChannel(nn.Module):
         self.vectors = nn.EmbeddingBag(n, d, mode="sum", padding_idx=0)
         nn.init.normal_(self.vectors.weight, std=d ** -0.5)
         self.vectors.weight.requires_grad_(False)
-        self.weights = nn.Embedding(n, 1, padding_idx=0)
+        self.weights = nn.Embedding(n, 1, padding_idx=0, sparse=True)
         nn.init.ones_(self.weights.weight)
         with torch.no_grad():
             self.weights.weight[0] = 0.0
@@ -174,12 +219,43 @@ class SemanticDistiller(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.buckets = config.distill_buckets
-        self.bag = nn.EmbeddingBag(config.distill_buckets, config.distill_dim, mode="mean", padding_idx=0)
+        self.bag = HashedBag(config.distill_buckets, config.distill_dim)
         self.map = nn.Sequential(nn.GELU(), nn.Linear(config.distill_dim, config.text_dim))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         folded = torch.where(ids > 0, 1 + ids % (self.buckets - 1), 0)
         return self.map(self.bag(folded))
+
+
+class HistoryExpansion(nn.Module):
+    """Personalises the query's exact-match channels: the lexical (or semantic) reading of the user's
+    history items — recent queries, clicked titles' terms, purchased tags — added to the query's own,
+    one learned weight per item type. "dress" from a user who bought linen and boho things moves toward
+    linen, boho dresses; a signed-out user (no items) keeps the query's channel unchanged.
+
+    Without it the history reaches only the learned channel, which a few thousand training queries
+    leave weak: the channels that carry the ranking would ignore who is asking."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        start = torch.full((len(HISTORY_TYPES),), max(config.history_expansion, 1e-6))
+        self.log_weights = nn.Parameter(torch.log(start))
+
+    def forward(self, query: torch.Tensor, items: torch.Tensor, batch: QueryBatch) -> torch.Tensor:
+        """``query`` (B, d): the query text's channel; ``items`` (I, d): the same encoder over each
+        history item (shop items have no text and add nothing)."""
+        query = nn.functional.normalize(query, dim=1)
+        if not len(batch.history_type):
+            return query
+        n, types = len(query), len(HISTORY_TYPES)
+        has_text = (batch.history_terms != 0).any(dim=1)
+        slot = (batch.history_row * types + batch.history_type)[has_text]
+        per_type = torch.zeros(n * types, query.shape[1]).index_add_(
+            0, slot, nn.functional.normalize(items[has_text], dim=1))
+        count = torch.bincount(slot, minlength=n * types).clamp(min=1).unsqueeze(1)
+        per_type = (per_type / count).view(n, types, -1)  # mean item of each type, per row
+        history = (self.log_weights.exp()[None, :, None] * per_type).sum(dim=1)
+        return nn.functional.normalize(query + history, dim=1)
 
 
 class ProductTower(nn.Module):
@@ -221,7 +297,7 @@ class QueryTower(nn.Module):
         self.config, self.terms, self.lexical, self.mix = config, terms, lexical, mix
         d = config.term_dim
         self.country = nn.Embedding(config.country_buckets, 16)
-        self.shop = nn.Embedding(config.shop_buckets, d, padding_idx=0)
+        self.shop = nn.Embedding(config.shop_buckets, d, padding_idx=0, sparse=True)
         self.item_type = nn.Embedding(len(HISTORY_TYPES), d)
         self.cls = nn.Parameter(torch.zeros(1, 1, d))
         self.history = nn.TransformerEncoder(
@@ -230,6 +306,9 @@ class QueryTower(nn.Module):
         self.project = _mlp(d + 16 + (d if config.use_history else 0), config.hidden_dim, config.output_dim,
                             config.dropout)
         self.semantic = SemanticDistiller(config) if config.semantic_dim else None
+        expand = config.use_history and config.history_expansion > 0
+        self.expand_lexical = HistoryExpansion(config) if expand and lexical is not None else None
+        self.expand_semantic = HistoryExpansion(config) if expand and self.semantic is not None else None
 
     def encode_history(self, batch: QueryBatch) -> torch.Tensor:
         n, d = len(batch.terms), self.config.term_dim
@@ -250,10 +329,13 @@ class QueryTower(nn.Module):
         if self.config.use_history:
             parts.append(self.encode_history(batch))
         channels = [self.project(torch.cat(parts, dim=1))]
-        if self.lexical is not None:
-            channels.append(self.lexical(batch.terms))
-        if self.semantic is not None:
-            channels.append(self.semantic(batch.terms))
+        for encoder, expansion in ((self.lexical, self.expand_lexical), (self.semantic, self.expand_semantic)):
+            if encoder is None:
+                continue
+            channel = encoder(batch.terms)
+            if expansion is not None:
+                channel = expansion(channel, encoder(batch.history_terms), batch)
+            channels.append(channel)
         return self.mix(channels)
 
 

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from training.batching import product_batch, query_batch
 from training.losses import INTERACTIONS, InfoNCELoss, ThresholdHingeLoss, negative_mix
-from training.model import ModelConfig, ProductBatch, QueryBatch, UnifiedModel
+from training.model import ModelConfig, ProductBatch, QueryBatch, UnifiedModel, sparse_parameters, use_dense_gradients
 
 
 class TrainConfig(BaseModel):
@@ -40,6 +40,8 @@ class TrainConfig(BaseModel):
     warmup_steps: int = 150
     ramp_steps: int = 300
     hard_refresh_steps: int = 100
+    hard_pool: int = Field(200_000, ge=1, description="products hard negatives are mined from, re-drawn at each "
+                           "refresh (the whole catalogue when smaller): bounds a step's exact top-k on big catalogues")
     distill_weight: float = Field(1.0, ge=0, description="weight of the semantic channel's distillation loss")
     distill_warm_start_steps: int = Field(300, ge=0, description="distillation-only steps over the catalogue "
                                           "before ranking training (the semantic channel starts useful)")
@@ -68,6 +70,14 @@ def encode_products(model: UnifiedModel, products: ProductBatch, batch_size: int
     return torch.cat(out) if out else torch.zeros(0, model.config.embedding_dim)
 
 
+def mining_pool(model: UnifiedModel, catalogue: ProductBatch, size: int,
+                rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Catalogue rows to mine hard negatives from (all, or ``size`` drawn at random) and their vectors."""
+    n = len(catalogue.category)
+    rows = torch.arange(n) if n <= size else torch.from_numpy(np.sort(rng.choice(n, size, replace=False)))
+    return rows, encode_products(model, catalogue.take(rows))
+
+
 class TrainingStep(nn.Module):
     """One step's loss as a single forward, so DistributedDataParallel can synchronise gradients
     (its hooks only see computation that runs through the wrapped module's forward)."""
@@ -77,7 +87,8 @@ class TrainingStep(nn.Module):
         self.model, self.loss_fn, self.config = model, loss_fn, config
 
     def forward(self, queries_in: QueryBatch, catalogue: ProductBatch, pos_rows: torch.Tensor, types: torch.Tensor,
-                uniform: torch.Tensor | None, mix: float, product_vectors: torch.Tensor | None) -> torch.Tensor:
+                uniform: torch.Tensor | None, mix: float,
+                hard_pool: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         config, model = self.config, self.model
         queries = model.query_tower(queries_in)
         groups: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (scores, valid, weight)
@@ -88,9 +99,10 @@ class TrainingStep(nn.Module):
         if uniform is not None:
             scores = queries @ model.product_tower(catalogue.take(uniform)).T
             groups.append((scores, uniform[None, :] != pos_rows[:, None], 1.0 - mix))
-        if product_vectors is not None:
+        if hard_pool is not None:  # (catalogue rows, their vectors as of the last refresh)
+            pool_rows, pool_vectors = hard_pool
             with torch.no_grad():
-                top = (queries.detach() @ product_vectors.T).topk(config.hard_negatives + 1, dim=1).indices
+                top = pool_rows[(queries.detach() @ pool_vectors.T).topk(config.hard_negatives + 1, dim=1).indices]
             hard = model.product_tower(catalogue.take(top.reshape(-1))).reshape(*top.shape, -1)
             groups.append(((queries[:, None, :] * hard).sum(dim=2), top != pos_rows[:, None], mix))
         negatives = torch.cat([g[0] for g in groups], dim=1)
@@ -102,6 +114,28 @@ class TrainingStep(nn.Module):
         return loss
 
 
+class Optimizer:
+    """AdamW for the dense parameters and lazy Adam (``SparseAdam``: moments of the rows a step touched)
+    for the sparse hashed tables of :func:`training.model.sparse_parameters` (no weight decay there)."""
+
+    def __init__(self, module: nn.Module, config: TrainConfig):
+        sparse = {id(p) for p in sparse_parameters(module)}
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(
+            [p for p in params if id(p) not in sparse], lr=config.learning_rate, weight_decay=config.weight_decay)]
+        if sparse:
+            self.optimizers.append(torch.optim.SparseAdam([p for p in params if id(p) in sparse],
+                                                          lr=config.learning_rate))
+
+    def zero_grad(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad()
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+
 def warm_start_distillation(model: UnifiedModel, catalogue: ProductBatch, config: TrainConfig) -> list[float]:
     """Distillation-only steps on random catalogue titles, so the semantic channel's query side reads
     text like the transformer before ranking starts; returns the losses. Seeded alike on every rank:
@@ -109,8 +143,7 @@ def warm_start_distillation(model: UnifiedModel, catalogue: ProductBatch, config
     if not (config.distill_warm_start_steps and model.query_tower.semantic is not None and catalogue.text is not None):
         return []
     rng = np.random.default_rng(config.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = Optimizer(model, config)
     losses = []
     for _ in range(config.distill_warm_start_steps):
         rows = torch.from_numpy(rng.integers(0, len(catalogue.category), config.distill_batch_size))
@@ -134,6 +167,8 @@ def train(examples: pd.DataFrame, products: pd.DataFrame, config: TrainConfig,
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     rng = np.random.default_rng([config.seed, rank])
     model = UnifiedModel(config.model)
+    if distributed:
+        use_dense_gradients(model)
     loss_fn: nn.Module = (ThresholdHingeLoss(margin=config.hinge_margin) if config.loss == "hinge"
                           else InfoNCELoss())
     catalogue = product_batch(products.to_dict("records"), config.model)
@@ -142,7 +177,7 @@ def train(examples: pd.DataFrame, products: pd.DataFrame, config: TrainConfig,
     step_module = TrainingStep(model, loss_fn, config)
     runner: nn.Module = DistributedDataParallel(step_module, find_unused_parameters=True) if distributed \
         else step_module
-    optimizer = torch.optim.AdamW(step_module.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = Optimizer(step_module, config)
     row_of = pd.Series(np.arange(len(products)), index=products["product_id"].to_numpy())
     examples = examples[examples["product_id"].isin(row_of.index)].reset_index(drop=True)
     if examples.empty:
@@ -150,7 +185,7 @@ def train(examples: pd.DataFrame, products: pd.DataFrame, config: TrainConfig,
     positives = torch.from_numpy(row_of[examples["product_id"].to_numpy()].to_numpy())
     types = torch.tensor([INTERACTIONS.index(t) for t in examples["interaction"]])
     records = examples.to_dict("records")
-    product_vectors: torch.Tensor | None = None
+    hard_pool: tuple[torch.Tensor, torch.Tensor] | None = None
     result = TrainResult(model=model, loss_fn=loss_fn)
     start = time.perf_counter()
     warm_start_distillation(model, catalogue, config)
@@ -161,13 +196,11 @@ def train(examples: pd.DataFrame, products: pd.DataFrame, config: TrainConfig,
             mix = negative_mix(step, config.warmup_steps, config.ramp_steps) if config.hard_negatives else 0.0
             uniform = (torch.from_numpy(rng.integers(0, len(products), config.uniform_negatives))
                        if config.uniform_negatives and mix < 1.0 else None)
-            hard_vectors = None
-            if config.hard_negatives and mix > 0.0:
-                if product_vectors is None or step % config.hard_refresh_steps == 0:
-                    product_vectors = encode_products(model, catalogue)
-                hard_vectors = product_vectors
+            if config.hard_negatives and mix > 0.0 and (hard_pool is None or step % config.hard_refresh_steps == 0):
+                hard_pool = mining_pool(model, catalogue, config.hard_pool, rng)
             loss = runner(query_batch([records[i] for i in batch_index], config.model), catalogue,
-                          positives[batch_index], types[batch_index], uniform, mix, hard_vectors)
+                          positives[batch_index], types[batch_index], uniform, mix,
+                          hard_pool if config.hard_negatives and mix > 0.0 else None)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
