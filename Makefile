@@ -8,7 +8,7 @@ UER := $(VENV)/bin/uer
 WORLD ?= default
 
 .PHONY: setup demo test lint bench bench-simulate bench-setup bench-features bench-serve features feature-server \
-	api-start api-stop airflow-ui clean services help bench-demo milvus-start milvus-stop milvus-status bench-serve-1m
+	api-start api-stop airflow-ui clean services help bench-demo bench-training milvus-start milvus-stop milvus-status bench-serve-1m
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -73,6 +73,9 @@ bench-setup: setup  ## time `make setup` in a fresh clone with an empty uv cache
 
 bench-features: setup services  ## feature pipeline seconds per day and online lookup latency
 	$(VENV)/bin/python benchmarks/features.py
+
+bench-training: setup  ## training examples/s and seconds, default world and a 1M-product catalogue (after make demo)
+	$(VENV)/bin/python benchmarks/train_throughput.py
 
 bench-serve: setup  ## HTTP latency at fixed rates, refresh time, failed requests during a swap (after make demo)
 	$(VENV)/bin/python benchmarks/serving.py
