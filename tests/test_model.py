@@ -107,3 +107,21 @@ def test_history_expansion_moves_a_broad_query_toward_the_users_taste_before_any
             assert (gap > 0.1) if expected_gap else abs(gap) < 0.05, (row, gap)
     ablated = UnifiedModel(config.model_copy(update={"use_history": False}))
     assert ablated.query_tower.expand_lexical is None and ablated.query_tower.expand_semantic is None
+
+
+def test_a_model_saved_before_the_history_expansion_still_loads(tmp_path) -> None:
+    """Yesterday's production bundle has no expansion weights and no ``history_expansion`` key."""
+    import json
+
+    from training.stages import load_model, save_model
+
+    torch.manual_seed(0)
+    old = UnifiedModel(CONFIG.model_copy(update={"history_expansion": 0.0})).eval()
+    save_model(old, tmp_path)
+    saved = json.loads((tmp_path / "model_config.json").read_text())
+    del saved["history_expansion"]
+    (tmp_path / "model_config.json").write_text(json.dumps(saved))
+    loaded = load_model(tmp_path)
+    with torch.no_grad():
+        batch = query_batch([SIGNED_IN], CONFIG)
+        assert torch.allclose(loaded.query_tower(batch), old.query_tower(batch))

@@ -160,7 +160,11 @@ def save_model(model: UnifiedModel, directory: Path) -> None:
 
 
 def load_model(directory: Path) -> UnifiedModel:
-    model = UnifiedModel(ModelConfig.model_validate_json((directory / "model_config.json").read_text()))
+    saved = json.loads((directory / "model_config.json").read_text())
+    # Versions saved before the history expansion existed have no such key: they were trained without it,
+    # and yesterday's production model must still load (serving, the evaluation's production row).
+    saved.setdefault("history_expansion", 0.0)
+    model = UnifiedModel(ModelConfig.model_validate(saved))
     model.load_state_dict(torch.load(directory / "weights.pt", weights_only=True))
     return model.eval()
 
