@@ -338,7 +338,8 @@ def airflow_test(
     console.print(f"airflow dags test {dag_id} {day}")
     start = time.perf_counter()
     code = _airflow(["dags", "test", dag_id, day.isoformat(), "--conf", conf])
-    console.print(f"airflow dags test {dag_id} {day} finished in {time.perf_counter() - start:.1f} s (exit {code})")
+    console.print(f"airflow dags test {dag_id} {day} finished in {time.perf_counter() - start:.1f} s (exit {code})",
+                  soft_wrap=True)
     raise typer.Exit(code)
 
 

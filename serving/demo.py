@@ -71,7 +71,7 @@ def main(url: str | None = None) -> None:
     first, second = (columns[f"user {u}"] for u in users)
     verdict = ("the same list in the same order: history did not change this query" if first == second else
                "the same products in another order" if a == b else "their histories change what they see")
-    console.print(f"the two users share {len(a & b)} of {len(first)} results: {verdict}")
+    console.print(f"the two users share {len(a & b)} of {len(first)} results: {verdict}", soft_wrap=True)
     print_evaluation(settings)
 
 

@@ -21,6 +21,7 @@ class Segment:
     segment_id: int
     index_name: str = ""
     state: SegmentState = SegmentState.Flushed
+    num_rows: int = 50_000
 
 
 class HandoffServer:
@@ -35,10 +36,11 @@ class HandoffServer:
     def list_loaded_segments(self, name: str) -> list[Segment]:
         self.polls += 1
         indexed = "embedding_idx" if self.polls > self.lag else ""
-        return [Segment(1, "embedding_idx"), Segment(2, indexed)]
+        # segment 4 is too small for the server to index: brute force is all it will ever have
+        return [Segment(1, "embedding_idx"), Segment(2, indexed), Segment(4, num_rows=300)]
 
     def list_persistent_segments(self, name: str) -> list[Segment]:
-        return [Segment(1), Segment(2), Segment(3, state=SegmentState.Dropped)]
+        return [Segment(1), Segment(2), Segment(3, state=SegmentState.Dropped), Segment(4, num_rows=300)]
 
 
 def lifecycle_on(server: HandoffServer) -> IndexLifecycle:
@@ -50,7 +52,8 @@ def lifecycle_on(server: HandoffServer) -> IndexLifecycle:
 def test_waits_until_every_flushed_segment_is_served_from_its_index() -> None:
     server = HandoffServer(lag=5)
     lifecycle_on(server).wait_served_from_index("products_x")
-    # five polls saw segment 2 on raw vectors, then three agreeing polls with every segment indexed
+    # five polls saw segment 2 on raw vectors, then three agreeing polls with every segment indexed (the
+    # small segment 4 never gets an index and does not hold the publish up)
     assert server.polls == 8
 
 

@@ -125,3 +125,30 @@ def test_a_model_saved_before_the_history_expansion_still_loads(tmp_path) -> Non
     with torch.no_grad():
         batch = query_batch([SIGNED_IN], CONFIG)
         assert torch.allclose(loaded.query_tower(batch), old.query_tower(batch))
+
+
+def test_a_hard_negative_pool_smaller_than_the_negatives_it_must_hold_is_refused() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from training.train import TrainConfig
+
+    with pytest.raises(ValidationError, match="hard_pool .* must exceed hard_negatives"):
+        TrainConfig(hard_pool=8, hard_negatives=8)
+    assert TrainConfig(hard_pool=8, hard_negatives=0).hard_pool == 8  # no mining, no pool needed
+
+
+def test_hashed_tables_get_the_sparse_optimiser_and_dense_gradients_turn_it_off() -> None:
+    from training.model import hashed_tables, sparse_parameters, use_dense_gradients
+    from training.train import Optimizer, TrainConfig
+
+    model = UnifiedModel(CONFIG)
+    tables = hashed_tables(model)
+    assert len(tables) == 4  # term bag, lexical weights, distiller bag, shops
+    assert {id(p) for p in sparse_parameters(model)} == {id(p) for p in tables}
+    kinds = [type(o).__name__ for o in Optimizer(model, TrainConfig(model=CONFIG)).optimizers]
+    assert kinds == ["AdamW", "SparseAdam"]
+    use_dense_gradients(model)
+    assert sparse_parameters(model) == []
+    (optimizer,) = Optimizer(model, TrainConfig(model=CONFIG)).optimizers
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [TrainConfig().weight_decay, 0.0]

@@ -104,6 +104,8 @@ class HashedBag(nn.Module):
     hundreds of times: slower still). Here the distinct ids are looked up once, sparsely, and the bags
     are pooled over that small table."""
 
+    hashed = True
+
     def __init__(self, buckets: int, dim: int):
         super().__init__()
         self.sparse = True
@@ -114,24 +116,35 @@ class HashedBag(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.numel() == 0:
-            return torch.zeros(len(ids), self.weight.shape[1])
+            return self.weight.new_zeros(len(ids), self.weight.shape[1])
         distinct, position = torch.unique(ids, return_inverse=True)
         rows = nn.functional.embedding(distinct, self.weight, sparse=self.sparse)
         padding = 0 if int(distinct[0]) == 0 else None  # id 0, if present, is the smallest
         return nn.functional.embedding_bag(position, rows, mode="mean", padding_idx=padding)
 
 
+def hashed_embedding(buckets: int, dim: int) -> nn.Embedding:
+    """An embedding table indexed by hashed ids (0 = padding), with sparse gradients like ``HashedBag``."""
+    table = nn.Embedding(buckets, dim, padding_idx=0, sparse=True)
+    table.hashed = True
+    return table
+
+
+def hashed_tables(module: nn.Module) -> list[nn.Parameter]:
+    """The trainable hashed tables (term bags, distiller bag, lexical weights, shops)."""
+    return [m.weight for m in module.modules() if getattr(m, "hashed", False) and m.weight.requires_grad]
+
+
 def sparse_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """The trainable hashed tables (term bags, distiller bag, lexical weights, shops): their gradients
-    are sparse (only the rows a step touched), so they need a sparse optimiser."""
+    """The hashed tables whose gradients are sparse (only the rows a step touched): a sparse optimiser's."""
     return [m.weight for m in module.modules()
-            if isinstance(m, HashedBag | nn.Embedding) and m.sparse and m.weight.requires_grad]
+            if getattr(m, "hashed", False) and m.sparse and m.weight.requires_grad]
 
 
 def use_dense_gradients(module: nn.Module) -> None:
     """Dense gradients everywhere: DistributedDataParallel cannot all-reduce sparse ones."""
     for m in module.modules():
-        if isinstance(m, HashedBag | nn.Embedding):
+        if getattr(m, "hashed", False):
             m.sparse = False
 
 
@@ -168,7 +181,7 @@ class LexicalChannel(nn.Module):
         self.vectors = nn.EmbeddingBag(n, d, mode="sum", padding_idx=0)
         nn.init.normal_(self.vectors.weight, std=d ** -0.5)
         self.vectors.weight.requires_grad_(False)
-        self.weights = nn.Embedding(n, 1, padding_idx=0, sparse=True)
+        self.weights = hashed_embedding(n, 1)
         nn.init.ones_(self.weights.weight)
         with torch.no_grad():
             self.weights.weight[0] = 0.0
@@ -250,7 +263,7 @@ class HistoryExpansion(nn.Module):
         n, types = len(query), len(HISTORY_TYPES)
         has_text = (batch.history_terms != 0).any(dim=1)
         slot = (batch.history_row * types + batch.history_type)[has_text]
-        per_type = torch.zeros(n * types, query.shape[1]).index_add_(
+        per_type = query.new_zeros(n * types, query.shape[1]).index_add_(
             0, slot, nn.functional.normalize(items[has_text], dim=1))
         count = torch.bincount(slot, minlength=n * types).clamp(min=1).unsqueeze(1)
         per_type = (per_type / count).view(n, types, -1)  # mean item of each type, per row
@@ -297,7 +310,7 @@ class QueryTower(nn.Module):
         self.config, self.terms, self.lexical, self.mix = config, terms, lexical, mix
         d = config.term_dim
         self.country = nn.Embedding(config.country_buckets, 16)
-        self.shop = nn.Embedding(config.shop_buckets, d, padding_idx=0, sparse=True)
+        self.shop = hashed_embedding(config.shop_buckets, d)
         self.item_type = nn.Embedding(len(HISTORY_TYPES), d)
         self.cls = nn.Parameter(torch.zeros(1, 1, d))
         self.history = nn.TransformerEncoder(

@@ -16,14 +16,22 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from rich.progress import Progress
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from training.batching import product_batch, query_batch
 from training.losses import INTERACTIONS, InfoNCELoss, ThresholdHingeLoss, negative_mix
-from training.model import ModelConfig, ProductBatch, QueryBatch, UnifiedModel, sparse_parameters, use_dense_gradients
+from training.model import (
+    ModelConfig,
+    ProductBatch,
+    QueryBatch,
+    UnifiedModel,
+    hashed_tables,
+    sparse_parameters,
+    use_dense_gradients,
+)
 
 
 class TrainConfig(BaseModel):
@@ -47,6 +55,13 @@ class TrainConfig(BaseModel):
                                           "before ranking training (the semantic channel starts useful)")
     distill_batch_size: int = Field(1024, ge=1)
     seed: int = 7
+
+    @model_validator(mode="after")
+    def _pool_holds_the_negatives(self) -> TrainConfig:
+        if self.hard_negatives and self.hard_pool <= self.hard_negatives:
+            raise ValueError(f"hard_pool ({self.hard_pool}) must exceed hard_negatives ({self.hard_negatives}): "
+                             "the positive and the negatives are mined from the pool")
+        return self
 
 
 @dataclass
@@ -116,16 +131,23 @@ class TrainingStep(nn.Module):
 
 class Optimizer:
     """AdamW for the dense parameters and lazy Adam (``SparseAdam``: moments of the rows a step touched)
-    for the sparse hashed tables of :func:`training.model.sparse_parameters` (no weight decay there)."""
+    for the sparse hashed tables of :func:`training.model.sparse_parameters`, without weight decay.
+
+    Under DDP the tables have dense gradients: they get AdamW without weight decay, which also moves rows
+    a step did not touch by their momentum — close to, not the same as, the lazy update of one process."""
 
     def __init__(self, module: nn.Module, config: TrainConfig):
-        sparse = {id(p) for p in sparse_parameters(module)}
+        tables = {id(p) for p in hashed_tables(module)}
         params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(
-            [p for p in params if id(p) not in sparse], lr=config.learning_rate, weight_decay=config.weight_decay)]
+        dense = [p for p in params if id(p) not in tables]
+        table_params = [p for p in params if id(p) in tables]
+        sparse = bool(table_params) and bool(sparse_parameters(module))
+        groups = [{"params": dense, "weight_decay": config.weight_decay}]
+        if table_params and not sparse:
+            groups.append({"params": table_params, "weight_decay": 0.0})
+        self.optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(groups, lr=config.learning_rate)]
         if sparse:
-            self.optimizers.append(torch.optim.SparseAdam([p for p in params if id(p) in sparse],
-                                                          lr=config.learning_rate))
+            self.optimizers.append(torch.optim.SparseAdam(table_params, lr=config.learning_rate))
 
     def zero_grad(self) -> None:
         for optimizer in self.optimizers:
