@@ -1,8 +1,8 @@
 """The index lifecycle in Milvus: one collection per index version, published by an atomic alias swap.
 
 build (create, insert, index, wait until no row is pending, load, wait until every segment is served
-from its index) → check (row count = catalogue,
-ANN recall@100 against exact search on a sample, a smoke query) → mark ready → swap the alias →
+from its index) → check (row count = catalogue, ANN recall@100 against exact search on a sample, a
+smoke query) → mark ready → swap the alias →
 prune (keep the previous ``keep_previous`` ready collections for rollback; never drop a collection an
 alias points to — Milvus would let us, and serving would break silently).
 

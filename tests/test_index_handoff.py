@@ -51,7 +51,7 @@ def lifecycle_on(server: HandoffServer) -> IndexLifecycle:
 
 def test_waits_until_every_flushed_segment_is_served_from_its_index() -> None:
     server = HandoffServer(lag=5)
-    lifecycle_on(server).wait_served_from_index("products_x")
+    lifecycle_on(server).wait_served_from_index("products_x", timeout_s=5.0)  # fails fast, not in 15 minutes
     # five polls saw segment 2 on raw vectors, then three agreeing polls with every segment indexed (the
     # small segment 4 never gets an index and does not hold the publish up)
     assert server.polls == 8

@@ -99,7 +99,7 @@ class HashedBag(nn.Module):
     the distinct ids of the batch only.
 
     ``nn.EmbeddingBag`` gives either a dense gradient (the whole table zero-filled on every lookup's
-    backward and updated whole by every optimiser step: two thirds of a training step's time with ~35M
+    backward and updated whole by every optimiser step: about half of a training step's time with ~35M
     hashed rows) or a sparse one with a row per term *occurrence* (hard-negative batches repeat terms
     hundreds of times: slower still). Here the distinct ids are looked up once, sparsely, and the bags
     are pooled over that small table."""
@@ -130,22 +130,24 @@ def hashed_embedding(buckets: int, dim: int) -> nn.Embedding:
     return table
 
 
+def _hashed_modules(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if getattr(m, "hashed", False) and m.weight.requires_grad]
+
+
 def hashed_tables(module: nn.Module) -> list[nn.Parameter]:
     """The trainable hashed tables (term bags, distiller bag, lexical weights, shops)."""
-    return [m.weight for m in module.modules() if getattr(m, "hashed", False) and m.weight.requires_grad]
+    return [m.weight for m in _hashed_modules(module)]
 
 
 def sparse_parameters(module: nn.Module) -> list[nn.Parameter]:
     """The hashed tables whose gradients are sparse (only the rows a step touched): a sparse optimiser's."""
-    return [m.weight for m in module.modules()
-            if getattr(m, "hashed", False) and m.sparse and m.weight.requires_grad]
+    return [m.weight for m in _hashed_modules(module) if m.sparse]
 
 
 def use_dense_gradients(module: nn.Module) -> None:
     """Dense gradients everywhere: DistributedDataParallel cannot all-reduce sparse ones."""
-    for m in module.modules():
-        if getattr(m, "hashed", False):
-            m.sparse = False
+    for m in _hashed_modules(module):
+        m.sparse = False
 
 
 def _mlp(in_dim: int, hidden: int, out: int, dropout: float) -> nn.Sequential:

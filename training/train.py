@@ -137,17 +137,15 @@ class Optimizer:
     a step did not touch by their momentum — close to, not the same as, the lazy update of one process."""
 
     def __init__(self, module: nn.Module, config: TrainConfig):
-        tables = {id(p) for p in hashed_tables(module)}
-        params = [p for p in module.parameters() if p.requires_grad]
-        dense = [p for p in params if id(p) not in tables]
-        table_params = [p for p in params if id(p) in tables]
-        sparse = bool(table_params) and bool(sparse_parameters(module))
-        groups = [{"params": dense, "weight_decay": config.weight_decay}]
-        if table_params and not sparse:
-            groups.append({"params": table_params, "weight_decay": 0.0})
+        tables, sparse = hashed_tables(module), sparse_parameters(module)
+        table_ids, sparse_ids = {id(p) for p in tables}, {id(p) for p in sparse}
+        dense_tables = [p for p in tables if id(p) not in sparse_ids]
+        groups = [{"params": [p for p in module.parameters() if p.requires_grad and id(p) not in table_ids],
+                   "weight_decay": config.weight_decay}]
+        groups += [{"params": dense_tables, "weight_decay": 0.0}] if dense_tables else []
         self.optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(groups, lr=config.learning_rate)]
         if sparse:
-            self.optimizers.append(torch.optim.SparseAdam(table_params, lr=config.learning_rate))
+            self.optimizers.append(torch.optim.SparseAdam(sparse, lr=config.learning_rate))
 
     def zero_grad(self) -> None:
         for optimizer in self.optimizers:
@@ -218,11 +216,11 @@ def train(examples: pd.DataFrame, products: pd.DataFrame, config: TrainConfig,
             mix = negative_mix(step, config.warmup_steps, config.ramp_steps) if config.hard_negatives else 0.0
             uniform = (torch.from_numpy(rng.integers(0, len(products), config.uniform_negatives))
                        if config.uniform_negatives and mix < 1.0 else None)
-            if config.hard_negatives and mix > 0.0 and (hard_pool is None or step % config.hard_refresh_steps == 0):
+            mining = config.hard_negatives > 0 and mix > 0.0
+            if mining and (hard_pool is None or step % config.hard_refresh_steps == 0):
                 hard_pool = mining_pool(model, catalogue, config.hard_pool, rng)
             loss = runner(query_batch([records[i] for i in batch_index], config.model), catalogue,
-                          positives[batch_index], types[batch_index], uniform, mix,
-                          hard_pool if config.hard_negatives and mix > 0.0 else None)
+                          positives[batch_index], types[batch_index], uniform, mix, hard_pool if mining else None)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
