@@ -35,18 +35,23 @@ from pydantic import BaseModel, Field
 
 from retrieval_core.contract import read_table
 from training.batching import product_text
+from training.calibration import CalibrationConfig, calibrate_channels
 from training.evaluate import KS, Retriever, bm25_retriever, metrics, model_retriever, rrf_retriever
 from training.featurizer import words as words_of
 from training.stages import (
+    DISTILL_TEXTS,
     TrainingRunConfig,
     _with_encodings,
+    distillation_texts,
     load_model,
     minilm_retriever,
+    read_distillation_texts,
     save_model,
     step_graph,
     step_text,
+    write_distillation_texts,
 )
-from training.text_encoder import EmbeddingCache, encode, load_minilm
+from training.text_encoder import EmbeddingCache, encode, load_minilm, title_spans
 from training.train import train
 
 ENGAGEMENTS = ("click", "favorite", "add_to_cart", "purchase")  # weakest → strongest
@@ -57,6 +62,9 @@ EDGE_WEIGHT = {"click": 1, "favorite": 2, "add_to_cart": 3, "purchase": 5}  # as
 
 class ContractEvalConfig(BaseModel):
     test_fraction: float = Field(0.3, gt=0, lt=1)
+    validation_fraction: float = Field(0.1, ge=0, lt=1, description="of the train queries, held out of training "
+                                       "to calibrate the model's channel weights (0: no calibration)")
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     split_seed: int = 7
     relevant_events: tuple[str, ...] = ("purchase",)
     rrf_k: int = 60
@@ -111,7 +119,9 @@ def split_queries(queries: Sequence[str], test_fraction: float, seed: int) -> tu
 
 
 def build_dataset(data: ContractData, config: ContractEvalConfig, out: Path) -> dict:
-    """The files the training steps read (``training.stages``): examples.parquet (train split only),
+    """The files the training steps read (``training.stages``): examples.parquet (split "train", and
+    "validation": the judgments of ``validation_fraction`` of the train queries, held out of training
+    and of the text encoder's adaptation, for the channel calibration),
     train_products.parquet and eval_products.parquet (the whole catalogue), edges.parquet (train
     queries' engagement graph), plus test.parquet (the held-out judgments) and meta.json."""
     out.mkdir(parents=True, exist_ok=True)
@@ -121,19 +131,24 @@ def build_dataset(data: ContractData, config: ContractEvalConfig, out: Path) -> 
     train_pairs = pairs[pairs["query"].isin(train_q) & pairs["interaction"].notna()]
     # Shuffled (seeded), so that any cap on the adaptation pairs is a random sample.
     examples = train_pairs.sample(frac=1.0, random_state=config.split_seed).reset_index(drop=True)
-    examples = examples[["query", "product_id", "interaction"]].assign(split="train", user_id=None,
+    _, validation_q = split_queries(examples["query"], config.validation_fraction, config.split_seed + 1)
+    split = np.where(examples["query"].isin(validation_q), "validation", "train")
+    examples = examples[["query", "product_id", "interaction"]].assign(split=split, user_id=None,
                                                                        has_history=False)
     examples.to_parquet(out / "examples.parquet")
     data.products.to_parquet(out / "train_products.parquet")
     data.products.to_parquet(out / "eval_products.parquet")
-    engaged = data.events[data.events["query"].isin(train_q) & data.events["event_type"].isin(ENGAGEMENTS)]
+    fit_q = set(examples.loc[examples["split"] == "train", "query"])  # the graph sees no validation query
+    engaged = data.events[data.events["query"].isin(fit_q) & data.events["event_type"].isin(ENGAGEMENTS)]
     edges = engaged.assign(weight=engaged["event_type"].map(EDGE_WEIGHT)).groupby(
         ["query", "product_id"], as_index=False)["weight"].sum()
     edges.to_parquet(out / "edges.parquet")
     test = pairs[pairs["query"].isin(test_q)]
     test.to_parquet(out / "test.parquet")
     meta = {"products": len(data.products), "train_queries": len(train_q), "test_queries": len(test_q),
-            "train_examples": len(examples), "edges": len(edges), "test_judgments": len(test),
+            "train_examples": int((examples["split"] == "train").sum()),
+            "validation_examples": int((examples["split"] == "validation").sum()), "edges": len(edges),
+            "test_judgments": len(test),
             "split_fingerprint": hashlib.sha1("\n".join(sorted(test_q)).encode()).hexdigest()[:12]}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
@@ -143,15 +158,10 @@ def title_queries(products: pd.DataFrame, per_product: int, words: tuple[int, in
     """Pseudo-queries from the catalogue alone: ``per_product`` random spans of ``words`` (min, max)
     consecutive title words per product, each an example (span → product, interaction click). They
     teach the term encoder the whole catalogue's vocabulary; no judged query is involved."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for pid, title in zip(products["product_id"].to_numpy(), products["title"].astype(str), strict=True):
-        tokens = words_of(title)
-        for _ in range(per_product if tokens else 0):
-            n = int(rng.integers(words[0], words[1] + 1))
-            start = int(rng.integers(0, max(1, len(tokens) - n + 1)))
-            rows.append((" ".join(tokens[start:start + n]), pid))
-    out = pd.DataFrame(rows, columns=["query", "product_id"])
+    titles = products["title"].astype(str).tolist()
+    spans = title_spans(titles, per_product, words, seed)
+    counts = [per_product if words_of(t) else 0 for t in titles]
+    out = pd.DataFrame({"query": spans, "product_id": np.repeat(products["product_id"].to_numpy(), counts)})
     return out.assign(interaction="click", split="train", user_id=None, has_history=False)
 
 
@@ -178,7 +188,9 @@ def query_metrics(ranked: np.ndarray, relevant: Sequence[set[int]], gains: Seque
 def run_version(config: ContractEvalConfig, meta: dict) -> str:
     """A key of everything the adapted text encoder depends on (for the artefact and encoder caches)."""
     text = config.run.text.model_dump(exclude={"batch_size", "bucket_tokens", "threads"})
+    distill = config.run.model_dump(include={"distill_texts_max", "distill_spans_per_product", "distill_span_words"})
     blob = json.dumps({"text": text, "pairs": config.run.adapt_pairs_max, "split": meta["split_fingerprint"],
+                       "distill": distill,
                        "seed": config.split_seed, "products": meta["products"]}, sort_keys=True)
     return "adapted-" + hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -208,13 +220,22 @@ def prepare(raw_dir: Path, work_dir: Path, config: ContractEvalConfig,
         start = time.perf_counter()
         products = pd.read_parquet(dataset / "eval_products.parquet")
         base = load_minilm(config.run.text)
-        vectors, new = EmbeddingCache(cache_dir / "minilm-base.parquet", "minilm-base").encode(
-            [product_text(r) for r in products.to_dict("records")], lambda t: encode(base, t, config.run.text))
+        cache = EmbeddingCache(cache_dir / "minilm-base.parquet", "minilm-base")
+        texts = [product_text(r) for r in products.to_dict("records")]
+        vectors, new = cache.encode(texts, lambda t: encode(base, t, config.run.text))
         frame = pd.DataFrame({"product_id": products["product_id"].to_numpy(), "text_embedding": list(vectors)})
         frame.to_parquet(text)
         frame.to_parquet(text.with_name("minilm_base.parquet"))
+        examples = pd.read_parquet(dataset / "examples.parquet")
+        train_queries = examples.loc[examples["split"] == "train", "query"]
+        written = write_distillation_texts(
+            distillation_texts(train_queries, texts, config.run),
+            lambda t: cache.encode(t, lambda new_texts: encode(base, new_texts, config.run.text))[0],
+            text.with_name(DISTILL_TEXTS))
+        log(f"distillation texts: {written}")
         log(f"text (off the shelf, {new} newly encoded): {time.perf_counter() - start:.1f}s")
-    elif text is not None and not (text.exists() and text.with_name("minilm_base.parquet").exists()):
+    elif text is not None and not all(text.with_name(n).exists() for n in (text.name, "minilm_base.parquet",
+                                                                            DISTILL_TEXTS)):
         start = time.perf_counter()
         step_text(dataset, config.run, cache_dir, version, text)
         log(f"text (adapt + encode): {time.perf_counter() - start:.1f}s")
@@ -265,15 +286,21 @@ def run_contract_eval(raw_dir: Path, work_dir: Path, config: ContractEvalConfig,
     dataset, graph, text = prepare(raw_dir, work_dir, config, log)
     products = _with_encodings(pd.read_parquet(dataset / "eval_products.parquet"), graph, text)
     examples = pd.read_parquet(dataset / "examples.parquet")
+    validation = examples[(examples["split"] == "validation") & examples["interaction"].isin(config.relevant_events)]
+    examples = examples[examples["split"] == "train"]
     if config.title_queries_per_product:
         examples = pd.concat([examples, title_queries(products, config.title_queries_per_product,
                                                       config.title_query_words, config.split_seed)],
                              ignore_index=True)
     train_config = config.run.train.model_copy(update={"model": config.run.model_config_()})
     start = time.perf_counter()
-    trained = train(examples, products, train_config, show_progress=False)
+    trained = train(examples, products, train_config, show_progress=False,
+                    distill_texts=read_distillation_texts(text))
     log(f"train: {time.perf_counter() - start:.1f}s, {trained.examples_per_s:.0f} examples/s, "
         f"final loss {np.mean(trained.losses[-20:]):.4f}")
+    calibration = calibrate_channels(trained.model, validation, products, config.calibration)
+    if calibration is not None:
+        log(f"channel calibration: {calibration.as_dict()}")
     save_model(trained.model, work_dir / "model")
     model = load_model(work_dir / "model")
     queries, relevant, gains = _test_rows(dataset, config, products)
@@ -293,5 +320,6 @@ def run_contract_eval(raw_dir: Path, work_dir: Path, config: ContractEvalConfig,
         "dataset": json.loads((dataset / "meta.json").read_text()), "test_queries_with_relevant": len(queries),
         "relevant_pairs": int(sum(len(r) for r in relevant)),
         "train": {"seconds": round(trained.seconds, 1), "examples_per_s": round(trained.examples_per_s, 1),
-                  "final_loss": float(np.mean(trained.losses[-20:]))}})
+                  "final_loss": float(np.mean(trained.losses[-20:]))},
+        "channel_calibration": calibration.as_dict() if calibration is not None else None})
     return result

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
+from training.calibration import calibrate_channels
 from training.stages import TrainingRunConfig, save_model
 from training.train import train
 
@@ -39,7 +40,10 @@ def main() -> None:
     checksum = float(sum(p.double().sum() for p in result.model.parameters()))
     (args.out / f"rank{rank}.json").write_text(json.dumps({"losses": result.losses, "checksum": checksum,
                                                            "world_size": dist.get_world_size()}))
-    if rank == 0:
+    if rank == 0:  # after the checksum: calibration (as in step_train) changes the mix of rank 0's copy
+        validation = examples[(examples["split"] == "validation") & (examples["interaction"] == "purchase")]
+        if config.calibrate:
+            calibrate_channels(result.model, validation, products, config.calibration)
         save_model(result.model, args.out / "model")
     dist.barrier()
     dist.destroy_process_group()

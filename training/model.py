@@ -215,6 +215,14 @@ class ChannelMix(nn.Module):
         super().__init__()
         self.log_scales = nn.Parameter(torch.zeros(channels))
 
+    @torch.no_grad()
+    def set_weights(self, weights: torch.Tensor) -> None:
+        """Each channel's share s_i² of the score (relative; the calibration's result)."""
+        self.log_scales.copy_(0.5 * torch.log(weights.clamp(min=1e-8) / weights.max()))
+
+    def weights(self) -> torch.Tensor:
+        return self.log_scales.detach().exp() ** 2
+
     def forward(self, channels: list[torch.Tensor]) -> torch.Tensor:
         if len(channels) == 1:
             return nn.functional.normalize(channels[0], dim=1)
@@ -287,6 +295,10 @@ class ProductTower(nn.Module):
         self.graph_fallback = nn.Parameter(torch.zeros(config.graph_dim))
 
     def forward(self, batch: ProductBatch) -> torch.Tensor:
+        return self.mix(self.channels(batch))
+
+    def channels(self, batch: ProductBatch) -> list[torch.Tensor]:
+        """The channels before mixing: learned, lexical, semantic (those the config has)."""
         parts = [self.terms(batch.terms), self.category(batch.category),
                  self.country(batch.country)]
         parts += [emb(batch.buckets[:, i]) for i, emb in enumerate(self.buckets)]
@@ -303,7 +315,7 @@ class ProductTower(nn.Module):
             channels.append(self.lexical(batch.terms))
         if self.config.semantic_dim:
             channels.append(text)
-        return self.mix(channels)
+        return channels
 
 
 class QueryTower(nn.Module):
@@ -340,6 +352,10 @@ class QueryTower(nn.Module):
         return self.history(seq, src_key_padding_mask=mask)[:, 0]
 
     def forward(self, batch: QueryBatch) -> torch.Tensor:
+        return self.mix(self.channels(batch))
+
+    def channels(self, batch: QueryBatch) -> list[torch.Tensor]:
+        """The channels before mixing: learned, lexical, semantic (those the config has)."""
         parts = [self.terms(batch.terms), self.country(batch.country)]
         if self.config.use_history:
             parts.append(self.encode_history(batch))
@@ -351,7 +367,7 @@ class QueryTower(nn.Module):
             if expansion is not None:
                 channel = expansion(channel, encoder(batch.history_terms), batch)
             channels.append(channel)
-        return self.mix(channels)
+        return channels
 
 
 class UnifiedModel(nn.Module):
@@ -367,13 +383,14 @@ class UnifiedModel(nn.Module):
     def forward(self, queries: QueryBatch, products: ProductBatch) -> tuple[torch.Tensor, torch.Tensor]:
         return self.query_tower(queries), self.product_tower(products)
 
-    def distillation_loss(self, products: ProductBatch) -> torch.Tensor:
-        """1 − cosine between the semantic distiller's reading of the products' terms and their
-        transformer encodings (products without text are skipped); 0 when the channel is off."""
-        if self.query_tower.semantic is None or products.text is None:
+    def distillation_loss(self, terms: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        """1 − cosine between the semantic distiller's reading of ``terms`` (hashed term ids of product
+        texts or query-like texts) and the transformer's encoding of the same texts (rows without an
+        encoding are skipped); 0 when the channel is off."""
+        if self.query_tower.semantic is None or target is None:
             return torch.zeros(())
-        has_text = products.text.abs().sum(dim=1) > 0
+        has_text = target.abs().sum(dim=1) > 0
         if not has_text.any():
             return torch.zeros(())
-        predicted = self.query_tower.semantic(products.terms[has_text])
-        return 1.0 - nn.functional.cosine_similarity(predicted, products.text[has_text], dim=1).mean()
+        predicted = self.query_tower.semantic(terms[has_text])
+        return 1.0 - nn.functional.cosine_similarity(predicted, target[has_text], dim=1).mean()

@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,6 +30,7 @@ from retrieval_core.contract import write_atomic
 from retrieval_core.settings import Settings
 from training.batching import product_batch, product_text, query_batch
 from training.boosting import BOOST_FEATURES, BoostConfig, augment, fit_boost_weights, quality_vectors
+from training.calibration import CalibrationConfig, calibrate_channels
 from training.dataset import load_training_data, product_features
 from training.evaluate import Retriever, bm25_retriever, evaluate, model_retriever, popularity_retriever
 from training.export import register_model
@@ -36,7 +38,7 @@ from training.gate import Decision, GateConfig, decide, production_metrics, prom
 from training.graph import graph_embeddings
 from training.model import ModelConfig, UnifiedModel
 from training.report import write_report
-from training.text_encoder import EmbeddingCache, TextEncoderConfig, adapt, encode, load_minilm
+from training.text_encoder import EmbeddingCache, TextEncoderConfig, adapt, encode, load_minilm, title_spans
 from training.train import TrainConfig, encode_products, train
 
 ENGAGED = ("add_to_cart", "purchase")
@@ -48,7 +50,14 @@ class TrainingRunConfig(BaseModel):
     use_text: bool = True
     graph_dim: int = 64
     adapt_pairs_max: int = Field(20_000, ge=0, description="pre-training pairs drawn from the training window")
+    distill_texts_max: int = Field(20_000, ge=0, description="query-like texts (the training queries, then title "
+                                   "spans) the text step encodes for the semantic distiller; 0: titles only")
+    distill_spans_per_product: int = Field(1, ge=0, description="title spans per product among those texts")
+    distill_span_words: tuple[int, int] = (1, 4)
     boost: BoostConfig = Field(default_factory=BoostConfig)
+    calibrate: bool = Field(True, description="re-fit the channel weights on the validation window's purchases "
+                            "after training (training.calibration)")
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     ablations: tuple[Literal["history", "text", "graph", "lexical", "semantic"], ...] = Field(
         ("history",), description="components removed one at a time: each is one more model trained and "
         "evaluated as no_<component> (the ablation table); the default keeps the nightly run to one extra model")
@@ -104,8 +113,24 @@ def step_graph(dataset: Path, dim: int, out: Path) -> int:
     return len(graph.product_ids)
 
 
+DISTILL_TEXTS = "distill_texts.parquet"  # beside text.parquet: query-like texts and their encodings
+
+
+def distillation_texts(queries: pd.Series, titles: list[str], config: TrainingRunConfig) -> list[str]:
+    """The query-like texts the semantic distiller learns from besides titles: the distinct training
+    queries, then spans of titles, at most ``distill_texts_max`` in all (seeded)."""
+    if not config.distill_texts_max:
+        return []
+    texts = list(dict.fromkeys(queries.astype(str).str.strip().str.lower()))
+    spans = title_spans(titles, config.distill_spans_per_product, config.distill_span_words, config.text.seed)
+    seen = set(texts)
+    texts += [t for t in dict.fromkeys(spans) if t not in seen]
+    return texts[: config.distill_texts_max]
+
+
 def step_text(dataset: Path, config: TrainingRunConfig, cache_dir: Path, version: str, out: Path) -> int:
-    """text.parquet: product_id → adapted MiniLM encoding, and minilm_base.parquet (off the shelf)."""
+    """text.parquet: product_id → adapted MiniLM encoding, minilm_base.parquet (off the shelf), and
+    distill_texts.parquet: query-like texts (``distillation_texts``) → adapted MiniLM encoding."""
     products = pd.read_parquet(dataset / "eval_products.parquet")
     texts = [product_text(r) for r in products.to_dict("records")]
     base = load_minilm(config.text)
@@ -124,9 +149,25 @@ def step_text(dataset: Path, config: TrainingRunConfig, cache_dir: Path, version
         texts, lambda t: encode(adapted, t, config.text))
     ids = products["product_id"].to_numpy()
     pd.DataFrame({"product_id": ids, "text_embedding": list(vectors)}).to_parquet(out)
+    train_queries = examples.loc[examples["split"] == "train", "query"]
+    write_distillation_texts(distillation_texts(train_queries, texts, config),
+                             lambda t: encode(adapted, t, config.text), out.with_name(DISTILL_TEXTS))
     base_frame = pd.DataFrame({"product_id": ids, "text_embedding": list(base_vectors)})
     base_frame.to_parquet(out.with_name("minilm_base.parquet"))
     return len(ids)
+
+
+def write_distillation_texts(texts: list[str], encode_fn: Callable[[list[str]], np.ndarray], out: Path) -> int:
+    """distill_texts.parquet: text → the product side's transformer encoding of it (the teacher)."""
+    vectors = list(encode_fn(texts)) if texts else []
+    pd.DataFrame({"text": texts, "text_embedding": vectors}).to_parquet(out)
+    return len(texts)
+
+
+def read_distillation_texts(text: Path | None) -> pd.DataFrame | None:
+    """The query-like distillation texts written beside ``text`` (None: titles only, as before)."""
+    path = None if text is None else text.with_name(DISTILL_TEXTS)
+    return pd.read_parquet(path) if path is not None and path.exists() else None
 
 
 def _with_encodings(products: pd.DataFrame, graph: Path | None, text: Path | None) -> pd.DataFrame:
@@ -144,12 +185,17 @@ def step_train(dataset: Path, graph: Path, text: Path | None, config: TrainingRu
     figures = {}
     models = [("model", config.model_config_())]
     models += [(f"ablation_{component}", config.ablated(component)) for component in config.ablations]
+    validation = examples[(examples["split"] == "validation") & (examples["interaction"] == "purchase")]
     for name, mc in models:
         result = train(examples[examples["split"] == "train"], products,
-                       config.train.model_copy(update={"model": mc}), show_progress=False)
+                       config.train.model_copy(update={"model": mc}), show_progress=False,
+                       distill_texts=read_distillation_texts(text))
+        calibration = calibrate_channels(result.model, validation, products, config.calibration) \
+            if config.calibrate else None
         save_model(result.model, out / name)
         figures[name] = {"examples_per_s": result.examples_per_s, "seconds": result.seconds,
-                         "final_loss": float(np.mean(result.losses[-20:]))}
+                         "final_loss": float(np.mean(result.losses[-20:])),
+                         "channel_calibration": calibration.as_dict() if calibration is not None else None}
     return figures
 
 

@@ -46,6 +46,22 @@ class TextEncoderConfig(BaseModel):
     seed: int = 7
 
 
+def title_spans(titles: Sequence[str], per_title: int, span_words: tuple[int, int], seed: int) -> list[str]:
+    """``per_title`` random spans of ``span_words`` (min, max) consecutive words of each title: short,
+    query-like texts drawn from the catalogue alone (no judged query involved)."""
+    from training.featurizer import words
+
+    rng = np.random.default_rng(seed)
+    spans = []
+    for title in titles:
+        tokens = words(title)
+        for _ in range(per_title if tokens else 0):
+            n = int(rng.integers(span_words[0], span_words[1] + 1))
+            start = int(rng.integers(0, max(1, len(tokens) - n + 1)))
+            spans.append(" ".join(tokens[start:start + n]))
+    return spans
+
+
 def load_minilm(config: TextEncoderConfig) -> torch.nn.Module:
     """The bundled all-MiniLM-L6-v2 as a SentenceTransformer on CPU, loaded with no hub access."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
