@@ -543,14 +543,14 @@ def run_scaled(args: argparse.Namespace) -> None:
                  f"refresh_seconds is IndexLifecycle.publish of all {len(frame):,} vectors (insert, flush, wait "
                  f"until no row is pending, load, checks, alias swap, prune); the embedding step of a real "
                  f"refresh is not in it (the product tower took {tower_seconds:.1f} s for the "
-                 f"{len(products):,} real products). ann_recall_at_100 is measured on the served index after "
-                 f"the query node serves every segment from it (index_served_after_publish_s); "
-                 f"ann_recall_at_100_publish_check is IndexLifecycle.check's figure, taken right after "
-                 f"load_collection, when Milvus 2.3.5 may still answer from raw vectors (exact search). "
+                 f"{len(products):,} real products). ann_recall_at_100 is measured on the served index with "
+                 f"the serving search parameters; ann_recall_at_100_publish_check is IndexLifecycle.check's "
+                 f"figure inside publish, taken after the query node serves every segment from its index "
+                 f"(IndexLifecycle.wait_served_from_index). "
                  f"Load generator (httpx, asyncio), BentoML API and Milvus share the same 2 cores (load "
                  f"average in load_average_1m). Sweep, filtered and served_search latencies: one pymilvus search "
                  f"per call, k=100, sequential, through the forwarder."),
-    }, command="make bench-serve-1m  # " + " ".join(sys.argv[1:]))
+    }, command=" ".join(["python benchmarks/serving.py", *sys.argv[1:]]))
 
 
 # -- the default mode --------------------------------------------------------------------------------
@@ -590,7 +590,7 @@ def run_published(args: argparse.Namespace) -> None:
         "swap_under_load": swap,
         "ann_recall_at_100": report.checks["ann_recall_at_100"],
         "note": "the published world as it is (no synthetic rows)",
-    }, command="make bench-serve  # " + " ".join(sys.argv[1:]))
+    }, command=" ".join(["python benchmarks/serving.py", *sys.argv[1:]]))
 
 
 def main() -> None:

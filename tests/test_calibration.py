@@ -18,12 +18,13 @@ WORDS = [f"w{i}" for i in range(600)]
 
 
 def world(n: int = 300) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Products with distinct two-word titles and a *random* text encoding; each held-out row asks for
-    a product by its title's words: the lexical channel finds it, the semantic one is noise."""
+    """Products with distinct two-word titles and a *random* text encoding (a third have none: their
+    vectors are normalised over fewer channels, which the calibration must reproduce); each held-out
+    row asks for a product by its title's words: the lexical channel finds it, the semantic one is noise."""
     rng = np.random.default_rng(0)
     titles = [f"{WORDS[2 * i]} {WORDS[2 * i + 1]}" for i in range(n)]
-    products = pd.DataFrame({"product_id": np.arange(n) + 1000, "title": titles,
-                             "text_embedding": list(rng.normal(size=(n, 16)).astype(np.float32))})
+    text = [None if i % 3 == 0 else v for i, v in enumerate(rng.normal(size=(n, 16)).astype(np.float32))]
+    products = pd.DataFrame({"product_id": np.arange(n) + 1000, "title": titles, "text_embedding": text})
     rows = pd.DataFrame({"query": titles[:200], "product_id": products["product_id"][:200]})
     return products, rows
 
@@ -71,3 +72,29 @@ def test_a_single_channel_model_or_no_usable_row_is_left_alone() -> None:
     single = UnifiedModel(CONFIG.model_copy(update={"lexical_dim": 0, "semantic_channel": False}))
     assert calibrate_channels(single, rows, products) is None
     assert calibrate_channels(UnifiedModel(CONFIG), rows.assign(product_id=-1), products) is None
+
+
+def test_the_last_channel_can_be_switched_off() -> None:
+    """An adversarial semantic channel (last): each product's text encoding is where the distiller puts
+    the *previous* product's title, so any share of it ranks the wrong product first."""
+    torch.manual_seed(0)
+    model = UnifiedModel(CONFIG).eval()
+    products, rows = world()
+    with torch.no_grad():
+        read = model.query_tower.semantic(query_batch(products.rename(columns={"title": "query"})
+                                                      .to_dict("records"), CONFIG).terms)
+    products["text_embedding"] = list(torch.roll(read, 1, dims=0).numpy())
+    model.mix.set_weights(torch.tensor([1.0, 1.0, 1.0]))
+    result = calibrate_channels(model, rows, products, CalibrationConfig(k=1, grid=(0.0, 1.0)))
+    assert result is not None and result.recall_as_trained < 0.9
+    assert result.weights == [0.0, 1.0, 0.0]
+    assert abs(recall_at(model, products, rows, k=1) - result.recall) < 0.02
+
+
+def test_a_catalogue_larger_than_the_pool_is_sampled_with_the_relevant_rows_and_k_scaled() -> None:
+    torch.manual_seed(0)
+    model = UnifiedModel(CONFIG).eval()
+    products, rows = world()
+    result = calibrate_channels(model, rows.head(50), products, CalibrationConfig(k=30, pool=100, max_rows=40))
+    assert result is not None and result.rows == 40
+    assert 100 <= result.pool <= 140 and result.k == round(30 * result.pool / len(products))

@@ -6,9 +6,10 @@ learned channel can memorise which products were engaged: on Home Depot (each pr
 ~1.3 queries) training gave it a third of the score while, alone, it found 0.2% of the held-out
 queries' products in its top 100 (chance). Here the shares are chosen by purchase recall@k on
 held-out rows (the validation window, or held-out queries): a grid over each channel's share
-relative to the last one, the trained shares always a candidate, so calibration never loses on
-the rows it is fit on. The result is set on the model (both towers share the mix), so every later
-step — boosting, evaluation, gate, export, serving — sees the calibrated model.
+relative to the last one (or, the last switched off, to the one before), the trained shares always
+a candidate, so calibration never loses on the rows it is fit on. The result is set on the model
+(both towers share the mix), so every later step — boosting, evaluation, gate, export, serving —
+sees the calibrated model.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from training.model import UnifiedModel
 
 class CalibrationConfig(BaseModel):
     grid: tuple[float, ...] = Field((0.0, 0.1, 0.2, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 3.0),
-                                    description="shares tried for each channel, relative to the last channel's 1")
+                                    description="shares tried for each channel, relative to the last channel's 1 (and, "
+                                    "with the last switched off, relative to the one before it)")
     k: int = Field(100, ge=1, description="recall@k on the whole catalogue (scaled to the pool)")
     max_rows: int = Field(1000, ge=1, description="held-out (query, purchased product) rows used (seeded sample)")
     pool: int = Field(50_000, ge=100, description="catalogue rows ranked (all when fewer; else a sample "
@@ -106,8 +108,10 @@ def calibrate_channels(model: UnifiedModel, rows: pd.DataFrame, products: pd.Dat
     trained = trained / trained[-1]
     best, best_recall = trained, recall(trained)
     as_trained = best_recall
-    for shares in itertools.product(config.grid, repeat=n_channels - 1):
-        weights = torch.tensor([*shares, 1.0])
+    candidates = [[*shares, 1.0] for shares in itertools.product(config.grid, repeat=n_channels - 1)]
+    candidates += [[*shares, 1.0, 0.0] for shares in itertools.product(config.grid, repeat=n_channels - 2)]
+    for candidate in candidates:
+        weights = torch.tensor(candidate)
         value = recall(weights)
         if value > best_recall:
             best, best_recall = weights, value

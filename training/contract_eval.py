@@ -35,9 +35,8 @@ from pydantic import BaseModel, Field
 
 from retrieval_core.contract import read_table
 from training.batching import product_text
-from training.calibration import CalibrationConfig, calibrate_channels
+from training.calibration import calibrate_channels
 from training.evaluate import KS, Retriever, bm25_retriever, metrics, model_retriever, rrf_retriever
-from training.featurizer import words as words_of
 from training.stages import (
     DISTILL_TEXTS,
     TrainingRunConfig,
@@ -63,8 +62,7 @@ EDGE_WEIGHT = {"click": 1, "favorite": 2, "add_to_cart": 3, "purchase": 5}  # as
 class ContractEvalConfig(BaseModel):
     test_fraction: float = Field(0.3, gt=0, lt=1)
     validation_fraction: float = Field(0.1, ge=0, lt=1, description="of the train queries, held out of training "
-                                       "to calibrate the model's channel weights (0: no calibration)")
-    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+                                       "to calibrate the model's channel weights (``run.calibration``)")
     split_seed: int = 7
     relevant_events: tuple[str, ...] = ("purchase",)
     rrf_k: int = 60
@@ -158,10 +156,9 @@ def title_queries(products: pd.DataFrame, per_product: int, words: tuple[int, in
     """Pseudo-queries from the catalogue alone: ``per_product`` random spans of ``words`` (min, max)
     consecutive title words per product, each an example (span → product, interaction click). They
     teach the term encoder the whole catalogue's vocabulary; no judged query is involved."""
-    titles = products["title"].astype(str).tolist()
-    spans = title_spans(titles, per_product, words, seed)
-    counts = [per_product if words_of(t) else 0 for t in titles]
-    out = pd.DataFrame({"query": spans, "product_id": np.repeat(products["product_id"].to_numpy(), counts)})
+    spans = title_spans(products["title"].astype(str).tolist(), per_product, words, seed)
+    ids = products["product_id"].to_numpy()
+    out = pd.DataFrame({"query": [s for _, s in spans], "product_id": ids[[i for i, _ in spans]]})
     return out.assign(interaction="click", split="train", user_id=None, has_history=False)
 
 
@@ -190,7 +187,7 @@ def run_version(config: ContractEvalConfig, meta: dict) -> str:
     text = config.run.text.model_dump(exclude={"batch_size", "bucket_tokens", "threads"})
     distill = config.run.model_dump(include={"distill_texts_max", "distill_spans_per_product", "distill_span_words"})
     blob = json.dumps({"text": text, "pairs": config.run.adapt_pairs_max, "split": meta["split_fingerprint"],
-                       "distill": distill,
+                       "distill": distill, "validation_fraction": config.validation_fraction,
                        "seed": config.split_seed, "products": meta["products"]}, sort_keys=True)
     return "adapted-" + hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -226,10 +223,8 @@ def prepare(raw_dir: Path, work_dir: Path, config: ContractEvalConfig,
         frame = pd.DataFrame({"product_id": products["product_id"].to_numpy(), "text_embedding": list(vectors)})
         frame.to_parquet(text)
         frame.to_parquet(text.with_name("minilm_base.parquet"))
-        examples = pd.read_parquet(dataset / "examples.parquet")
-        train_queries = examples.loc[examples["split"] == "train", "query"]
         written = write_distillation_texts(
-            distillation_texts(train_queries, texts, config.run),
+            distillation_texts(dataset, config.run),
             lambda t: cache.encode(t, lambda new_texts: encode(base, new_texts, config.run.text))[0],
             text.with_name(DISTILL_TEXTS))
         log(f"distillation texts: {written}")
@@ -287,6 +282,7 @@ def run_contract_eval(raw_dir: Path, work_dir: Path, config: ContractEvalConfig,
     products = _with_encodings(pd.read_parquet(dataset / "eval_products.parquet"), graph, text)
     examples = pd.read_parquet(dataset / "examples.parquet")
     validation = examples[(examples["split"] == "validation") & examples["interaction"].isin(config.relevant_events)]
+    # (contract data: "relevant" is configurable, not always a purchase, so not dataset.validation_purchases)
     examples = examples[examples["split"] == "train"]
     if config.title_queries_per_product:
         examples = pd.concat([examples, title_queries(products, config.title_queries_per_product,
@@ -298,7 +294,8 @@ def run_contract_eval(raw_dir: Path, work_dir: Path, config: ContractEvalConfig,
                     distill_texts=read_distillation_texts(text))
     log(f"train: {time.perf_counter() - start:.1f}s, {trained.examples_per_s:.0f} examples/s, "
         f"final loss {np.mean(trained.losses[-20:]):.4f}")
-    calibration = calibrate_channels(trained.model, validation, products, config.calibration)
+    calibration = calibrate_channels(trained.model, validation, products, config.run.calibration) \
+        if config.run.calibrate else None
     if calibration is not None:
         log(f"channel calibration: {calibration.as_dict()}")
     save_model(trained.model, work_dir / "model")

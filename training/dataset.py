@@ -64,3 +64,8 @@ def load_training_data(settings: Settings) -> TrainingData:
     stats = read_published(settings, "query_stats")
     return TrainingData(examples=with_history(settings, examples), products=product_features(settings, as_of),
                         products_as_of=as_of, query_class=dict(zip(stats["query"], stats["query_class"], strict=True)))
+
+
+def validation_purchases(examples: pd.DataFrame) -> pd.DataFrame:
+    """The validation window's purchases: the held-out rows boosting and the channel calibration are fit on."""
+    return examples[(examples["split"] == "validation") & (examples["interaction"] == "purchase")]

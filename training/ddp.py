@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from training.calibration import calibrate_channels
+from training.dataset import validation_purchases
 from training.stages import TrainingRunConfig, save_model
 from training.train import train
 
@@ -41,9 +42,9 @@ def main() -> None:
     (args.out / f"rank{rank}.json").write_text(json.dumps({"losses": result.losses, "checksum": checksum,
                                                            "world_size": dist.get_world_size()}))
     if rank == 0:  # after the checksum: calibration (as in step_train) changes the mix of rank 0's copy
-        validation = examples[(examples["split"] == "validation") & (examples["interaction"] == "purchase")]
-        if config.calibrate:
-            calibrate_channels(result.model, validation, products, config.calibration)
+        calibration = calibrate_channels(result.model, validation_purchases(examples), products,
+                                         config.calibration) if config.calibrate else None
+        (args.out / "calibration.json").write_text(json.dumps(calibration.as_dict() if calibration else None))
         save_model(result.model, args.out / "model")
     dist.barrier()
     dist.destroy_process_group()

@@ -31,7 +31,7 @@ from retrieval_core.settings import Settings
 from training.batching import product_batch, product_text, query_batch
 from training.boosting import BOOST_FEATURES, BoostConfig, augment, fit_boost_weights, quality_vectors
 from training.calibration import CalibrationConfig, calibrate_channels
-from training.dataset import load_training_data, product_features
+from training.dataset import load_training_data, product_features, validation_purchases
 from training.evaluate import Retriever, bm25_retriever, evaluate, model_retriever, popularity_retriever
 from training.export import register_model
 from training.gate import Decision, GateConfig, decide, production_metrics, promote, write_decision
@@ -116,15 +116,20 @@ def step_graph(dataset: Path, dim: int, out: Path) -> int:
 DISTILL_TEXTS = "distill_texts.parquet"  # beside text.parquet: query-like texts and their encodings
 
 
-def distillation_texts(queries: pd.Series, titles: list[str], config: TrainingRunConfig) -> list[str]:
-    """The query-like texts the semantic distiller learns from besides titles: the distinct training
-    queries, then spans of titles, at most ``distill_texts_max`` in all (seeded)."""
+def distillation_texts(dataset: Path, config: TrainingRunConfig) -> list[str]:
+    """The query-like texts the semantic distiller learns from besides titles: the distinct queries of
+    the training split (in a seeded random order), then spans of the catalogue's titles, at most
+    ``distill_texts_max`` in all."""
     if not config.distill_texts_max:
         return []
-    texts = list(dict.fromkeys(queries.astype(str).str.strip().str.lower()))
-    spans = title_spans(titles, config.distill_spans_per_product, config.distill_span_words, config.text.seed)
+    examples = pd.read_parquet(dataset / "examples.parquet", columns=["query", "split"])
+    queries = examples.loc[examples["split"] == "train", "query"].astype(str).str.strip().str.lower().unique()
+    texts = [str(q) for q in np.random.default_rng(config.text.seed).permutation(queries)]
+    titles = pd.read_parquet(dataset / "eval_products.parquet", columns=["title"])["title"].fillna("").astype(str)
+    spans = title_spans(titles.tolist(), config.distill_spans_per_product, config.distill_span_words,
+                        config.text.seed)
     seen = set(texts)
-    texts += [t for t in dict.fromkeys(spans) if t not in seen]
+    texts += [t for t in dict.fromkeys(s for _, s in spans) if t not in seen]
     return texts[: config.distill_texts_max]
 
 
@@ -149,9 +154,9 @@ def step_text(dataset: Path, config: TrainingRunConfig, cache_dir: Path, version
         texts, lambda t: encode(adapted, t, config.text))
     ids = products["product_id"].to_numpy()
     pd.DataFrame({"product_id": ids, "text_embedding": list(vectors)}).to_parquet(out)
-    train_queries = examples.loc[examples["split"] == "train", "query"]
-    write_distillation_texts(distillation_texts(train_queries, texts, config),
-                             lambda t: encode(adapted, t, config.text), out.with_name(DISTILL_TEXTS))
+    # Not cached: the adapted encoder is new every day, so are its encodings.
+    write_distillation_texts(distillation_texts(dataset, config), lambda t: encode(adapted, t, config.text),
+                             out.with_name(DISTILL_TEXTS))
     base_frame = pd.DataFrame({"product_id": ids, "text_embedding": list(base_vectors)})
     base_frame.to_parquet(out.with_name("minilm_base.parquet"))
     return len(ids)
@@ -185,7 +190,7 @@ def step_train(dataset: Path, graph: Path, text: Path | None, config: TrainingRu
     figures = {}
     models = [("model", config.model_config_())]
     models += [(f"ablation_{component}", config.ablated(component)) for component in config.ablations]
-    validation = examples[(examples["split"] == "validation") & (examples["interaction"] == "purchase")]
+    validation = validation_purchases(examples)
     for name, mc in models:
         result = train(examples[examples["split"] == "train"], products,
                        config.train.model_copy(update={"model": mc}), show_progress=False,
@@ -232,7 +237,7 @@ def step_boost(dataset: Path, graph: Path, text: Path | None, models: Path, conf
     """boost.json: quality-feature weights fit by optuna on the validation window's purchases."""
     examples = pd.read_parquet(dataset / "examples.parquet")
     products = _with_encodings(pd.read_parquet(dataset / "train_products.parquet"), graph, text)
-    rows = examples[(examples["split"] == "validation") & (examples["interaction"] == "purchase")]
+    rows = validation_purchases(examples)
     row_of = pd.Series(np.arange(len(products)), index=products["product_id"].to_numpy())
     rows = rows[rows["product_id"].isin(row_of.index)]
     model = load_model(models / "model")

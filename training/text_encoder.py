@@ -27,6 +27,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from retrieval_core.contract import write_atomic
+from training.featurizer import words
 
 
 class TextEncoderConfig(BaseModel):
@@ -46,19 +47,18 @@ class TextEncoderConfig(BaseModel):
     seed: int = 7
 
 
-def title_spans(titles: Sequence[str], per_title: int, span_words: tuple[int, int], seed: int) -> list[str]:
-    """``per_title`` random spans of ``span_words`` (min, max) consecutive words of each title: short,
-    query-like texts drawn from the catalogue alone (no judged query involved)."""
-    from training.featurizer import words
-
+def title_spans(titles: Sequence[str], per_title: int, span_words: tuple[int, int],
+                seed: int) -> list[tuple[int, str]]:
+    """``per_title`` random spans of ``span_words`` (min, max) consecutive words of each title, as
+    (title index, span): short, query-like texts drawn from the catalogue alone (no judged query)."""
     rng = np.random.default_rng(seed)
     spans = []
-    for title in titles:
+    for i, title in enumerate(titles):
         tokens = words(title)
         for _ in range(per_title if tokens else 0):
             n = int(rng.integers(span_words[0], span_words[1] + 1))
             start = int(rng.integers(0, max(1, len(tokens) - n + 1)))
-            spans.append(" ".join(tokens[start:start + n]))
+            spans.append((i, " ".join(tokens[start:start + n])))
     return spans
 
 
