@@ -74,6 +74,7 @@ class Retriever:
         self._lifecycle: IndexLifecycle | None = None
         self._lock = threading.Lock()
         self._history: TTLCache = TTLCache(settings.serving.history_cache_size, settings.serving.history_cache_ttl_s)
+        self._history_lock, self._store_lock = threading.Lock(), threading.Lock()
         self._store = None
         self._bundles: dict[str, ModelBundle] = {}
         self.last_refusal: str | None = None
@@ -143,23 +144,26 @@ class Retriever:
     def histories(self, user_ids: Sequence[int]) -> dict[int, dict]:
         """``query_tower_v1`` features per user (a row of None values for unknown users)."""
         out, missing = {}, []
-        for user in dict.fromkeys(user_ids):
-            row = self._history.get(user)
-            self._on_cache(row is not None)
-            if row is None:
-                missing.append(user)
-            else:
-                out[user] = row
+        with self._history_lock:  # the service runs requests on several threads; TTLCache is not thread-safe
+            for user in dict.fromkeys(user_ids):
+                row = self._history.get(user)
+                self._on_cache(row is not None)
+                if row is None:
+                    missing.append(user)
+                else:
+                    out[user] = row
         if missing:
             store = self._feature_store()
             try:
-                table = store.get_online_features(features=store.get_feature_service("query_tower_v1"),
-                                                  entity_rows=[{"user_id": u} for u in missing]).to_dict()
+                with self._store_lock:  # one lookup at a time: the local profile shares one SQLite connection
+                    table = store.get_online_features(features=store.get_feature_service("query_tower_v1"),
+                                                      entity_rows=[{"user_id": u} for u in missing]).to_dict()
             except Exception as exc:
                 raise Unavailable(f"the online feature store ({self.settings.online_store}) failed: {exc}") from exc
-            for i, user in enumerate(missing):
-                row = {name: values[i] for name, values in table.items() if name != "user_id"}
-                self._history[user] = out[user] = row
+            with self._history_lock:
+                for i, user in enumerate(missing):
+                    row = {name: values[i] for name, values in table.items() if name != "user_id"}
+                    self._history[user] = out[user] = row
         return out
 
     def retrieve(self, requests: Sequence[RetrievalRequest]) -> list[RetrievalResponse]:

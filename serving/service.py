@@ -48,7 +48,7 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-@bentoml.service(name="unified_retrieval", traffic={"timeout": 30})
+@bentoml.service(name="unified_retrieval", traffic={"timeout": 30}, threads=get_settings().serving.threads)
 class RetrievalService:
     def __init__(self) -> None:
         # prometheus_client is imported here, after BentoML set up its multiprocess metrics directory.
