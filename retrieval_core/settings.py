@@ -92,6 +92,13 @@ class ServingSettings(BaseModel):
     # Threads of the sync endpoints: BentoML's default (1) serialises every request, so the API waited
     # idle through each Milvus search (measured at 1M: ~40 requests/s at most, queueing above that).
     threads: int = Field(4, ge=1)
+    # /retrieve serves concurrent requests together (serving.coalescer): at most batch_max per batch,
+    # batch_workers batches at a time (one can run the query tower while another waits on Milvus).
+    batch_max: int = Field(32, ge=1, le=256)
+    batch_workers: int = Field(2, ge=1, le=16)
+    # torch intra-op threads of the query tower in the API process: its matrices are tiny, and the cores
+    # are shared with the HTTP workers (and, on one machine, with Milvus).
+    torch_threads: int = Field(1, ge=1)
 
 
 class AirflowSettings(BaseModel):

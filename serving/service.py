@@ -9,6 +9,7 @@ swap or a new model version is picked up without a restart.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import threading
@@ -21,6 +22,7 @@ from pydantic import Field, ValidationError
 from starlette.responses import JSONResponse
 
 from retrieval_core.settings import get_settings
+from serving.coalescer import Coalescer
 from serving.filters import Filters
 from serving.retriever import RetrievalRequest, RetrievalResponse, Retriever, Unavailable
 
@@ -52,15 +54,22 @@ class ApiKeyMiddleware:
 class RetrievalService:
     def __init__(self) -> None:
         # prometheus_client is imported here, after BentoML set up its multiprocess metrics directory.
+        import torch
         from prometheus_client import Counter, Histogram
 
         self.settings = get_settings()
+        torch.set_num_threads(self.settings.serving.torch_threads)
         stage = Histogram("uer_retrieval_stage_seconds", "Time per retrieval stage", ["stage"],
                           buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))
         cache = Counter("uer_history_cache_total", "User-history cache lookups", ["result"])
+        batch = Histogram("uer_retrieve_batch_size", "Requests of /retrieve served together",
+                          buckets=(1, 2, 4, 8, 16, 32, 64))
         self.retriever = Retriever(self.settings, on_stage=lambda s, t: stage.labels(s).observe(t),
                                    on_cache=lambda hit: cache.labels("hit" if hit else "miss").inc())
         self.retriever.reload()
+        serving = self.settings.serving
+        self._coalescer = Coalescer(self._run, max_batch=serving.batch_max, workers=serving.batch_workers,
+                                    name="retrieve", on_batch=batch.observe)
         self._stop = threading.Event()
         threading.Thread(target=self._follow_alias, daemon=True, name="follow-alias").start()
 
@@ -83,16 +92,17 @@ class RetrievalService:
             raise ServiceUnavailable(str(exc)) from exc
 
     @bentoml.api(route="/retrieve")
-    def retrieve(self, query: str, user_id: int | None = None,
-                 k: Annotated[int, Field(ge=1, le=1000)] = 100,
-                 filters: Filters | None = None) -> RetrievalResponse:
-        """Top-k products for one query, personalized by the user's history when ``user_id`` is known."""
+    async def retrieve(self, query: str, user_id: int | None = None,
+                       k: Annotated[int, Field(ge=1, le=1000)] = 100,
+                       filters: Filters | None = None) -> RetrievalResponse:
+        """Top-k products for one query, personalized by the user's history when ``user_id`` is known.
+        Concurrent requests are served together (``serving.coalescer``): one query-tower pass, one search."""
         try:
             request = RetrievalRequest(query=query, user_id=user_id, k=k, filters=filters)
         except ValidationError as exc:
             raise InvalidArgument(_explain(exc)) from exc
         try:
-            return self._run([request])[0]
+            return await asyncio.wrap_future(self._coalescer.submit(request))
         except ServiceUnavailable as exc:
             # BentoML hides the text of 5xx errors; the caller should learn which dependency is down.
             return JSONResponse({"error": str(exc)}, status_code=HTTPStatus.SERVICE_UNAVAILABLE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -220,6 +221,38 @@ def test_api_happy_path_signed_out_and_unknown_user(api: str) -> None:
                                                        {"query": "silver ring", "user_id": 2, "k": 4}]})
     assert batch.status_code == 200, batch.text
     assert [len(r["results"]) for r in batch.json()] == [3, 4]
+
+
+def test_concurrent_requests_are_served_together_and_each_gets_its_own_answer(api: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [{"query": q, "k": k, **({"user_id": u} if u is not None else {}), **({"filters": f} if f else {})}
+              for q, k, u, f in [("wooden bowl", 5, None, None), ("silver ring", 7, 1, None),
+                                 ("linen dress", 3, 2, None), ("mug", 4, None, {"price_max": 40})] * 8]
+    alone = [post(api, "/retrieve", body).json() for body in bodies[:4]]
+    before = _batch_metric(api)
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda body: post(api, "/retrieve", body), bodies))
+    assert all(r.status_code == 200 for r in together), [r.text for r in together if r.status_code != 200][:2]
+    for i, response in enumerate(together):
+        want = alone[i % 4]
+        got = response.json()
+        assert [r["product_id"] for r in got["results"]] == [r["product_id"] for r in want["results"]], i
+        assert got["personalized"] == want["personalized"]
+    after = _batch_metric(api)
+    requests, batches = after[0] - before[0], after[1] - before[1]
+    assert requests == len(bodies)
+    assert batches < requests  # some of the 32 concurrent requests shared a batch
+
+
+def _batch_metric(api: str) -> tuple[float, float]:
+    """(requests, batches) counted by the service's batch-size histogram."""
+    text = httpx.get(api + "/metrics", timeout=10).text
+
+    def value(name: str) -> float:
+        return float(re.search(rf"^{name}(?:\{{[^}}]*\}})? ([0-9.e+]+)$", text, re.M).group(1))
+
+    return value("uer_retrieve_batch_size_sum"), value("uer_retrieve_batch_size_count")
 
 
 @pytest.mark.parametrize("body", [
