@@ -42,7 +42,7 @@ api-start: setup  ## start the retrieval API in the background on 127.0.0.1:3000
 
 api-stop:  ## stop the retrieval API and the embedded Milvus Lite server
 	@if [ -f data/api.pid ]; then kill -- -$$(cat data/api.pid) 2>/dev/null || true; rm -f data/api.pid; fi
-	@pkill -f "milvus-lite server --host 127.0.0.1" 2>/dev/null || true
+	@pkill -f "[m]ilvus-lite server --host 127.0.0.1" 2>/dev/null || true
 	@echo "stopped"
 
 airflow-ui: setup  ## Airflow UI on http://127.0.0.1:8080 (airflow standalone; Ctrl-C stops it)
