@@ -117,10 +117,12 @@ def _server(data_dir: Path) -> None:
     # The message log (rocksmq) keeps every insert for 3 days / 8 GB by default: 1M 640-d rows are 2.6 GB a build.
     config.set("rocksmq.retentionTimeInMinutes", 30)
     config.set("rocksmq.retentionSizeInMB", 2048)
-    # Growing segments are sealed at sealProportion x maxSize, and every search visits each segment's index.
-    # The defaults (0.23 x 512 MB = 118 MB) cut 1M 134-d products into ~5 segments (1M 643-d ones into ~22
-    # of 45k rows); sealing at 0.5 x 1024 MB gives 2 segments (660k + 340k rows measured at 134-d), so
-    # less search work per query on 2 cores.
+    # Growing segments are sealed at sealProportion x maxSize (MB), and every search visits each segment's
+    # index. The defaults (0.23 x 512 MB) cut 1M 643-d products into ~22 segments of 45k rows; 0.5 x 1024 MB
+    # gives 6 of ~165k at 774-d (recall@100 0.997 at ef 200, index wait 537 s). Larger was tried and is
+    # worse here: 0.9 x 4096 MB let compaction merge them into 520k + 480k segments after they had been
+    # indexed, so every row was indexed twice (index wait 969 s), and at ef 200 recall@100 fell to 0.960
+    # (fewer segments merge fewer candidates) — the publish gate refused it.
     config.set("dataCoord.segment.maxSize", 1024)
     config.set("dataCoord.segment.sealProportion", 0.5)
     config.resolve()  # every port is free in a fresh namespace: the template's defaults (proxy 19530)
