@@ -625,14 +625,17 @@ def main() -> None:
                         help="under load: rebuild the N-product collection, or refresh the real catalogue")
     parser.add_argument("--swap-rps", type=float, default=20.0, help="client rate while the swap happens")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic collections (and the alias)")
-    parser.add_argument("--result", default="serving", help="result file name under benchmarks/results/")
+    parser.add_argument("--result", default=None, help="result file name under benchmarks/results/ (default: "
+                        "serving with --products, the issue's 1M record; serving_lite without)")
     args = parser.parse_args()
     if args.milvus_uri:
         use_milvus(args.milvus_uri)
     if args.products:
+        args.result = args.result or "serving"
         args.rates = args.rates or "50,100,200"
         run_scaled(args)
     else:
+        args.result = args.result or "serving_lite"
         args.rates = args.rates or "5,10,20,50"
         run_published(args)
 
