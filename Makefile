@@ -55,7 +55,7 @@ feature-server: setup  ## Feast feature server for other teams on http://127.0.0
 	$(UER) features serve --port 6566
 
 test: setup services  ## install what the tests need, then run them all
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=15
 
 lint: setup  ## ruff
 	$(VENV)/bin/ruff check .
