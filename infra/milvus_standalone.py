@@ -119,10 +119,11 @@ def _server(data_dir: Path) -> None:
     config.set("rocksmq.retentionSizeInMB", 2048)
     # Growing segments are sealed at sealProportion x maxSize (MB), and every search visits each segment's
     # index. The defaults (0.23 x 512 MB) cut 1M 643-d products into ~22 segments of 45k rows; 0.5 x 1024 MB
-    # gives 6 of ~165k at 774-d (recall@100 0.997 at ef 200, index wait 537 s). Larger was tried and is
-    # worse here: 0.9 x 4096 MB let compaction merge them into 520k + 480k segments after they had been
-    # indexed, so every row was indexed twice (index wait 969 s), and at ef 200 recall@100 fell to 0.960
-    # (fewer segments merge fewer candidates) — the publish gate refused it.
+    # gives 6 of ~165k at 774-d (serving.json: recall@100 0.997 at ef 200, index wait 537 s and 951 s on two
+    # machines). Larger was tried (benchmarks/serving.py --products 1000000, a run the publish gate stopped)
+    # and is worse here: 0.9 x 4096 MB let compaction merge them into 520k + 480k segments after they had
+    # been indexed, so every row was indexed twice (index wait 969 s), and at ef 200 recall@100 fell to
+    # 0.960 (fewer segments merge fewer candidates).
     config.set("dataCoord.segment.maxSize", 1024)
     config.set("dataCoord.segment.sealProportion", 0.5)
     config.resolve()  # every port is free in a fresh namespace: the template's defaults (proxy 19530)

@@ -89,8 +89,9 @@ class ServingSettings(BaseModel):
     max_k: int = 1000
     # How often a running service looks for a new alias target / model version.
     reload_interval_s: float = 10.0
-    # Threads of the sync endpoints: BentoML's default (1) serialises every request, so the API waited
-    # idle through each Milvus search (measured at 1M: ~40 requests/s at most, queueing above that).
+    # Threads of the sync endpoint /retrieve_batch (BentoML's default, 1, serialises its calls). /retrieve is
+    # async and batches through the coalescer below: as a sync endpoint on these threads it saturated near
+    # 40 requests/s at 1M.
     threads: int = Field(4, ge=1)
     # /retrieve serves concurrent requests together (serving.coalescer): at most batch_max per batch,
     # batch_workers batches at a time (one can run the query tower while another waits on Milvus).

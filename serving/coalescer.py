@@ -70,8 +70,8 @@ class Coalescer(Generic[Item, Result]):
             live = [(item, future) for item, future in batch if future.set_running_or_notify_cancel()]
             if not live:
                 continue
-            self._on_batch(len(live))
             try:
+                self._on_batch(len(live))  # inside the try: a failing hook must not kill the worker
                 results = self._handler([item for item, _ in live])
                 if len(results) != len(live):
                     raise RuntimeError(f"handler returned {len(results)} results for {len(live)} items")

@@ -76,3 +76,20 @@ def test_a_handler_returning_the_wrong_number_of_results_is_an_error() -> None:
 def test_bad_sizes_are_refused() -> None:
     with pytest.raises(ValueError):
         Coalescer(lambda items: items, max_batch=0)
+
+
+def test_a_failing_batch_hook_fails_its_batch_but_not_the_worker() -> None:
+    seen = []
+
+    def hook(size: int) -> None:
+        seen.append(size)
+        if len(seen) == 1:
+            raise RuntimeError("metrics backend broke")
+
+    coalescer = Coalescer(lambda items: items, max_batch=1, workers=1, on_batch=hook)
+    try:
+        with pytest.raises(RuntimeError, match="metrics backend broke"):
+            coalescer.submit(1).result(5)
+        assert coalescer.submit(2).result(5) == 2
+    finally:
+        coalescer.close()
