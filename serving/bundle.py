@@ -23,7 +23,7 @@ from retrieval_core.settings import Settings
 from training.batching import product_batch, query_batch
 from training.boosting import augment, quality_vectors
 from training.export import BENTO_MODEL_NAME, bentoml_home, model_store
-from training.model import UnifiedModel
+from training.model import UnifiedModel, UserState
 from training.stages import load_model
 from training.text_encoder import TextEncoderConfig, encode
 
@@ -85,12 +85,22 @@ class ModelBundle:
         """Dimension of the vectors in the index: tower output + boosting features."""
         return self.model.config.embedding_dim + len(self.boost_weights)
 
-    def query_vectors(self, rows: Sequence[Mapping[str, object]]) -> np.ndarray:
-        """``[q, w]`` for rows of ``query`` + the ``query_tower_v1`` features (absent: signed out)."""
+    def user_states(self, rows: Sequence[Mapping[str, object]]) -> UserState:
+        """The query tower's reading of each row's user from its ``query_tower_v1`` features ({} = signed
+        out): what ``query_vectors`` would compute from the same rows, minus the query."""
+        with torch.inference_mode():
+            return self.model.query_tower.user_state(query_batch(rows, self.model.config))
+
+    def query_vectors(self, rows: Sequence[Mapping[str, object]], states: UserState | None = None) -> np.ndarray:
+        """``[q, w]`` for rows of ``query`` + the ``query_tower_v1`` features (absent: signed out). With
+        ``states`` (one row per row, from ``user_states``) only each row's ``query`` is read: the
+        service's path, which reuses a user's state across requests."""
         if not rows:
             return np.zeros((0, self.dim), np.float32)
+        if states is not None:
+            rows = [{"query": row["query"]} for row in rows]
         with torch.inference_mode():
-            q = self.model.query_tower(query_batch(rows, self.model.config)).numpy()
+            q = self.model.query_tower(query_batch(rows, self.model.config), states).numpy()
         return np.concatenate([q, np.broadcast_to(self.boost_weights, (len(q), len(self.boost_weights)))],
                               axis=1).astype(np.float32)
 

@@ -198,7 +198,8 @@ class IndexLifecycle:
     def search(self, collection: str, queries: np.ndarray, k: int, expr: str = "") -> list[list[tuple[int, float]]]:
         hits = self.client.search(collection, data=[q.tolist() for q in queries], limit=k, filter=expr,
                                   anns_field="embedding", search_params={"params": self.search_params()})
-        return [[(int(h["id"] if "id" in h else h["product_id"]), float(h["distance"])) for h in row] for row in hits]
+        # Each row's ids and distances as plain lists: no walk over the per-hit dicts pymilvus also builds.
+        return [list(zip(map(int, row.ids), map(float, row.distances), strict=True)) for row in hits]
 
     def search_params(self) -> dict:
         if self.config.index_type == "HNSW":

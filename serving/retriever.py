@@ -26,6 +26,7 @@ from serving.bundle import ModelBundle, ModelNotFound
 from serving.engine import EngineUnavailable
 from serving.filters import Filters
 from serving.index import AliasTargetMissing, IndexLifecycle, IndexVersion
+from training.model import UserState
 
 log = logging.getLogger(__name__)
 
@@ -134,56 +135,75 @@ class Retriever:
 
     # -- per request -----------------------------------------------------------------------------------
 
-    def _feature_store(self):  # noqa: ANN202 - feast.FeatureStore
+    def _feature_store(self):  # noqa: ANN202 - (feast.FeatureStore, its query_tower_v1 FeatureService)
+        """The online store and the feature service, resolved once: a feature service is versioned by its
+        name (a changed one is ``query_tower_v2``), and Feast turns a registry lookup into a new object
+        on every call (measured: about a third of a lookup's time)."""
         if self._store is None:
             from feature_repo.store import get_store
 
-            self._store = get_store(self.settings)
+            store = get_store(self.settings)
+            self._store = store, store.get_feature_service("query_tower_v1", allow_cache=True)
         return self._store
 
     def histories(self, user_ids: Sequence[int]) -> dict[int, dict]:
-        """``query_tower_v1`` features per user (a row of None values for unknown users)."""
-        out, missing = {}, []
+        """``query_tower_v1`` features per user from the online store (a row of None values for unknown
+        users), uncached."""
+        if not user_ids:
+            return {}
+        try:
+            # allow_cache above: without it Feast re-reads its registry on every lookup, which also throws away
+            # its resolved-features cache (measured: most of the lookup's time).
+            store, service = self._feature_store()
+            with self._store_lock:  # one lookup at a time: the local profile shares one SQLite connection
+                table = store.get_online_features(features=service,
+                                                  entity_rows=[{"user_id": u} for u in user_ids]).to_dict()
+        except Exception as exc:
+            raise Unavailable(f"the online feature store ({self.settings.online_store}) failed: {exc}") from exc
+        return {user: {name: values[i] for name, values in table.items() if name != "user_id"}
+                for i, user in enumerate(user_ids)}
+
+    def user_states(self, bundle: ModelBundle, user_ids: Sequence[int | None]) -> tuple[UserState, list[bool]]:
+        """The query tower's state of each user (None = signed out) under ``bundle``, one row per id, and
+        whether the user has a history. Cached for ``history_cache_ttl_s`` per (model version, user):
+        a user's later requests skip the online store, the featuriser and the history encoders."""
+        keys = [(bundle.model_version, user) for user in user_ids]
+        found: dict[tuple[str, int | None], tuple[UserState, bool]] = {}
         with self._history_lock:  # the service runs requests on several threads; TTLCache is not thread-safe
-            for user in dict.fromkeys(user_ids):
-                row = self._history.get(user)
-                self._on_cache(row is not None)
-                if row is None:
-                    missing.append(user)
-                else:
-                    out[user] = row
+            for key in dict.fromkeys(keys):
+                entry = self._history.get(key)
+                if key[1] is not None:
+                    self._on_cache(entry is not None)
+                if entry is not None:
+                    found[key] = entry
+        missing = [user for _, user in dict.fromkeys(k for k in keys if k not in found)]
         if missing:
-            store = self._feature_store()
-            try:
-                with self._store_lock:  # one lookup at a time: the local profile shares one SQLite connection
-                    table = store.get_online_features(features=store.get_feature_service("query_tower_v1"),
-                                                      entity_rows=[{"user_id": u} for u in missing]).to_dict()
-            except Exception as exc:
-                raise Unavailable(f"the online feature store ({self.settings.online_store}) failed: {exc}") from exc
+            online = self.histories([u for u in missing if u is not None])
+            rows = [online.get(user, {}) if user is not None else {} for user in missing]
+            states = bundle.user_states(rows)
             with self._history_lock:
-                for i, user in enumerate(missing):
-                    row = {name: values[i] for name, values in table.items() if name != "user_id"}
-                    self._history[user] = out[user] = row
-        return out
+                for i, (user, row) in enumerate(zip(missing, rows, strict=True)):
+                    known = any(v not in (None, []) for v in row.values())
+                    self._history[(bundle.model_version, user)] = found[(bundle.model_version, user)] = (
+                        states.row(i), known)
+        return UserState.stack([found[key][0] for key in keys]), [found[key][1] for key in keys]
+
+    def query_vectors(self, bundle: ModelBundle, requests: Sequence[RetrievalRequest]) -> tuple[np.ndarray, list[bool]]:
+        """The serving vectors of ``requests`` (query tower + boosting weights) and which were personalized."""
+        start = time.perf_counter()
+        states, personalized = self.user_states(bundle, [r.user_id for r in requests])
+        mark = time.perf_counter()
+        self._on_stage("history", mark - start)
+        vectors = bundle.query_vectors([{"query": r.query} for r in requests], states)
+        self._on_stage("query_tower", time.perf_counter() - mark)
+        return vectors, personalized
 
     def retrieve(self, requests: Sequence[RetrievalRequest]) -> list[RetrievalResponse]:
         pair = self._pair  # one snapshot for the whole call
         if pair is None or not self.ready():
             raise Unavailable("no model and index are loaded yet: " + (self.last_refusal or "starting"))
-        start = time.perf_counter()
-        users = self.histories([r.user_id for r in requests if r.user_id is not None])
+        vectors, personalized = self.query_vectors(pair.bundle, requests)
         mark = time.perf_counter()
-        self._on_stage("history", mark - start)
-        rows, personalized = [], []
-        for r in requests:
-            history = users.get(r.user_id, {}) if r.user_id is not None else {}
-            known = any(v not in (None, []) for v in history.values())
-            rows.append({"query": r.query, **history})
-            personalized.append(known)
-        vectors = pair.bundle.query_vectors(rows)
-        now = time.perf_counter()
-        self._on_stage("query_tower", now - mark)
-        mark = now
         results: list[list[tuple[int, float]]] = [[] for _ in requests]
         # one Milvus call per distinct (filter, k): the usual batch shares both
         groups: dict[tuple[str, int], list[int]] = {}

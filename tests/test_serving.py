@@ -144,7 +144,7 @@ def test_service_and_training_code_give_the_same_query_vector(served: Settings) 
     """Online history through the service's path == offline history through training's path."""
     from feature_repo.store import get_store
     from serving.bundle import ModelBundle
-    from serving.retriever import Retriever
+    from serving.retriever import RetrievalRequest, Retriever
     from training.boosting import augment
     from training.stages import _query_vectors
 
@@ -152,6 +152,7 @@ def test_service_and_training_code_give_the_same_query_vector(served: Settings) 
     retriever = Retriever(served)
     users = [1, 2, 3, 10**9]
     online = retriever.histories(users)
+    requests = [RetrievalRequest(query="rustic oak side table", user_id=u) for u in users]
     feast = get_store(served)
     # the online store holds the rows as of the end of its last materialisation (other tests may add days)
     materialized_until = feast.get_feature_view("user_history").most_recent_end_time
@@ -159,12 +160,21 @@ def test_service_and_training_code_give_the_same_query_vector(served: Settings) 
         entity_df=pd.DataFrame({"user_id": users, "event_timestamp": materialized_until}),
         features=feast.get_feature_service("query_tower_v1")).to_df().set_index("user_id").loc[users]
     offline = offline.reset_index().assign(query="rustic oak side table")
-    served_vectors = bundle.query_vectors([{"query": "rustic oak side table", **online[u]} for u in users])
+    served_vectors, personalized = retriever.query_vectors(bundle, requests)  # the API's path (cache empty)
     p = np.zeros((1, bundle.model.config.embedding_dim), np.float32)
     _, trained = augment(p, np.zeros((1, len(bundle.boost_weights)), np.float32),
                          _query_vectors(bundle.model, offline), bundle.boost_weights)
     assert any(online[u]["recent_queries"] for u in users[:3])  # real histories were compared
     np.testing.assert_allclose(served_vectors, trained, rtol=1e-5, atol=1e-6)
+    assert any(personalized[:3]) and personalized[3] is False  # 10**9 is no user
+    # Cached user states (now every user is cached), in another order beside a signed-out request: same
+    # vectors, and the online store is not asked again.
+    retriever._feature_store = lambda: pytest.fail("a cached user's history was looked up again")
+    mixed = [requests[2], RetrievalRequest(query="rustic oak side table"), requests[0], requests[3], requests[1]]
+    again, _ = retriever.query_vectors(bundle, mixed)
+    np.testing.assert_allclose(again[[2, 4, 0, 3]], trained, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(again[1], bundle.query_vectors([{"query": "rustic oak side table"}])[0], rtol=1e-5,
+                               atol=1e-6)
 
 
 # -- the HTTP API ---------------------------------------------------------------------------------------

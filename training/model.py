@@ -18,6 +18,7 @@ Batches are built by :mod:`training.batching` from the same feature dicts in tra
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +93,30 @@ class QueryBatch:
     history_slot: torch.Tensor  # (I,) position of the item in its user's sequence (1-based; 0 is [CLS])
     history_row: torch.Tensor  # (I,) the batch row the item belongs to
     max_items: int = 0
+
+
+@dataclass
+class UserState:
+    """The query tower's reading of each row's user, independent of the query: the hashed country, the
+    history transformer's [CLS] output (None without ``use_history``) and, per exact-match channel
+    (lexical, semantic), the history term its expansion adds (None where the channel is not expanded).
+    The retrieval service computes it once per user and reuses it for every query of that user."""
+
+    country: torch.Tensor  # (B,)
+    history: torch.Tensor | None  # (B, term_dim)
+    expansions: list[torch.Tensor | None]  # per channel: (B, channel width) or None
+
+    def row(self, i: int) -> UserState:
+        """Row ``i`` as a state of its own (a copy: a cached row must not keep its whole batch alive)."""
+        one = lambda t: None if t is None else t[i:i + 1].clone()  # noqa: E731
+        return UserState(one(self.country), one(self.history), [one(e) for e in self.expansions])
+
+    @staticmethod
+    def stack(states: Sequence[UserState]) -> UserState:
+        """One state whose rows are the rows of ``states``, in order."""
+        cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
+        return UserState(torch.cat([s.country for s in states]), cat([s.history for s in states]),
+                         [cat(list(parts)) for parts in zip(*(s.expansions for s in states), strict=True)])
 
 
 class HashedBag(nn.Module):
@@ -267,18 +292,24 @@ class HistoryExpansion(nn.Module):
     def forward(self, query: torch.Tensor, items: torch.Tensor, batch: QueryBatch) -> torch.Tensor:
         """``query`` (B, d): the query text's channel; ``items`` (I, d): the same encoder over each
         history item (shop items have no text and add nothing)."""
-        query = nn.functional.normalize(query, dim=1)
+        return self.combine(query, self.history(items, batch, len(query)))
+
+    def history(self, items: torch.Tensor, batch: QueryBatch, rows: int) -> torch.Tensor:
+        """(rows, d): each row's weighted mean history item per type, summed; zeros without history.
+        It does not depend on the query, so the service computes it once per user."""
+        types, d = len(HISTORY_TYPES), items.shape[1]
         if not len(batch.history_type):
-            return query
-        n, types = len(query), len(HISTORY_TYPES)
+            return items.new_zeros(rows, d)
         has_text = (batch.history_terms != 0).any(dim=1)
         slot = (batch.history_row * types + batch.history_type)[has_text]
-        per_type = query.new_zeros(n * types, query.shape[1]).index_add_(
-            0, slot, nn.functional.normalize(items[has_text], dim=1))
-        count = torch.bincount(slot, minlength=n * types).clamp(min=1).unsqueeze(1)
-        per_type = (per_type / count).view(n, types, -1)  # mean item of each type, per row
-        history = (self.log_weights.exp()[None, :, None] * per_type).sum(dim=1)
-        return nn.functional.normalize(query + history, dim=1)
+        per_type = items.new_zeros(rows * types, d).index_add_(0, slot, nn.functional.normalize(items[has_text], dim=1))
+        count = torch.bincount(slot, minlength=rows * types).clamp(min=1).unsqueeze(1)
+        per_type = (per_type / count).view(rows, types, -1)  # mean item of each type, per row
+        return (self.log_weights.exp()[None, :, None] * per_type).sum(dim=1)
+
+    @staticmethod
+    def combine(query: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(nn.functional.normalize(query, dim=1) + history, dim=1)
 
 
 class ProductTower(nn.Module):
@@ -351,22 +382,33 @@ class QueryTower(nn.Module):
             mask[batch.history_row, batch.history_slot] = False
         return self.history(seq, src_key_padding_mask=mask)[:, 0]
 
-    def forward(self, batch: QueryBatch) -> torch.Tensor:
-        return self.mix(self.channels(batch))
+    def forward(self, batch: QueryBatch, state: UserState | None = None) -> torch.Tensor:
+        return self.mix(self.channels(batch, state))
 
-    def channels(self, batch: QueryBatch) -> list[torch.Tensor]:
-        """The channels before mixing: learned, lexical, semantic (those the config has)."""
-        parts = [self.terms(batch.terms), self.country(batch.country)]
-        if self.config.use_history:
-            parts.append(self.encode_history(batch))
+    def _text_channels(self) -> list[tuple[nn.Module, HistoryExpansion | None]]:
+        """The exact-match channels the config has (lexical, semantic), each with its history expansion."""
+        pairs = ((self.lexical, self.expand_lexical), (self.semantic, self.expand_semantic))
+        return [(encoder, expansion) for encoder, expansion in pairs if encoder is not None]
+
+    def user_state(self, batch: QueryBatch) -> UserState:
+        """Everything the tower reads of the batch's users (country, history), without their queries."""
+        history = self.encode_history(batch) if self.config.use_history else None
+        expansions = [None if expansion is None else expansion.history(encoder(batch.history_terms), batch,
+                                                                       len(batch.terms))
+                      for encoder, expansion in self._text_channels()]
+        return UserState(batch.country, history, expansions)
+
+    def channels(self, batch: QueryBatch, state: UserState | None = None) -> list[torch.Tensor]:
+        """The channels before mixing: learned, lexical, semantic (those the config has). ``state``:
+        the rows' users as ``user_state`` computed them (default: from ``batch``'s own history)."""
+        state = self.user_state(batch) if state is None else state
+        parts = [self.terms(batch.terms), self.country(state.country)]
+        if state.history is not None:
+            parts.append(state.history)
         channels = [self.project(torch.cat(parts, dim=1))]
-        for encoder, expansion in ((self.lexical, self.expand_lexical), (self.semantic, self.expand_semantic)):
-            if encoder is None:
-                continue
+        for (encoder, expansion), history in zip(self._text_channels(), state.expansions, strict=True):
             channel = encoder(batch.terms)
-            if expansion is not None:
-                channel = expansion(channel, encoder(batch.history_terms), batch)
-            channels.append(channel)
+            channels.append(channel if expansion is None else expansion.combine(channel, history))
         return channels
 
 
