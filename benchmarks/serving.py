@@ -174,6 +174,30 @@ class CpuMeter:
         return used
 
 
+def cache_lookups(url: str) -> tuple[float, float]:
+    """(hits, misses) of the service's user-state cache so far, from its Prometheus counter."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    counts = dict(re.findall(r'uer_history_cache_total\{result="(\w+)"\} ([0-9.e+-]+)', text))
+    return float(counts.get("hit", 0)), float(counts.get("miss", 0))
+
+
+def measured_load(url: str, rates: list[float], seconds: float, queries: list[str], users: list[int],
+                  meter: CpuMeter) -> list[dict]:
+    """Each rate in turn on the same running API: latency, CPU per process group, and the share of
+    signed-in requests whose user state was cached (the API keeps its cache from rate to rate)."""
+    out = []
+    for rps in rates:
+        meter.start()
+        hits, misses = cache_lookups(url)
+        out.append(run_load(url, rps, seconds, queries, users))
+        out[-1]["cpu_cores_used"] = meter.stop()
+        new_hits, new_misses = (after - before for after, before in zip(cache_lookups(url), (hits, misses),
+                                                                          strict=True))
+        out[-1]["user_cache_hit_ratio"] = round(new_hits / max(new_hits + new_misses, 1), 3)
+        print("rate", out[-1], flush=True)
+    return out
+
+
 def stage_breakdown(url: str) -> dict[str, float]:
     """Mean milliseconds per stage from the service's Prometheus histograms."""
     text = httpx.get(url + "/metrics", timeout=10).text
@@ -465,12 +489,8 @@ def run_scaled(args: argparse.Namespace) -> None:
         url = f"http://127.0.0.1:{port}"
         api = start_api(port)
         run_load(url, 20, 5, query_texts, users)  # warm-up
-        rates, meter = [], CpuMeter(api.pid)
-        for r in args.rates.split(","):
-            meter.start()
-            rates.append(run_load(url, float(r), args.seconds, query_texts, users))
-            rates[-1]["cpu_cores_used"] = meter.stop()
-            print("rate", rates[-1], flush=True)
+        rates = measured_load(url, [float(r) for r in args.rates.split(",")], args.seconds, query_texts, users,
+                              CpuMeter(api.pid))
         stages = stage_breakdown(url)
 
         # 4. Recall of the served index: unfiltered at the serving ef, filtered, then the sweep.
@@ -588,7 +608,8 @@ def run_published(args: argparse.Namespace) -> None:
     api = start_api(port)
     try:
         run_load(url, 5, 4, queries, users)  # warm-up
-        rates = [run_load(url, float(r), args.seconds, queries, users) for r in args.rates.split(",")]
+        rates = measured_load(url, [float(r) for r in args.rates.split(",")], args.seconds, queries, users,
+                              CpuMeter(api.pid))
         stages = stage_breakdown(url)
         # A refresh (new collection, check, alias swap) while a client keeps querying.
         report, swap = under_load(url, queries, args.swap_rps, lambda: refresh_index(settings))

@@ -197,13 +197,14 @@ class IndexLifecycle:
 
     def search(self, collection: str, queries: np.ndarray, k: int, expr: str = "") -> list[list[tuple[int, float]]]:
         hits = self.client.search(collection, data=[q.tolist() for q in queries], limit=k, filter=expr,
-                                  anns_field="embedding", search_params={"params": self.search_params()})
+                                  anns_field="embedding", search_params={"params": self.search_params(k)})
         # Each row's ids and distances as plain lists: no walk over the per-hit dicts pymilvus also builds.
         return [list(zip(map(int, row.ids), map(float, row.distances), strict=True)) for row in hits]
 
-    def search_params(self) -> dict:
+    def search_params(self, k: int = 100) -> dict:
+        """Search parameters for a top-``k`` search (HNSW needs ef ≥ k: a Milvus server refuses less)."""
         if self.config.index_type == "HNSW":
-            return {"ef": self.config.search_ef}
+            return {"ef": max(self.config.search_ef, k)}
         if self.config.index_type == "IVF_FLAT":
             return {"nprobe": self.config.search_nprobe}
         return {}

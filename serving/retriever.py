@@ -224,7 +224,9 @@ class Retriever:
                 results[i] = row
         self._on_stage("ann_search", time.perf_counter() - mark)
         return [RetrievalResponse(model_version=pair.bundle.model_version, index_version=pair.index.index_version,
-                                  personalized=p, results=[RetrievedItem(product_id=pid, score=s) for pid, s in row])
+                                  personalized=p,
+                                  # typed by Milvus already: validating 100 items per response cost ~0.7 ms
+                                  results=[RetrievedItem.model_construct(product_id=pid, score=s) for pid, s in row])
                 for p, row in zip(personalized, results, strict=True)]
 
 

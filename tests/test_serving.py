@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from retrieval_core.settings import PROJECT_ROOT, Settings
+from retrieval_core.settings import PROJECT_ROOT, MilvusSettings, Settings
 from serving.filters import Filters
 from serving.index import IndexCheckFailed, IndexLifecycle
 from tests.serving_helpers import free_port, milvus_server, tiny_training_config, with_milvus
@@ -74,6 +74,14 @@ def test_filter_expression_quotes_every_value() -> None:
 
 
 # -- index lifecycle -------------------------------------------------------------------------------------
+
+
+def test_hnsw_search_asks_for_at_least_k_candidates() -> None:
+    """A Milvus server refuses an HNSW search whose ef is below its limit: k up to 1000 must still work."""
+    settings = Settings(milvus=MilvusSettings(index_type="HNSW", search_ef=100))
+    index = IndexLifecycle(settings, client=object())  # no server: search_params is our own arithmetic
+    assert index.search_params(10) == {"ef": 100}
+    assert index.search_params(1000) == {"ef": 1000}
 
 
 def test_published_index_matches_catalogue_and_filters_hold(served: Settings) -> None:
