@@ -165,9 +165,9 @@ class Retriever:
 
     def user_states(self, bundle: ModelBundle, user_ids: Sequence[int | None]) -> tuple[UserState, list[bool]]:
         """The query tower's state of each user (None = signed out) under ``bundle``, one row per id, and
-        whether the user has a history. Cached for ``history_cache_ttl_s`` per (model version, user):
+        whether the user has a history. Cached for ``history_cache_ttl_s`` per (bundle, user):
         a user's later requests skip the online store, the featuriser and the history encoders."""
-        keys = [(bundle.model_version, user) for user in user_ids]
+        keys = [(str(bundle.path), user) for user in user_ids]
         found: dict[tuple[str, int | None], tuple[UserState, bool]] = {}
         with self._history_lock:  # the service runs requests on several threads; TTLCache is not thread-safe
             for key in dict.fromkeys(keys):
@@ -184,12 +184,14 @@ class Retriever:
             with self._history_lock:
                 for i, (user, row) in enumerate(zip(missing, rows, strict=True)):
                     known = any(v not in (None, []) for v in row.values())
-                    self._history[(bundle.model_version, user)] = found[(bundle.model_version, user)] = (
+                    self._history[(str(bundle.path), user)] = found[(str(bundle.path), user)] = (
                         states.row(i), known)
         return UserState.stack([found[key][0] for key in keys]), [found[key][1] for key in keys]
 
     def query_vectors(self, bundle: ModelBundle, requests: Sequence[RetrievalRequest]) -> tuple[np.ndarray, list[bool]]:
         """The serving vectors of ``requests`` (query tower + boosting weights) and which were personalized."""
+        if not requests:
+            return np.zeros((0, bundle.dim), np.float32), []
         start = time.perf_counter()
         states, personalized = self.user_states(bundle, [r.user_id for r in requests])
         mark = time.perf_counter()

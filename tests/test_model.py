@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from training.batching import product_batch, query_batch
@@ -152,3 +153,25 @@ def test_hashed_tables_get_the_sparse_optimiser_and_dense_gradients_turn_it_off(
     assert sparse_parameters(model) == []
     (optimizer,) = Optimizer(model, TrainConfig(model=CONFIG)).optimizers
     assert [g["weight_decay"] for g in optimizer.param_groups] == [TrainConfig().weight_decay, 0.0]
+
+
+@pytest.mark.parametrize("change", [{}, {"use_history": False}, {"lexical_dim": 0}, {"semantic_channel": False},
+                                    {"history_expansion": 0.0}, {"lexical_dim": 0, "semantic_channel": False}])
+def test_cached_user_states_give_the_training_vector(change: dict) -> None:
+    """The service's path — each user's state computed alone, stacked in the batch's order — equals
+    the tower run on the whole rows, for histories, shop-only histories, unknown and signed-out users."""
+    from training.model import UserState
+
+    config = CONFIG.model_copy(update=change)
+    torch.manual_seed(0)
+    model = UnifiedModel(config).eval()
+    shop_only = {"query": "mug", "country": "DE", "recent_shops": [3]}
+    unknown = {"query": "mug", "country": None, "recent_queries": None, "recent_shops": None}
+    rows = [SIGNED_IN, SIGNED_OUT, shop_only, unknown, SIGNED_IN]
+    with torch.inference_mode():
+        trained = model.query_tower(query_batch(rows, config))
+        states = [model.query_tower.user_state(query_batch([{k: v for k, v in r.items() if k != "query"}], config))
+                  for r in rows]
+        served = model.query_tower(query_batch([{"query": r["query"]} for r in rows], config),
+                                   UserState.stack([s.row(0) for s in states]))
+    assert torch.allclose(served, trained, atol=1e-6)
