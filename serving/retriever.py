@@ -138,7 +138,8 @@ class Retriever:
     def _feature_store(self):  # noqa: ANN202 - (feast.FeatureStore, its query_tower_v1 FeatureService)
         """The online store and the feature service, resolved once: a feature service is versioned by its
         name (a changed one is ``query_tower_v2``), and Feast turns a registry lookup into a new object
-        on every call (measured: about a third of a lookup's time)."""
+        on every call. ``allow_cache``: without it Feast re-reads its registry on every lookup, which also
+        throws away its resolved-features cache (seen in a py-spy profile: most of a lookup's time)."""
         if self._store is None:
             from feature_repo.store import get_store
 
@@ -152,8 +153,6 @@ class Retriever:
         if not user_ids:
             return {}
         try:
-            # allow_cache above: without it Feast re-reads its registry on every lookup, which also throws away
-            # its resolved-features cache (measured: most of the lookup's time).
             store, service = self._feature_store()
             with self._store_lock:  # one lookup at a time: the local profile shares one SQLite connection
                 table = store.get_online_features(features=service,
@@ -167,7 +166,8 @@ class Retriever:
         """The query tower's state of each user (None = signed out) under ``bundle``, one row per id, and
         whether the user has a history. Cached for ``history_cache_ttl_s`` per (bundle, user):
         a user's later requests skip the online store, the featuriser and the history encoders."""
-        keys = [(str(bundle.path), user) for user in user_ids]
+        version = str(bundle.path)
+        keys = [(version, user) for user in user_ids]
         found: dict[tuple[str, int | None], tuple[UserState, bool]] = {}
         with self._history_lock:  # the service runs requests on several threads; TTLCache is not thread-safe
             for key in dict.fromkeys(keys):
@@ -184,7 +184,7 @@ class Retriever:
             with self._history_lock:
                 for i, (user, row) in enumerate(zip(missing, rows, strict=True)):
                     known = any(v not in (None, []) for v in row.values())
-                    self._history[(str(bundle.path), user)] = found[(str(bundle.path), user)] = (
+                    self._history[(version, user)] = found[(version, user)] = (
                         states.row(i), known)
         return UserState.stack([found[key][0] for key in keys]), [found[key][1] for key in keys]
 
