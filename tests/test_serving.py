@@ -100,6 +100,26 @@ def test_published_index_matches_catalogue_and_filters_hold(served: Settings) ->
     assert hits[0] and {pid for pid, _ in hits[0]} <= allowed
 
 
+def test_search_reads_the_raw_reply_as_pymilvus_would(served: Settings) -> None:
+    """``IndexLifecycle.search`` reads Milvus's reply arrays itself; pymilvus's own result must agree."""
+    from pymilvus import MilvusException
+
+    index = lifecycle(served)
+    current = index.serving()
+    dim = index.client.describe_collection(current.collection)["fields"][1]["params"]["dim"]
+    queries = np.random.default_rng(3).standard_normal((3, dim)).astype(np.float32)
+    for expr in ("", Filters(price_max=50).expression()):
+        raw = index.search(current.collection, queries, 20, expr)
+        public = index.client.search(current.collection, data=[q.tolist() for q in queries], limit=20, filter=expr,
+                                     anns_field="embedding", search_params={"params": index.search_params(20)})
+        assert index._raw_replies, "the raw-reply path fell back to pymilvus's public one"
+        assert [[pid for pid, _ in row] for row in raw] == [list(row.ids) for row in public]
+        assert [[round(s, 4) for _, s in row] for row in raw] == [[round(s, 4) for s in row.distances]
+                                                                 for row in public]
+    with pytest.raises(MilvusException, match="not (found|exist)"):
+        index.search("no_such_collection", queries, 5)
+
+
 def test_failed_check_and_crash_mid_build_leave_the_alias_serving(served: Settings,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from serving import refresh
