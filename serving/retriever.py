@@ -225,10 +225,11 @@ class Retriever:
             for i, row in zip(members, hits, strict=True):
                 results[i] = row
         self._on_stage("ann_search", time.perf_counter() - mark)
-        return [RetrievalResponse(model_version=pair.bundle.model_version, index_version=pair.index.index_version,
-                                  personalized=p,
-                                  # typed by Milvus already: validating 100 items per response cost ~0.7 ms
-                                  results=[RetrievedItem.model_construct(product_id=pid, score=s) for pid, s in row])
+        # One validation call per response, from plain dicts: pydantic does it in Rust (~90 µs for 100 items,
+        # timed ad hoc), where 100 RetrievedItem objects built in Python cost ~320 µs.
+        return [RetrievalResponse.model_validate(
+                    {"model_version": pair.bundle.model_version, "index_version": pair.index.index_version,
+                     "personalized": p, "results": [{"product_id": pid, "score": s} for pid, s in row]})
                 for p, row in zip(personalized, results, strict=True)]
 
 
