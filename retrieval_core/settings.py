@@ -105,6 +105,9 @@ class ServingSettings(BaseModel):
     # torch intra-op threads of the query tower in the API process: its matrices are tiny, and the cores
     # are shared with the HTTP workers (and, on one machine, with Milvus).
     torch_threads: int = Field(1, ge=1)
+    # One log line per request (BentoML's access log). Off by default: it was ~5% of the API process's GIL
+    # time at 25 requests/s (py-spy, ad hoc), and a proxy in front usually logs requests anyway.
+    access_log: bool = False
 
 
 class AirflowSettings(BaseModel):

@@ -50,7 +50,8 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-@bentoml.service(name="unified_retrieval", traffic={"timeout": 30}, threads=get_settings().serving.threads)
+@bentoml.service(name="unified_retrieval", traffic={"timeout": 30}, threads=get_settings().serving.threads,
+                 logging={"access": {"enabled": get_settings().serving.access_log}})
 class RetrievalService:
     def __init__(self) -> None:
         # prometheus_client is imported here, after BentoML set up its multiprocess metrics directory.
