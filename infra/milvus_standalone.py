@@ -124,6 +124,10 @@ def _server(data_dir: Path) -> None:
     # and is worse here: 0.9 x 4096 MB let compaction merge them into 520k + 480k segments after they had
     # been indexed, so every row was indexed twice (index wait 969 s), and at ef 200 recall@100 fell to
     # 0.960 (fewer segments merge fewer candidates).
+    # One segment of all 1M rows (maxSize 4096, sealProportion 0.9, maxBinlogFileNumber 256 so that 16 MB
+    # binlogs do not seal it first) was tried too: built and loaded (index wait 563 s), it answered with
+    # recall@100 0.09-0.12 at ef 100-400 and the proxy logged "the length (topk) between all result of
+    # query is different" (a 3.1 GB segment; /tmp experiment, no result file). Keep segments well under 2 GB.
     config.set("dataCoord.segment.maxSize", 1024)
     config.set("dataCoord.segment.sealProportion", 0.5)
     config.resolve()  # every port is free in a fresh namespace: the template's defaults (proxy 19530)
