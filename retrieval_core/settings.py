@@ -65,8 +65,8 @@ class MilvusSettings(BaseModel):
     index_type: Literal["HNSW", "IVF_FLAT", "FLAT"] = "HNSW"
     hnsw_m: int = 16
     hnsw_ef_construction: int = 200
-    # HNSW ef at query time (raised to k for larger k). serving.json's sweep at 1M: recall@100 0.989 at 100,
-    # 0.996 at 200, with most of a search's CPU in Milvus's per-call overhead and the graph walk.
+    # HNSW ef at query time (raised to k for larger k). serving.json's sweep at 1M: recall@100 0.982 at 100,
+    # 0.992 at 200, with most of a search's CPU in Milvus's per-call overhead and the graph walk.
     search_ef: int = 100
     # IVF_FLAT probes per search (nlist ≈ 4·√rows): measured at 1M rows, 32 → recall@100 0.886, 64 → 0.975.
     search_nprobe: int = 64
