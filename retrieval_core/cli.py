@@ -208,7 +208,7 @@ def train_command(
     version: Annotated[str | None, typer.Option(help="model version id (default: date + random)")] = None,
     kfp: Annotated[bool, typer.Option(help="run as the Kubeflow pipeline (kfp.local) or in this process")] = True,
 ) -> None:
-    """Train and evaluate the unified model on the published features (issue 4: in progress).
+    """Train, evaluate and register the unified model on the published features.
 
     With --kfp (default) the compiled Kubeflow pipeline runs locally (kfp.local, one subprocess per
     component, artefacts under artifacts/kfp/<version>/); --no-kfp runs the same steps in this
