@@ -105,8 +105,9 @@ def _wildcard_listeners() -> list[str]:
 # -- inside the namespace: the server itself ---------------------------------------------------------
 
 
-def _server(data_dir: Path) -> None:
-    """Runs as ``unshare --net -- python this _server``: bring lo up, write the config, exec milvus."""
+def _server(data_dir: Path, overrides: list[str]) -> None:
+    """Runs as ``unshare --net -- python this _server``: bring lo up, write the config, exec milvus.
+    ``overrides`` (``key=value``, from ``start --set``) are applied last."""
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     from milvus import MilvusServerConfig, _initialize_data_files
 
@@ -130,6 +131,9 @@ def _server(data_dir: Path) -> None:
     # query is different" (a 3.1 GB segment; /tmp experiment, no result file). Keep segments well under 2 GB.
     config.set("dataCoord.segment.maxSize", 1024)
     config.set("dataCoord.segment.sealProportion", 0.5)
+    for item in overrides:  # experiments: `start --set queryNode.segcore.knowhereThreadPoolNumRatio=1`
+        key, _, value = item.partition("=")
+        config.set(key, value)
     config.resolve()  # every port is free in a fresh namespace: the template's defaults (proxy 19530)
     proxy = config.get("proxy_port")
     if proxy != UPSTREAM_PORT:
@@ -219,7 +223,7 @@ def _wait_ready(port: int, server_pid: int, timeout_s: float) -> float:
                      f"(last error: {last}); see {SERVER_LOG}. Stop it with `make milvus-stop`.")
 
 
-def start(port: int, timeout_s: float) -> None:
+def start(port: int, timeout_s: float, overrides: list[str] | None = None) -> None:
     if os.geteuid() != 0:
         raise SystemExit("`unshare --net` needs root")
     server_pid, forwarder_pid = _read_pid(SERVER_PID), _read_pid(FORWARDER_PID)
@@ -228,6 +232,9 @@ def start(port: int, timeout_s: float) -> None:
         _wait_ready(port, server_pid, timeout_s)
         print(f"Milvus standalone ready on http://127.0.0.1:{port}")
         return
+    bad = [item for item in overrides or [] if "=" not in item]
+    if bad:
+        raise SystemExit(f"--set takes key=value (a dotted Milvus config key), not {bad}")
     if server_pid or forwarder_pid:
         print("a half-started Milvus standalone was found: stopping it first")
         stop(wipe=False)
@@ -242,8 +249,9 @@ def start(port: int, timeout_s: float) -> None:
     before = set(_wildcard_listeners())
     with SERVER_LOG.open("ab") as log:
         server = subprocess.Popen(["unshare", "--net", "--", sys.executable, __file__, "_server",
-                                   "--data-dir", str(SERVER_DIR)], stdin=subprocess.DEVNULL, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+                                   "--data-dir", str(SERVER_DIR), *(f"--set={item}" for item in overrides or [])],
+                                  stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True, cwd=ROOT)
     SERVER_PID.write_text(str(server.pid))
     # the pid is the server's (unshare and python exec in place), and so is the namespace behind it
     deadline = time.monotonic() + 10
@@ -327,25 +335,28 @@ def main() -> None:
     p = sub.add_parser("start", help="start the server in its own network namespace and the loopback forwarder")
     p.add_argument("--port", type=int, default=19530, help="host port on 127.0.0.1")
     p.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for list_collections")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a Milvus config key (repeatable; e.g. queryNode.grouping.maxNQ=64)")
     p = sub.add_parser("stop", help="stop the forwarder and the server")
     p.add_argument("--wipe", action="store_true", help=f"also remove {SERVER_DIR}")
     p = sub.add_parser("status")
     p.add_argument("--port", type=int, default=19530)
     p = sub.add_parser("_server")
     p.add_argument("--data-dir", type=Path, required=True)
+    p.add_argument("--set", action="append", default=[])
     p = sub.add_parser("_forward")
     p.add_argument("--server-pid", type=int, required=True)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--upstream-port", type=int, default=UPSTREAM_PORT)
     args = parser.parse_args()
     if args.command == "start":
-        start(args.port, args.timeout)
+        start(args.port, args.timeout, args.set)
     elif args.command == "stop":
         stop(args.wipe)
     elif args.command == "status":
         raise SystemExit(status(args.port))
     elif args.command == "_server":
-        _server(args.data_dir)
+        _server(args.data_dir, args.set)
     else:
         _forward(args.server_pid, args.port, args.upstream_port)
 
