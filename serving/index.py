@@ -31,6 +31,7 @@ MODEL_VERSION, INDEX_VERSION, CREATED_AT, STATE = ("uer.model_version", "uer.ind
                                                    "uer.state")
 SCALAR_FIELDS = {"category_path": 256, "shop_country": 8}  # VARCHAR fields and their max length; + price
 SMALL_SEGMENT_ROWS = 1024  # Milvus builds no vector index for a sealed segment smaller than this
+CHECK_QUERIES_PER_CALL = 25  # recall-check queries per search call (each call must finish within timeout_s)
 
 
 class IndexCheckFailed(RuntimeError):
@@ -199,22 +200,28 @@ class IndexLifecycle:
     def search(self, collection: str, queries: np.ndarray, k: int, expr: str = "") -> list[list[tuple[int, float]]]:
         """(product id, score) of the top ``k`` per query, best first.
 
-        The reply's id and score arrays are read as they come: pymilvus's ``SearchResult`` builds a dict and
-        a ``Hit`` per hit, which the API does not use (~0.4 ms of the GIL per call of 100 hits, timed ad hoc;
-        a quarter of the API's GIL time at 150 requests/s in a py-spy profile). That reply is reached
-        through pymilvus's async future (``_future``, pinned by uv.lock); a pymilvus without it falls back
-        to the public path for good."""
-        request = {"data": [q.tolist() for q in queries], "limit": k, "filter": expr, "anns_field": "embedding",
-                   "search_params": {"params": self.search_params(k)}, "timeout": self.config.timeout_s}
+        The reply's id and score arrays are read as they come, from pymilvus's own request builder and gRPC
+        stub (pinned by uv.lock): its public ``search`` wraps every hit in a ``Hit`` object the API does not
+        use — 13 % of the API's GIL time at 150 requests/s (py-spy --gil). Its ``_async=True`` future avoids
+        those but starts a gRPC channel-spin thread per call (client CPU per call, 600 calls ad hoc: public
+        ~1.0 ms, async ~1.2 ms, this ~0.8 ms). A pymilvus without these internals falls back for good to
+        the public call."""
+        data, params = [q.tolist() for q in queries], {"params": self.search_params(k)}
         if self._raw_replies:
             try:
-                pending = self.client.search(collection, _async=True, **request)._future
-            except AttributeError:
-                self._raw_replies = False
-            else:
+                from pymilvus.client.prepare import Prepare
                 from pymilvus.client.utils import check_status
 
-                reply = pending.result()
+                stub = self.client._get_connection()._stub
+                request = Prepare.search_requests_with_expr(
+                    collection_name=collection, anns_field="embedding", param=params, limit=k, data=data,
+                    expr=expr, partition_names=None, output_fields=None, round_decimal=-1,
+                    use_default_consistency=True)
+            except (ImportError, AttributeError, TypeError) as exc:
+                log.warning("pymilvus internals changed (%s): searching through its public API", exc)
+                self._raw_replies = False
+            else:
+                reply = stub.Search(request, timeout=self.config.timeout_s)
                 check_status(reply.status)  # raises MilvusException with the server's reason
                 ids, scores = list(reply.results.ids.int_id.data), list(reply.results.scores)
                 rows, start = [], 0
@@ -222,8 +229,9 @@ class IndexLifecycle:
                     rows.append(list(zip(ids[start:start + topk], scores[start:start + topk], strict=True)))
                     start += topk
                 return rows
-        hits = self.client.search(collection, **request)
-        return [list(zip(map(int, row.ids), map(float, row.distances), strict=True)) for row in hits]
+        hits = self.client.search(collection, data=data, limit=k, filter=expr, anns_field="embedding",
+                                  search_params=params, timeout=self.config.timeout_s)
+        return [list(zip(row.ids, row.distances, strict=True)) for row in hits]
 
     def search_params(self, k: int = 100) -> dict:
         """Search parameters for a top-``k`` search (HNSW needs ef ≥ k: a Milvus server refuses less)."""
@@ -244,7 +252,10 @@ class IndexLifecycle:
             queries = vectors[rng.choice(len(vectors), min(self.config.ann_check_queries, len(vectors)), False)]
         k = min(100, len(product_ids))
         exact = product_ids[exact_top_k(queries, vectors, k)]
-        approx = self.search(version.collection, queries, k)
+        # In chunks: one call of all queries can outlast the RPC timeout on Milvus Lite (~20 ms a query at
+        # 20k rows: 200 queries took > 5 s in a busy demo run and failed the publish with DEADLINE_EXCEEDED).
+        approx = [row for start in range(0, len(queries), CHECK_QUERIES_PER_CALL)
+                  for row in self.search(version.collection, queries[start:start + CHECK_QUERIES_PER_CALL], k)]
         recall = float(np.mean([len({p for p, _ in a} & set(e)) / k for a, e in zip(approx, exact, strict=True)]))
         if recall < self.config.min_ann_recall_at_100:
             raise IndexCheckFailed(f"{version.collection}: ANN recall@100 {recall:.3f} < "

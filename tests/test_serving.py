@@ -101,7 +101,8 @@ def test_published_index_matches_catalogue_and_filters_hold(served: Settings) ->
 
 
 def test_search_reads_the_raw_reply_as_pymilvus_would(served: Settings) -> None:
-    """``IndexLifecycle.search`` reads Milvus's reply arrays itself; pymilvus's own result must agree."""
+    """``IndexLifecycle.search`` reads Milvus's reply arrays itself: pymilvus's public result must agree, with
+    and without a filter; a missing collection raises Milvus's own error (the retriever answers 503)."""
     from pymilvus import MilvusException
 
     index = lifecycle(served)
@@ -116,6 +117,7 @@ def test_search_reads_the_raw_reply_as_pymilvus_would(served: Settings) -> None:
         assert [[pid for pid, _ in row] for row in raw] == [list(row.ids) for row in public]
         assert [[round(s, 4) for _, s in row] for row in raw] == [[round(s, 4) for s in row.distances]
                                                                  for row in public]
+        assert all(len(row) == 20 for row in raw)
     with pytest.raises(MilvusException, match="not (found|exist)"):
         index.search("no_such_collection", queries, 5)
 
