@@ -98,6 +98,10 @@ class ServingSettings(BaseModel):
     # async and batches through the coalescer below: as a sync endpoint on these threads it saturated near
     # 40 requests/s at 1M.
     threads: int = Field(4, ge=1)
+    # API worker processes (BentoML ``workers``): each has its own GIL, model copy, coalescer and user-state
+    # cache. One is GIL-bound near 0.8 cores; on this 2-core machine, shared with Milvus, 2 were worse (20k
+    # products, 200 requests/s: p99 95 ms vs 71 ms, ad hoc): more CPU per request, half the cache hits each.
+    workers: int = Field(1, ge=1, le=16)
     # /retrieve serves concurrent requests together (serving.coalescer): at most batch_max per batch,
     # batch_workers batches at a time (one can run the query tower while another waits on Milvus).
     batch_max: int = Field(32, ge=1, le=256)
@@ -108,6 +112,10 @@ class ServingSettings(BaseModel):
     # One log line per request (BentoML's access log). Off by default: it was ~5% of the API process's GIL
     # time at 25 requests/s (py-spy, ad hoc), and a proxy in front usually logs requests anyway.
     access_log: bool = False
+    # Share of API requests traced (OpenTelemetry, BentoML's tracing.sample_rate). At 0 the retrieval routes
+    # skip the tracing middleware altogether: it still opened a (non-recording) span per request, ~5% of
+    # the API's GIL time at 100 requests/s (py-spy --gil).
+    tracing_sample_rate: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class AirflowSettings(BaseModel):

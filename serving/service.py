@@ -17,9 +17,10 @@ from http import HTTPStatus
 from typing import Annotated
 
 import bentoml
+import orjson
 from bentoml.exceptions import InvalidArgument, ServiceUnavailable
 from pydantic import Field, ValidationError
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from retrieval_core.settings import get_settings
 from serving.coalescer import Coalescer
@@ -50,8 +51,18 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+API_ROUTES = ("/retrieve", "/retrieve_batch")
+
+
+def _tracing(rate: float) -> dict:
+    """BentoML's tracing config: with nothing sampled, the API routes skip the tracing middleware."""
+    return {"sample_rate": rate, **({"excluded_urls": list(API_ROUTES)} if rate == 0 else {})}
+
+
 @bentoml.service(name="unified_retrieval", traffic={"timeout": 30}, threads=get_settings().serving.threads,
-                 logging={"access": {"enabled": get_settings().serving.access_log}})
+                 workers=get_settings().serving.workers,
+                 logging={"access": {"enabled": get_settings().serving.access_log}},
+                 tracing=_tracing(get_settings().serving.tracing_sample_rate))
 class RetrievalService:
     def __init__(self) -> None:
         # prometheus_client is imported here, after BentoML set up its multiprocess metrics directory.
@@ -65,8 +76,11 @@ class RetrievalService:
         cache = Counter("uer_history_cache_total", "User-history cache lookups", ["result"])
         batch = Histogram("uer_retrieve_batch_size", "Requests of /retrieve served together",
                           buckets=(1, 2, 4, 8, 16, 32, 64))
-        self.retriever = Retriever(self.settings, on_stage=lambda s, t: stage.labels(s).observe(t),
-                                   on_cache=lambda hit: cache.labels("hit" if hit else "miss").inc())
+        # Labelled children resolved once: ``labels()`` per observation was ~2% of the GIL time under load.
+        stages = {name: stage.labels(name) for name in ("history", "query_tower", "ann_search")}
+        hit, miss = cache.labels("hit"), cache.labels("miss")
+        self.retriever = Retriever(self.settings, on_stage=lambda s, t: stages[s].observe(t),
+                                   on_cache=lambda found: (hit if found else miss).inc())
         self.retriever.reload()
         serving = self.settings.serving
         self._coalescer = Coalescer(self._run, max_batch=serving.batch_max, workers=serving.batch_workers,
@@ -84,11 +98,12 @@ class RetrievalService:
     def __is_ready__(self) -> bool:
         return self.retriever.ready()
 
-    def _run(self, requests: list[RetrievalRequest]) -> list[RetrievalResponse]:
+    def _run(self, requests: list[RetrievalRequest]) -> list[dict]:
+        """Responses as plain dicts of RetrievalResponse's shape (``Retriever.retrieve_rows``)."""
         if self.retriever.pair is None:
             self.retriever.reload()  # e.g. the first index was published after start-up
         try:
-            return self.retriever.retrieve(requests)
+            return self.retriever.retrieve_rows(requests)
         except Unavailable as exc:
             raise ServiceUnavailable(str(exc)) from exc
 
@@ -103,16 +118,18 @@ class RetrievalService:
         except ValidationError as exc:
             raise InvalidArgument(_explain(exc)) from exc
         try:
-            return await asyncio.wrap_future(self._coalescer.submit(request))
+            row = await asyncio.wrap_future(self._coalescer.submit(request))
         except ServiceUnavailable as exc:
             # BentoML hides the text of 5xx errors; the caller should learn which dependency is down.
             return JSONResponse({"error": str(exc)}, status_code=HTTPStatus.SERVICE_UNAVAILABLE)
+        # Written as it is (orjson): the same JSON as RetrievalResponse's, without validating 100 results again.
+        return Response(orjson.dumps(row), media_type="application/json")
 
     @bentoml.api(route="/retrieve_batch", batchable=True, max_batch_size=64, max_latency_ms=20)
     def retrieve_batch(self, requests: list[RetrievalRequest]) -> list[RetrievalResponse]:
         """Many requests in one call; concurrent calls are merged by BentoML's adaptive batching.
         (A 503 here carries BentoML's generic text: batched outputs cannot be a custom response.)"""
-        return self._run(requests)
+        return [RetrievalResponse.model_validate(row) for row in self._run(requests)]
 
 
 def _explain(exc: ValidationError) -> str:

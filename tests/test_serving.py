@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from retrieval_core.settings import PROJECT_ROOT, MilvusSettings, Settings
 from serving.filters import Filters
 from serving.index import IndexCheckFailed, IndexLifecycle
+from serving.retriever import RetrievalResponse
 from tests.serving_helpers import free_port, milvus_server, tiny_training_config, with_milvus
 
 FIRST, SECOND = "serve-a", "serve-b"
@@ -248,6 +249,10 @@ def test_api_happy_path_signed_out_and_unknown_user(api: str) -> None:
     signed_in = post(api, "/retrieve", {"query": "wooden bowl", "user_id": 1, "k": 20})
     assert signed_in.status_code == 200, signed_in.text
     body = signed_in.json()
+    # /retrieve writes its JSON itself (orjson): it must still be exactly the documented response model
+    assert signed_in.headers["content-type"].startswith("application/json")
+    assert set(body) == set(RetrievalResponse.model_fields) and RetrievalResponse.model_validate(body)
+    assert all(set(item) == {"product_id", "score"} for item in body["results"])
     assert body["model_version"] in (FIRST, SECOND) and body["index_version"].startswith(body["model_version"])
     assert len(body["results"]) == 20 and body["personalized"] is True
     scores = [r["score"] for r in body["results"]]
