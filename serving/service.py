@@ -10,6 +10,7 @@ swap or a new model version is picked up without a restart.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import logging
 import threading
@@ -86,6 +87,11 @@ class RetrievalService:
         self._coalescer = Coalescer(self._run, max_batch=serving.batch_max, workers=serving.batch_workers,
                                     name="retrieve", on_batch=batch.observe)
         self._stop = threading.Event()
+        # What is loaded by now (libraries, the model) lives as long as the process: keep it out of the cyclic
+        # GC's full collections. Each took 216-279 ms over that heap at 200 requests/s, the API's p99 (ad hoc,
+        # timed with gc.callbacks); after the freeze they took 7-120 ms.
+        gc.collect()
+        gc.freeze()
         threading.Thread(target=self._follow_alias, daemon=True, name="follow-alias").start()
 
     def _follow_alias(self) -> None:
