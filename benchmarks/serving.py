@@ -142,7 +142,8 @@ class CpuMeter:
             pass
         for proc in psutil.process_iter(["pid", "cmdline"]):
             try:
-                if proc.info["cmdline"] and Path(proc.info["cmdline"][0]).name == "milvus":
+                names = [Path(arg).name for arg in proc.info["cmdline"][:2]]
+                if names[0] == "milvus" or "milvus-lite" in names:  # the standalone server, or Milvus Lite's
                     groups["milvus"].append(proc)
             except (psutil.Error, TypeError, IndexError):
                 continue
