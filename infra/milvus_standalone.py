@@ -226,15 +226,18 @@ def _wait_ready(port: int, server_pid: int, timeout_s: float) -> float:
 def start(port: int, timeout_s: float, overrides: list[str] | None = None) -> None:
     if os.geteuid() != 0:
         raise SystemExit("`unshare --net` needs root")
+    bad = [item for item in overrides or [] if "=" not in item]
+    if bad:
+        raise SystemExit(f"--set takes key=value (a dotted Milvus config key), not {bad}")
     server_pid, forwarder_pid = _read_pid(SERVER_PID), _read_pid(FORWARDER_PID)
     if server_pid and forwarder_pid:
+        if overrides:
+            raise SystemExit(f"Milvus standalone is already running (server pid {server_pid}): its config cannot "
+                             f"change; `make milvus-stop` first to start it with {overrides}")
         print(f"Milvus standalone already running (server pid {server_pid}, forwarder pid {forwarder_pid})")
         _wait_ready(port, server_pid, timeout_s)
         print(f"Milvus standalone ready on http://127.0.0.1:{port}")
         return
-    bad = [item for item in overrides or [] if "=" not in item]
-    if bad:
-        raise SystemExit(f"--set takes key=value (a dotted Milvus config key), not {bad}")
     if server_pid or forwarder_pid:
         print("a half-started Milvus standalone was found: stopping it first")
         stop(wipe=False)

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from retrieval_core.settings import PROJECT_ROOT, MilvusSettings, Settings
 from serving.filters import Filters
-from serving.index import IndexCheckFailed, IndexLifecycle
+from serving.index import MAX_QUERIES_PER_CALL, IndexCheckFailed, IndexLifecycle
 from serving.retriever import RetrievalResponse
 from tests.serving_helpers import free_port, milvus_server, tiny_training_config, with_milvus
 
@@ -119,6 +119,12 @@ def test_search_reads_the_raw_reply_as_pymilvus_would(served: Settings) -> None:
         assert [[round(s, 4) for _, s in row] for row in raw] == [[round(s, 4) for s in row.distances]
                                                                  for row in public]
         assert all(len(row) == 20 for row in raw)
+    # more queries than one call takes: every query answered, in order, as if searched alone
+    many = np.random.default_rng(4).standard_normal((MAX_QUERIES_PER_CALL * 2 + 5, dim)).astype(np.float32)
+    rows = index.search(current.collection, many, 5)
+    assert len(rows) == len(many)
+    assert [rows[i] for i in (0, MAX_QUERIES_PER_CALL, len(many) - 1)] == [
+        index.search(current.collection, many[i:i + 1], 5)[0] for i in (0, MAX_QUERIES_PER_CALL, len(many) - 1)]
     with pytest.raises(MilvusException, match="not (found|exist)"):
         index.search("no_such_collection", queries, 5)
 
