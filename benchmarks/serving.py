@@ -126,7 +126,7 @@ class CpuMeter:
     """Cores used by the API (its process tree), Milvus, this process (the load generator) and the rest of
     the machine between ``start`` and ``stop``: on 2 shared cores, where the time goes."""
 
-    def __init__(self, api_pid: int):
+    def __init__(self, api_pid: int | None = None):
         import psutil
 
         self.psutil = psutil
@@ -136,8 +136,9 @@ class CpuMeter:
         psutil = self.psutil
         groups: dict[str, list] = {"api": [], "milvus": [], "load_generator": [psutil.Process()]}
         try:
-            api = psutil.Process(self.api_pid)
-            groups["api"] = [api, *api.children(recursive=True)]  # uer serve → bentoml → its workers
+            if self.api_pid is not None:
+                api = psutil.Process(self.api_pid)
+                groups["api"] = [api, *api.children(recursive=True)]  # uer serve → bentoml → its workers
         except psutil.Error:
             pass
         for proc in psutil.process_iter(["pid", "cmdline"]):
@@ -182,19 +183,36 @@ def cache_lookups(url: str) -> tuple[float, float]:
     return float(counts.get("hit", 0)), float(counts.get("miss", 0))
 
 
+def gc_pause_counters(url: str) -> dict[str, float]:
+    """Cumulative figures of the service's ``uer_gc_pause_seconds`` histogram: collections and seconds per
+    generation, and collections of any generation that paused ≥ 10 ms."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    out: dict[str, float] = {}
+    for kind, generation, value in re.findall(
+            r'uer_gc_pause_seconds_(sum|count)\{generation="(\d)"\} ([0-9.e+-]+)', text):
+        out[f"gen{generation}_{'seconds' if kind == 'sum' else 'collections'}"] = float(value)
+    bucket = r'uer_gc_pause_seconds_bucket\{generation="\d",le="0.01"\} ([0-9.e+-]+)'
+    under_10ms = sum(float(v) for v in re.findall(bucket, text))
+    out["over_10ms"] = sum(v for k, v in out.items() if k.endswith("_collections")) - under_10ms
+    return out
+
+
 def measured_load(url: str, rates: list[float], seconds: float, queries: list[str], users: list[int],
                   meter: CpuMeter) -> list[dict]:
-    """Each rate in turn on the same running API: latency, CPU per process group, and the share of
-    signed-in requests whose user state was cached (the API keeps its cache from rate to rate)."""
+    """Each rate in turn on the same running API: latency, CPU per process group, the share of signed-in
+    requests whose user state was cached (the API keeps its cache from rate to rate), and the API's
+    garbage-collector pauses (they hold the GIL: every request in flight waits)."""
     out = []
     for rps in rates:
         meter.start()
         hits, misses = cache_lookups(url)
+        gc_before = gc_pause_counters(url)
         out.append(run_load(url, rps, seconds, queries, users))
         out[-1]["cpu_cores_used"] = meter.stop()
         new_hits, new_misses = (after - before for after, before in zip(cache_lookups(url), (hits, misses),
                                                                           strict=True))
         out[-1]["user_cache_hit_ratio"] = round(new_hits / max(new_hits + new_misses, 1), 3)
+        out[-1]["gc_pauses"] = {k: round(v - gc_before.get(k, 0.0), 4) for k, v in gc_pause_counters(url).items()}
         print("rate", out[-1], flush=True)
     return out
 
@@ -325,6 +343,35 @@ def timed_search(client: object, collection: str, queries: np.ndarray, k: int, p
         latencies.append((time.perf_counter() - start) * 1000)
         ids.append([int(h["id"] if "id" in h else h["product_id"]) for h in hits[0]])
     return ids, percentiles(latencies)
+
+
+def search_cost(lifecycle: object, collection: str, queries: np.ndarray, nq_values: list[int],
+                seconds: float = 8.0) -> list[dict]:
+    """Milvus's own CPU and the caller's wall time per search call and per query, for calls of nq queries
+    (the API's coalescer sends one call per batch), k=100, through ``IndexLifecycle.search`` — where the
+    server's time goes: a fixed cost per call, or the graph walks of each query in every segment."""
+    out = []
+    for nq in nq_values:
+        meter, calls, walls = CpuMeter(), 0, []
+        meter.start()
+        began = time.perf_counter()
+        deadline = began + seconds
+        while time.perf_counter() < deadline:
+            batch = queries[(calls * nq) % len(queries):][:nq]
+            if len(batch) < nq:
+                batch = queries[:nq]
+            start = time.perf_counter()
+            lifecycle.search(collection, batch, 100)
+            walls.append((time.perf_counter() - start) * 1000)
+            calls += 1
+        used, elapsed_ms = meter.stop(), (time.perf_counter() - began) * 1000
+        milvus_ms_per_call = used["milvus"] * elapsed_ms / calls
+        out.append({"nq": nq, "calls": calls, "wall_ms_per_call": percentiles(walls),
+                    "milvus_cpu_ms_per_call": round(milvus_ms_per_call, 2),
+                    "milvus_cpu_ms_per_query": round(milvus_ms_per_call / nq, 2),
+                    "caller_cpu_ms_per_call": round(used["load_generator"] * elapsed_ms / calls, 2)})
+        print("search cost", out[-1], flush=True)
+    return out
 
 
 def recall(approx: list[list[int]], exact: list[np.ndarray]) -> float:
@@ -506,6 +553,7 @@ def run_scaled(args: argparse.Namespace) -> None:
         served_type = settings.milvus.index_type
         index_sweep = sweep(client, big.collection, served_type, knobs.get(served_type, []), queries, exact)
         print("sweep", index_sweep, flush=True)
+        cost = search_cost(lifecycle, big.collection, queries, [int(n) for n in args.nq.split(",") if n])
 
         # 5. A new N-product collection built, checked and swapped in while the API serves traffic.
         if args.swap == "rebuild":
@@ -569,6 +617,7 @@ def run_scaled(args: argparse.Namespace) -> None:
         "load_average_1m": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
         "filtered_recall_at_100": filtered,
         "index_sweep": index_sweep,
+        "search_cost": cost,
         **figures,
         "note": (f"{len(products):,} real products of the default world plus {len(frame) - len(products):,} "
                  f"synthetic rows: each copies a randomly sampled real product's category_path, shop_country, "
@@ -583,7 +632,9 @@ def run_scaled(args: argparse.Namespace) -> None:
                  f"(IndexLifecycle.wait_served_from_index). "
                  f"Load generator (httpx, asyncio), BentoML API and Milvus share the same 2 cores (load "
                  f"average in load_average_1m). Sweep, filtered and served_search latencies: one pymilvus search "
-                 f"per call, k=100, sequential, through the forwarder."),
+                 f"per call, k=100, sequential, through the forwarder. search_cost: IndexLifecycle.search calls of nq "
+                 f"queries in a loop for 8 s each; CPU from the processes' counters (milvus = the server; caller "
+                 f"= this process: pymilvus and the request building), divided by calls."),
     }, command=" ".join(["python benchmarks/serving.py", *sys.argv[1:]]))
 
 
@@ -641,6 +692,7 @@ def main() -> None:
     parser.add_argument("--recall-queries", type=int, default=200, help="real queries for the recall figures")
     parser.add_argument("--ef", default="100,200,400,800,1600", help="HNSW ef values of the sweep")
     parser.add_argument("--nprobe", default="8,16,32,64,128", help="IVF_FLAT nprobe values of the sweep")
+    parser.add_argument("--nq", default="1,4,16,32", help="queries per call of the search-cost figures")
     parser.add_argument("--no-other-index", dest="other_index", action="store_false",
                         help="skip re-indexing the previous collection with the other index type (HNSW ↔ IVF_FLAT)")
     parser.add_argument("--swap", choices=["rebuild", "refresh"], default="rebuild",

@@ -15,6 +15,8 @@ import gc
 import hmac
 import logging
 import threading
+import time
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Annotated
 
@@ -78,6 +80,9 @@ class RetrievalService:
         cache = Counter("uer_history_cache_total", "User-history cache lookups", ["result"])
         batch = Histogram("uer_retrieve_batch_size", "Requests of /retrieve served together",
                           buckets=(1, 2, 4, 8, 16, 32, 64))
+        gc_pause = Histogram("uer_gc_pause_seconds", "Pauses of Python's cyclic garbage collector (it holds "
+                             "the GIL: every request waits)", ["generation"],
+                             buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25))
         # Labelled children resolved once each: ``labels()`` per observation was ~2% of the GIL time under load.
         stage_of, cache_of = functools.cache(stage.labels), functools.cache(cache.labels)
         self.retriever = Retriever(self.settings, on_stage=lambda s, t: stage_of(s).observe(t),
@@ -92,6 +97,8 @@ class RetrievalService:
         # timed with gc.callbacks); after the freeze they took 7-120 ms.
         gc.collect()
         gc.freeze()
+        pause_of = functools.cache(gc_pause.labels)
+        gc.callbacks.append(_gc_timer(lambda generation, seconds: pause_of(generation).observe(seconds)))
         threading.Thread(target=self._follow_alias, daemon=True, name="follow-alias").start()
 
     def _follow_alias(self) -> None:
@@ -136,6 +143,19 @@ class RetrievalService:
         """Many requests in one call; concurrent calls are merged by BentoML's adaptive batching.
         (A 503 here carries BentoML's generic text: batched outputs cannot be a custom response.)"""
         return [RetrievalResponse.model_validate(row) for row in self._run(requests)]
+
+
+def _gc_timer(observe: Callable[[str, float], None]) -> Callable[[str, dict], None]:
+    """A ``gc.callbacks`` hook: ``observe(generation, seconds)`` after each collection."""
+    started = [0.0]
+
+    def hook(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            observe(str(info["generation"]), time.perf_counter() - started[0])
+
+    return hook
 
 
 def _explain(exc: ValidationError) -> str:

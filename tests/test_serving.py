@@ -306,6 +306,20 @@ def _batch_metric(api: str) -> tuple[float, float]:
     return value("uer_retrieve_batch_size_sum"), value("uer_retrieve_batch_size_count")
 
 
+def test_metrics_expose_garbage_collector_pauses(api: str) -> None:
+    """The collector holds the GIL: its pauses are a cause of tail latency the operator must see."""
+
+    def young_collections() -> float:
+        text = httpx.get(api + "/metrics", timeout=10).text
+        found = re.search(r'^uer_gc_pause_seconds_count\{generation="0"\} ([0-9.e+]+)$', text, re.M)
+        return float(found.group(1)) if found else 0.0  # no child until the first collection
+
+    before = young_collections()
+    for i in range(20):  # each request allocates far more than the 700 objects that trigger a young collection
+        assert post(api, "/retrieve", {"query": f"wooden bowl {i}", "k": 50}).status_code == 200
+    assert young_collections() > before, "no collector pause in uer_gc_pause_seconds after 20 requests"
+
+
 @pytest.mark.parametrize("body", [
     {"query": "bowl", "k": 0}, {"query": "bowl", "k": 1001}, {"query": "   "}, {"k": 5}, {"query": "x" * 300},
     {"query": "bowl", "user_id": -1}, {"query": "bowl", "filters": {"category": ['a" or 1==1']}},
