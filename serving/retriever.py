@@ -26,7 +26,7 @@ from serving.bundle import ModelBundle, ModelNotFound
 from serving.engine import EngineUnavailable
 from serving.filters import Filters
 from serving.index import AliasTargetMissing, IndexLifecycle, IndexVersion
-from training.model import UserState
+from training.model import PackedUserState, UserState
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class Retriever:
         a user's later requests skip the online store, the featuriser and the history encoders."""
         version = str(bundle.path)
         keys = [(version, user) for user in user_ids]
-        found: dict[tuple[str, int | None], tuple[UserState, bool]] = {}
+        found: dict[tuple[str, int | None], tuple[PackedUserState, bool]] = {}
         with self._history_lock:  # the service runs requests on several threads; TTLCache is not thread-safe
             for key in dict.fromkeys(keys):
                 entry = self._history.get(key)

@@ -94,12 +94,23 @@ class RetrievalService:
         self._stop = threading.Event()
         # What is loaded by now (libraries, the model) lives as long as the process: keep it out of the cyclic
         # GC's full collections. Each took 216-279 ms over that heap at 200 requests/s, the API's p99 (ad hoc,
-        # timed with gc.callbacks); after the freeze they took 7-120 ms.
+        # timed with gc.callbacks); after the freeze they took 7-120 ms. One request first, so what the request
+        # path imports and builds on first use (the online store's reader, the search stub) is frozen too.
+        self._warm_up()
         gc.collect()
         gc.freeze()
         pause_of = functools.cache(gc_pause.labels)
         gc.callbacks.append(_gc_timer(lambda generation, seconds: pause_of(generation).observe(seconds)))
         threading.Thread(target=self._follow_alias, daemon=True, name="follow-alias").start()
+
+    def _warm_up(self) -> None:
+        """One signed-in request (a user id that cannot exist) through the whole path, when a pair is loaded."""
+        if not self.retriever.ready():
+            return
+        try:
+            self.retriever.retrieve_rows([RetrievalRequest(query="warm up", user_id=2**62, k=10)])
+        except Unavailable as exc:  # Milvus or the online store is down: the service starts anyway (503s)
+            log.warning("warm-up request failed: %s", exc)
 
     def _follow_alias(self) -> None:
         while not self._stop.wait(self.settings.serving.reload_interval_s):

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from pydantic import BaseModel, Field
 from torch import nn
@@ -106,17 +108,28 @@ class UserState:
     history: torch.Tensor | None  # (B, term_dim)
     expansions: list[torch.Tensor | None]  # per channel: (B, channel width) or None
 
-    def row(self, i: int) -> UserState:
-        """Row ``i`` as a state of its own (a copy: a cached row must not keep its whole batch alive)."""
-        one = lambda t: None if t is None else t[i:i + 1].clone()  # noqa: E731
-        return UserState(one(self.country), one(self.history), [one(e) for e in self.expansions])
+    def row(self, i: int) -> PackedUserState:
+        """Row ``i`` as numpy copies, what a cache keeps: arrays are invisible to Python's cyclic garbage
+        collector, tensors are not — each full collection traverses every live tensor, and a cache of a few
+        thousand users' tensors made those pauses (which hold the GIL) several ms longer. Copies, so a
+        cached row does not keep its whole batch alive."""
+        one = lambda t: None if t is None else t[i:i + 1].detach().numpy().copy()  # noqa: E731
+        return PackedUserState(one(self.country), one(self.history), tuple(one(e) for e in self.expansions))
 
     @staticmethod
-    def stack(states: Sequence[UserState]) -> UserState:
-        """One state whose rows are the rows of ``states``, in order."""
-        cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
-        return UserState(torch.cat([s.country for s in states]), cat([s.history for s in states]),
-                         [cat(list(parts)) for parts in zip(*(s.expansions for s in states), strict=True)])
+    def stack(rows: Sequence[PackedUserState]) -> UserState:
+        """One state whose rows are ``rows`` (from :meth:`row`), in order."""
+        cat = lambda parts: None if parts[0] is None else torch.from_numpy(np.concatenate(parts))  # noqa: E731
+        return UserState(cat([r.country for r in rows]), cat([r.history for r in rows]),
+                         [cat(list(parts)) for parts in zip(*(r.expansions for r in rows), strict=True)])
+
+
+class PackedUserState(NamedTuple):
+    """One user's :class:`UserState` row as numpy arrays (see :meth:`UserState.row`)."""
+
+    country: np.ndarray
+    history: np.ndarray | None
+    expansions: tuple[np.ndarray | None, ...]
 
 
 class HashedBag(nn.Module):
