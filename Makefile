@@ -96,8 +96,13 @@ milvus-stop:  ## stop the standalone Milvus server (WIPE=1 also deletes data/mil
 milvus-status:  ## is the standalone Milvus server up, and where does it listen
 	@$(VENV)/bin/python infra/milvus_standalone.py status --port $(MILVUS_PORT)
 
+# The options of the committed benchmarks/results/serving.json; BENCH_1M_OPTIONS= (empty) also rebuilds the
+# 1M collection under load and sweeps IVF_FLAT (~25 min more).
+BENCH_1M_OPTIONS ?= --swap refresh --no-other-index --ef 100,200,400
+
 bench-serve-1m: milvus-start  ## serving benchmark on 1M products (real + synthetic) on the standalone server (after make demo)
-	$(VENV)/bin/python benchmarks/serving.py --products $(BENCH_PRODUCTS) --milvus-uri http://127.0.0.1:$(MILVUS_PORT)
+	$(VENV)/bin/python benchmarks/serving.py --products $(BENCH_PRODUCTS) --milvus-uri http://127.0.0.1:$(MILVUS_PORT) \
+		$(BENCH_1M_OPTIONS)
 
 bench-simulate: setup  ## the large world: time and peak memory of `uer simulate --world large`
 	$(VENV)/bin/python benchmarks/simulate_large.py
