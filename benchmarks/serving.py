@@ -267,6 +267,14 @@ def under_load(url: str, queries: list[str], rps: float, action: Callable[[], ob
 # -- the N-product mode ------------------------------------------------------------------------------
 
 
+def invocation() -> str:
+    """This run as a command to rerun it: the caller's own ``UER_*`` settings (they change what is measured,
+    e.g. ``UER_MILVUS__HNSW_M=8``), then the script and its arguments. Call before ``use_milvus``."""
+    settings = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("UER_")
+                and not any(secret in k for secret in ("TOKEN", "PASSWORD", "KEY"))]
+    return " ".join([*settings, "python benchmarks/serving.py", *sys.argv[1:]])
+
+
 def use_milvus(uri: str) -> None:
     """Point this process and the API it starts at ``uri`` (a running Milvus server: no embedded one)."""
     os.environ["UER_MILVUS__URI"] = uri
@@ -635,7 +643,7 @@ def run_scaled(args: argparse.Namespace) -> None:
                  f"per call, k=100, sequential, through the forwarder. search_cost: IndexLifecycle.search calls of nq "
                  f"queries in a loop for 8 s each; CPU from the processes' counters (milvus = the server; caller "
                  f"= this process: pymilvus and the request building), divided by calls."),
-    }, command=" ".join(["python benchmarks/serving.py", *sys.argv[1:]]))
+    }, command=args.command)
 
 
 # -- the default mode --------------------------------------------------------------------------------
@@ -676,7 +684,7 @@ def run_published(args: argparse.Namespace) -> None:
         "swap_under_load": swap,
         "ann_recall_at_100": report.checks["ann_recall_at_100"],
         "note": "the published world as it is (no synthetic rows)",
-    }, command=" ".join(["python benchmarks/serving.py", *sys.argv[1:]]))
+    }, command=args.command)
 
 
 def main() -> None:
@@ -702,6 +710,7 @@ def main() -> None:
     parser.add_argument("--result", default=None, help="result file name under benchmarks/results/ (default: "
                         "serving with --products, the issue's 1M record; serving_lite without)")
     args = parser.parse_args()
+    args.command = invocation()
     if args.milvus_uri:
         use_milvus(args.milvus_uri)
     if args.products:
