@@ -183,6 +183,13 @@ def cache_lookups(url: str) -> tuple[float, float]:
     return float(counts.get("hit", 0)), float(counts.get("miss", 0))
 
 
+def batch_counters(url: str) -> tuple[float, float]:
+    """(requests, batches) served by /retrieve so far, from the service's batch-size histogram."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    found = dict(re.findall(r'^uer_retrieve_batch_size_(sum|count) ([0-9.e+-]+)$', text, re.M))
+    return float(found.get("sum", 0)), float(found.get("count", 0))
+
+
 def gc_pause_counters(url: str) -> dict[str, float]:
     """Cumulative figures of the service's ``uer_gc_pause_seconds`` histogram: collections and seconds per
     generation, and collections of any generation that paused ≥ 10 ms."""
@@ -206,12 +213,14 @@ def measured_load(url: str, rates: list[float], seconds: float, queries: list[st
     for rps in rates:
         meter.start()
         hits, misses = cache_lookups(url)
-        gc_before = gc_pause_counters(url)
+        gc_before, batches_before = gc_pause_counters(url), batch_counters(url)
         out.append(run_load(url, rps, seconds, queries, users))
         out[-1]["cpu_cores_used"] = meter.stop()
         new_hits, new_misses = (after - before for after, before in zip(cache_lookups(url), (hits, misses),
                                                                           strict=True))
         out[-1]["user_cache_hit_ratio"] = round(new_hits / max(new_hits + new_misses, 1), 3)
+        served, batches = (after - before for after, before in zip(batch_counters(url), batches_before, strict=True))
+        out[-1]["mean_batch_size"] = round(served / max(batches, 1), 2)  # requests per coalescer batch
         out[-1]["gc_pauses"] = {k: round(v - gc_before.get(k, 0.0), 4) for k, v in gc_pause_counters(url).items()}
         print("rate", out[-1], flush=True)
     return out

@@ -109,7 +109,7 @@ class RetrievalService:
             return
         try:
             self.retriever.retrieve_rows([RetrievalRequest(query="warm up", user_id=2**62, k=10)])
-        except Unavailable as exc:  # Milvus or the online store is down: the service starts anyway (503s)
+        except Exception as exc:  # noqa: BLE001 - e.g. Milvus or the online store is down: start anyway (503s)
             log.warning("warm-up request failed: %s", exc)
 
     def _follow_alias(self) -> None:
