@@ -176,30 +176,21 @@ class CpuMeter:
         return used
 
 
-def cache_lookups(url: str) -> tuple[float, float]:
-    """(hits, misses) of the service's user-state cache so far, from its Prometheus counter."""
+def service_counters(url: str) -> dict[str, float]:
+    """The service's cumulative Prometheus counters that a rate's figures are deltas of, from one scrape:
+    user-state cache hits and misses, /retrieve requests and coalescer batches, and garbage-collector
+    collections and seconds per generation plus collections of any generation that paused ≥ 10 ms."""
     text = httpx.get(url + "/metrics", timeout=10).text
-    counts = dict(re.findall(r'uer_history_cache_total\{result="(\w+)"\} ([0-9.e+-]+)', text))
-    return float(counts.get("hit", 0)), float(counts.get("miss", 0))
-
-
-def batch_counters(url: str) -> tuple[float, float]:
-    """(requests, batches) served by /retrieve so far, from the service's batch-size histogram."""
-    text = httpx.get(url + "/metrics", timeout=10).text
-    found = dict(re.findall(r'^uer_retrieve_batch_size_(sum|count) ([0-9.e+-]+)$', text, re.M))
-    return float(found.get("sum", 0)), float(found.get("count", 0))
-
-
-def gc_pause_counters(url: str) -> dict[str, float]:
-    """Cumulative figures of the service's ``uer_gc_pause_seconds`` histogram: collections and seconds per
-    generation, and collections of any generation that paused ≥ 10 ms."""
-    text = httpx.get(url + "/metrics", timeout=10).text
-    out: dict[str, float] = {}
-    for kind, generation, value in re.findall(
-            r'uer_gc_pause_seconds_(sum|count)\{generation="(\d)"\} ([0-9.e+-]+)', text):
+    number = r"([0-9.e+-]+)"
+    out = {f"cache_{result}": float(value) for result, value in
+           re.findall(rf'uer_history_cache_total\{{result="(\w+)"\}} {number}', text)}
+    out |= {f"batch_{kind}": float(value) for kind, value in
+            re.findall(rf"^uer_retrieve_batch_size_(sum|count) {number}$", text, re.M)}
+    pauses = rf'uer_gc_pause_seconds_(sum|count)\{{generation="(\d)"\}} {number}'
+    for kind, generation, value in re.findall(pauses, text):
         out[f"gen{generation}_{'seconds' if kind == 'sum' else 'collections'}"] = float(value)
-    bucket = r'uer_gc_pause_seconds_bucket\{generation="\d",le="0.01"\} ([0-9.e+-]+)'
-    under_10ms = sum(float(v) for v in re.findall(bucket, text))
+    short = rf'uer_gc_pause_seconds_bucket\{{generation="\d",le="0.01"\}} {number}'
+    under_10ms = sum(float(v) for v in re.findall(short, text))
     out["over_10ms"] = sum(v for k, v in out.items() if k.endswith("_collections")) - under_10ms
     return out
 
@@ -207,21 +198,19 @@ def gc_pause_counters(url: str) -> dict[str, float]:
 def measured_load(url: str, rates: list[float], seconds: float, queries: list[str], users: list[int],
                   meter: CpuMeter) -> list[dict]:
     """Each rate in turn on the same running API: latency, CPU per process group, the share of signed-in
-    requests whose user state was cached (the API keeps its cache from rate to rate), and the API's
-    garbage-collector pauses (they hold the GIL: every request in flight waits)."""
+    requests whose user state was cached (the API keeps its cache from rate to rate), the mean coalescer
+    batch, and the API's garbage-collector pauses (they hold the GIL: every request in flight waits)."""
     out = []
     for rps in rates:
         meter.start()
-        hits, misses = cache_lookups(url)
-        gc_before, batches_before = gc_pause_counters(url), batch_counters(url)
+        before = service_counters(url)
         out.append(run_load(url, rps, seconds, queries, users))
         out[-1]["cpu_cores_used"] = meter.stop()
-        new_hits, new_misses = (after - before for after, before in zip(cache_lookups(url), (hits, misses),
-                                                                          strict=True))
-        out[-1]["user_cache_hit_ratio"] = round(new_hits / max(new_hits + new_misses, 1), 3)
-        served, batches = (after - before for after, before in zip(batch_counters(url), batches_before, strict=True))
-        out[-1]["mean_batch_size"] = round(served / max(batches, 1), 2)  # requests per coalescer batch
-        out[-1]["gc_pauses"] = {k: round(v - gc_before.get(k, 0.0), 4) for k, v in gc_pause_counters(url).items()}
+        delta = {k: v - before.get(k, 0.0) for k, v in service_counters(url).items()}
+        hits, misses = delta.get("cache_hit", 0.0), delta.get("cache_miss", 0.0)
+        out[-1]["user_cache_hit_ratio"] = round(hits / max(hits + misses, 1), 3)
+        out[-1]["mean_batch_size"] = round(delta.get("batch_sum", 0.0) / max(delta.get("batch_count", 0.0), 1), 2)
+        out[-1]["gc_pauses"] = {k: round(v, 4) for k, v in delta.items() if k.startswith("gen") or k == "over_10ms"}
         print("rate", out[-1], flush=True)
     return out
 
