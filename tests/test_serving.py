@@ -296,23 +296,25 @@ def test_concurrent_requests_are_served_together_and_each_gets_its_own_answer(ap
     assert batches < requests  # some of the 32 concurrent requests shared a batch
 
 
+def _metric(api: str, name: str, labels: str = "") -> float | None:
+    """The value of sample ``name`` (with exactly ``labels``, e.g. ``generation="0"``, if given) in the
+    service's /metrics; None when the service does not expose it (yet)."""
+    text = httpx.get(api + "/metrics", timeout=10).text
+    label_part = re.escape("{" + labels + "}") if labels else r"(?:\{[^}]*\})?"
+    found = re.search(rf"^{name}{label_part} ([0-9.e+]+)$", text, re.M)
+    return float(found.group(1)) if found else None
+
+
 def _batch_metric(api: str) -> tuple[float, float]:
     """(requests, batches) counted by the service's batch-size histogram."""
-    text = httpx.get(api + "/metrics", timeout=10).text
-
-    def value(name: str) -> float:
-        return float(re.search(rf"^{name}(?:\{{[^}}]*\}})? ([0-9.e+]+)$", text, re.M).group(1))
-
-    return value("uer_retrieve_batch_size_sum"), value("uer_retrieve_batch_size_count")
+    return _metric(api, "uer_retrieve_batch_size_sum"), _metric(api, "uer_retrieve_batch_size_count")
 
 
 def test_metrics_expose_garbage_collector_pauses(api: str) -> None:
     """The collector holds the GIL: its pauses are a cause of tail latency the operator must see."""
 
-    def young_collections() -> float:
-        text = httpx.get(api + "/metrics", timeout=10).text
-        found = re.search(r'^uer_gc_pause_seconds_count\{generation="0"\} ([0-9.e+]+)$', text, re.M)
-        return float(found.group(1)) if found else 0.0  # no child until the first collection
+    def young_collections() -> float:  # no sample until the first collection
+        return _metric(api, "uer_gc_pause_seconds_count", 'generation="0"') or 0.0
 
     before = young_collections()
     for i in range(20):  # each request allocates far more than the 700 objects that trigger a young collection
