@@ -62,7 +62,7 @@ class MilvusSettings(BaseModel):
     collection_prefix: str = "products"
     alias: str = "products_serving"
     keep_previous: int = 2
-    index_type: Literal["HNSW", "IVF_FLAT", "FLAT"] = "HNSW"
+    index_type: Literal["HNSW", "IVF_FLAT", "SCANN", "FLAT"] = "HNSW"
     hnsw_m: int = 16
     hnsw_ef_construction: int = 200
     # HNSW ef at query time (raised to k for larger k). serving.json's sweep at 1M: recall@100 0.982 at 100,
@@ -70,6 +70,9 @@ class MilvusSettings(BaseModel):
     search_ef: int = 100
     # IVF_FLAT probes per search (nlist ≈ 4·√rows): measured at 1M rows, 32 → recall@100 0.886, 64 → 0.975.
     search_nprobe: int = 64
+    # SCANN (a Milvus server ≥ 2.3: IVF lists of 4-bit codes scanned with SIMD lookups): the best reorder_k
+    # candidates by code distance are re-scored with the raw vectors (raised to k: the server refuses less).
+    scann_reorder_k: int = Field(200, ge=1)
     min_ann_recall_at_100: float = 0.97
     ann_check_queries: int = 200
     insert_batch: int = 5000

@@ -34,6 +34,8 @@ SMALL_SEGMENT_ROWS = 1024  # Milvus builds no vector index for a sealed segment 
 # Queries per search call: on Milvus Lite a query costs ~20 ms at 20k rows, and 200 in one call outlasted the
 # 5 s RPC timeout in a busy demo run (DEADLINE_EXCEEDED); the API's usual batches stay within one call.
 MAX_QUERIES_PER_CALL = 32
+# What to raise, per index type, when the ANN recall check refuses a collection.
+RECALL_KNOBS = {"HNSW": "search_ef / hnsw_m", "IVF_FLAT": "search_nprobe", "SCANN": "search_nprobe / scann_reorder_k"}
 
 
 class IndexCheckFailed(RuntimeError):
@@ -147,11 +149,16 @@ class IndexLifecycle:
         return IndexVersion(name, model_version, index_version, created, False)
 
     def index_params(self, index_type: str, rows: int) -> dict:
-        """Build parameters of ``index_type`` for a collection of ``rows`` vectors (IVF: nlist ≈ 4·√rows)."""
+        """Build parameters of ``index_type`` for a collection of ``rows`` vectors (IVF_FLAT: nlist ≈ 4·√rows;
+        SCANN: nlist ≈ √rows, since each ~165k-row segment scans all its centroids per query before its codes).
+        SCANN's with_raw_data (kept for re-scoring) is left at its default, true: Milvus 2.3.5 passes the
+        value on as a string, which its index builder refuses ("should be a boolean")."""
         if index_type == "HNSW":
             return {"M": self.config.hnsw_m, "efConstruction": self.config.hnsw_ef_construction}
         if index_type == "IVF_FLAT":
             return {"nlist": max(1, min(4096, int(np.sqrt(rows) * 4)))}
+        if index_type == "SCANN":
+            return {"nlist": max(1, min(4096, int(np.sqrt(rows))))}
         return {}
 
     def _wait_indexed(self, name: str, rows: int, timeout_s: float = 1800.0) -> None:
@@ -241,12 +248,16 @@ class IndexLifecycle:
                                   search_params=params, timeout=self.config.timeout_s)
         return [list(zip(row.ids, row.distances, strict=True)) for row in hits]
 
-    def search_params(self, k: int = 100) -> dict:
-        """Search parameters for a top-``k`` search (HNSW needs ef ≥ k: a Milvus server refuses less)."""
-        if self.config.index_type == "HNSW":
+    def search_params(self, k: int = 100, index_type: str | None = None) -> dict:
+        """Search parameters for a top-``k`` search of ``index_type`` (default: the settings' index type).
+        HNSW needs ef ≥ k and SCANN reorder_k ≥ k: a Milvus server refuses less."""
+        index_type = index_type or self.config.index_type
+        if index_type == "HNSW":
             return {"ef": max(self.config.search_ef, k)}
-        if self.config.index_type == "IVF_FLAT":
+        if index_type == "IVF_FLAT":
             return {"nprobe": self.config.search_nprobe}
+        if index_type == "SCANN":
+            return {"nprobe": self.config.search_nprobe, "reorder_k": max(self.config.scann_reorder_k, k)}
         return {}
 
     def check(self, version: IndexVersion, product_ids: np.ndarray, vectors: np.ndarray,
@@ -265,7 +276,8 @@ class IndexLifecycle:
         if recall < self.config.min_ann_recall_at_100:
             raise IndexCheckFailed(f"{version.collection}: ANN recall@100 {recall:.3f} < "
                                    f"{self.config.min_ann_recall_at_100} (index {self.config.index_type}; raise "
-                                   "search_ef / hnsw_m in the milvus settings)")
+                                   f"{RECALL_KNOBS.get(self.config.index_type, 'the index parameters')} in the "
+                                   "milvus settings)")
         smoke = self.search(version.collection, queries[:1], 10)
         if len(smoke[0]) != min(10, len(product_ids)):
             raise IndexCheckFailed(f"{version.collection}: smoke query returned {len(smoke[0])} results")

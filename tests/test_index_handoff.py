@@ -74,3 +74,13 @@ def test_ivf_probes_come_from_the_settings() -> None:
     lifecycle = IndexLifecycle(settings, client=HandoffServer(lag=0))
     assert lifecycle.search_params() == {"nprobe": 96}
     assert lifecycle.index_params("IVF_FLAT", 1_000_000) == {"nlist": 4000}
+
+
+def test_scann_reorders_at_least_k_candidates() -> None:
+    settings = Settings()
+    settings.milvus.index_type, settings.milvus.search_nprobe, settings.milvus.scann_reorder_k = "SCANN", 32, 150
+    lifecycle = IndexLifecycle(settings, client=HandoffServer(lag=0))
+    assert lifecycle.search_params(100) == {"nprobe": 32, "reorder_k": 150}
+    assert lifecycle.search_params(500) == {"nprobe": 32, "reorder_k": 500}  # the server refuses reorder_k < k
+    assert lifecycle.search_params(100, "HNSW") == {"ef": 100}  # another type's parameters, same settings
+    assert lifecycle.index_params("SCANN", 1_000_000) == {"nlist": 1000}
