@@ -8,7 +8,8 @@ UER := $(VENV)/bin/uer
 WORLD ?= default
 
 .PHONY: setup demo test lint bench bench-simulate bench-setup bench-features bench-serve features feature-server \
-	api-start api-stop airflow-ui clean services help bench-demo bench-training milvus-start milvus-stop milvus-status bench-serve-1m
+	api-start api-stop airflow-ui clean services help bench-demo bench-training milvus-start milvus-stop milvus-status bench-serve-1m \
+	bench-index-types
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -103,6 +104,9 @@ BENCH_1M_OPTIONS ?= --swap refresh --no-other-index --ef 100,200,400
 bench-serve-1m: milvus-start  ## serving benchmark on 1M products (real + synthetic) on the standalone server (after make demo)
 	$(VENV)/bin/python benchmarks/serving.py --products $(BENCH_PRODUCTS) --milvus-uri http://127.0.0.1:$(MILVUS_PORT) \
 		$(BENCH_1M_OPTIONS)
+
+bench-index-types: milvus-start  ## one 165k-row segment as HNSW and SCANN: recall@100 and Milvus CPU per query (after make demo)
+	$(VENV)/bin/python benchmarks/index_types.py --milvus-uri http://127.0.0.1:$(MILVUS_PORT)
 
 bench-simulate: setup  ## the large world: time and peak memory of `uer simulate --world large`
 	$(VENV)/bin/python benchmarks/simulate_large.py

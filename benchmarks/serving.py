@@ -16,9 +16,10 @@ Two modes:
   real catalogue are synthetic (see ``synthesize``). On top: ANN recall@100 of real query vectors on
   the served index, recall@100 under selective filters (vs exact top-100 among the matching rows), the
   failed requests while a new N-product collection is built and swapped in under load, and an
-  index-parameter sweep: the served index type's knob (HNSW ef / IVF_FLAT nprobe), then the previous
-  collection (no longer serving) re-indexed with the other type and swept too. The index type and
-  search ef come from the settings (e.g. ``UER_MILVUS__INDEX_TYPE=IVF_FLAT``), as for the API.
+  index-parameter sweep: the served index type's knob (HNSW ef / IVF_FLAT and SCANN nprobe), then the
+  previous collection (no longer serving) re-indexed with another type (``--other-index-type``) and
+  swept too. The index type and search parameters come from the settings (e.g.
+  ``UER_MILVUS__INDEX_TYPE=SCANN``), as for the API.
 """
 
 from __future__ import annotations
@@ -270,7 +271,8 @@ def invocation() -> str:
     e.g. ``UER_MILVUS__HNSW_M=8``), then the script and its arguments. Call before ``use_milvus``."""
     settings = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("UER_")
                 and not any(secret in k for secret in ("TOKEN", "PASSWORD", "KEY"))]
-    return " ".join([*settings, "python benchmarks/serving.py", *sys.argv[1:]])
+    script = Path(sys.argv[0]).resolve().relative_to(Path(__file__).resolve().parent.parent)
+    return " ".join([*settings, f"python {script}", *sys.argv[1:]])
 
 
 def use_milvus(uri: str) -> None:
@@ -445,14 +447,19 @@ class StepTimer:
         return out
 
 
-def sweep(client: object, collection: str, index_type: str, values: list[int], queries: np.ndarray,
+SWEEP_KNOB = {"HNSW": "ef", "IVF_FLAT": "nprobe", "SCANN": "nprobe"}
+
+
+def sweep(lifecycle: object, collection: str, index_type: str, values: list[int], queries: np.ndarray,
           exact: list[np.ndarray], build_s: float | None = None) -> list[dict]:
-    """Recall@100 and single-query latency of ``collection`` for each ef (HNSW) or nprobe (IVF_FLAT)."""
-    knob = {"HNSW": "ef", "IVF_FLAT": "nprobe"}[index_type]
+    """Recall@100 and single-query latency of ``collection`` for each ef (HNSW) or nprobe (IVF_FLAT, SCANN;
+    SCANN's reorder_k stays the settings')."""
+    knob, base = SWEEP_KNOB[index_type], lifecycle.search_params(100, index_type)
     out = []
     for value in values:
-        approx, latency = timed_search(client, collection, queries, 100, {knob: value})
-        out.append({"index": index_type, knob: value, "recall_at_100": round(recall(approx, exact), 4), **latency,
+        params = {**base, knob: value}
+        approx, latency = timed_search(lifecycle.client, collection, queries, 100, params)
+        out.append({"index": index_type, **params, "recall_at_100": round(recall(approx, exact), 4), **latency,
                     **({"build_and_load_s": build_s} if build_s is not None else {})})
     return out
 
@@ -554,10 +561,10 @@ def run_scaled(args: argparse.Namespace) -> None:
         print(f"served ANN recall@100 {served_recall} ({serving_latency})", flush=True)
         filtered = filtered_recall(client, big.collection, frame, vectors, queries, lifecycle.search_params())
         print("filtered", filtered, flush=True)
-        knobs = {"HNSW": [int(x) for x in args.ef.split(",") if x],
-                 "IVF_FLAT": [int(x) for x in args.nprobe.split(",") if x]}
+        nprobes = [int(x) for x in args.nprobe.split(",") if x]
+        knobs = {"HNSW": [int(x) for x in args.ef.split(",") if x], "IVF_FLAT": nprobes, "SCANN": nprobes}
         served_type = settings.milvus.index_type
-        index_sweep = sweep(client, big.collection, served_type, knobs.get(served_type, []), queries, exact)
+        index_sweep = sweep(lifecycle, big.collection, served_type, knobs.get(served_type, []), queries, exact)
         print("sweep", index_sweep, flush=True)
         cost = search_cost(lifecycle, big.collection, queries, [int(n) for n in args.nq.split(",") if n])
 
@@ -580,10 +587,10 @@ def run_scaled(args: argparse.Namespace) -> None:
         api = None
 
         # 6. The other index type on the previous N-product collection (it no longer serves).
-        other = "IVF_FLAT" if served_type == "HNSW" else "HNSW"
+        other = args.other_index_type or ("IVF_FLAT" if served_type == "HNSW" else "HNSW")
         if args.other_index and knobs[other]:
             build_s = rebuild(lifecycle, big.collection, len(frame), other)
-            index_sweep += sweep(client, big.collection, other, knobs[other], queries, exact, build_s)
+            index_sweep += sweep(lifecycle, big.collection, other, knobs[other], queries, exact, build_s)
             print("sweep", index_sweep[-len(knobs[other]):], flush=True)
     finally:
         if api is not None:
@@ -697,10 +704,12 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.5, help="relative noise norm of synthetic vectors")
     parser.add_argument("--recall-queries", type=int, default=200, help="real queries for the recall figures")
     parser.add_argument("--ef", default="100,200,400,800,1600", help="HNSW ef values of the sweep")
-    parser.add_argument("--nprobe", default="8,16,32,64,128", help="IVF_FLAT nprobe values of the sweep")
+    parser.add_argument("--nprobe", default="8,16,32,64,128", help="IVF_FLAT / SCANN nprobe values of the sweep")
     parser.add_argument("--nq", default="1,4,16,32", help="queries per call of the search-cost figures")
     parser.add_argument("--no-other-index", dest="other_index", action="store_false",
-                        help="skip re-indexing the previous collection with the other index type (HNSW ↔ IVF_FLAT)")
+                        help="skip re-indexing the previous collection with the other index type")
+    parser.add_argument("--other-index-type", choices=["HNSW", "IVF_FLAT", "SCANN"], default=None,
+                        help="the other index type (default: IVF_FLAT when serving HNSW, else HNSW)")
     parser.add_argument("--swap", choices=["rebuild", "refresh"], default="rebuild",
                         help="under load: rebuild the N-product collection, or refresh the real catalogue")
     parser.add_argument("--swap-rps", type=float, default=20.0, help="client rate while the swap happens")

@@ -62,6 +62,7 @@ class MilvusSettings(BaseModel):
     collection_prefix: str = "products"
     alias: str = "products_serving"
     keep_previous: int = 2
+    # HNSW: per query the cheapest at recall@100 ≥ 0.97 of those measured (benchmarks/results/index_types.json).
     index_type: Literal["HNSW", "IVF_FLAT", "SCANN", "FLAT"] = "HNSW"
     hnsw_m: int = 16
     hnsw_ef_construction: int = 200
