@@ -25,7 +25,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import write_result  # noqa: E402
-from benchmarks.serving import CpuMeter, exact_top_k, invocation, recall, synthesize, use_milvus  # noqa: E402
+from benchmarks.serving import (  # noqa: E402
+    CpuMeter,
+    exact_top_k,
+    invocation,
+    rebuild,
+    recall,
+    synthesize,
+    use_milvus,
+)
 from retrieval_core.settings import get_settings  # noqa: E402
 
 COLLECTION = "bench_index_types"
@@ -95,19 +103,9 @@ def index_and_measure(lifecycle: object, vectors: np.ndarray, queries: np.ndarra
             stop = min(start + batch, len(vectors))
             client.insert(COLLECTION, [{"id": i, "embedding": vectors[i].tolist()} for i in range(start, stop)])
         client.flush(COLLECTION)
-        for n, index_type in enumerate(index_types):
+        for index_type in index_types:
+            build_s = rebuild(lifecycle, COLLECTION, len(vectors), index_type)
             build_params = lifecycle.index_params(index_type, len(vectors))
-            if n:
-                client.release_collection(COLLECTION)
-                client.drop_index(COLLECTION, "embedding")
-            params = client.prepare_index_params()
-            params.add_index(field_name="embedding", index_type=index_type, metric_type="IP", params=build_params)
-            mark = time.perf_counter()
-            client.create_index(COLLECTION, params)
-            lifecycle._wait_indexed(COLLECTION, len(vectors))
-            client.load_collection(COLLECTION)
-            lifecycle.wait_served_from_index(COLLECTION)
-            build_s = round(time.perf_counter() - mark, 1)
             for search in SEARCHES[index_type][:1] if first_search_only else SEARCHES[index_type]:
                 for nq in (1, 16):
                     row = {"index": index_type, "build_params": build_params, "search_params": search,
@@ -143,7 +141,7 @@ def main() -> None:
     products, _ = catalogue_with_encodings(settings, bundle, dt.datetime.now(dt.UTC))
     config = bundle.model.config
     channels = [w for w in (config.output_dim, config.lexical_dim, config.semantic_dim) if w]
-    frame, vectors = synthesize(products, bundle.product_vectors(products), channels, args.rows, 0.5, settings.seed)
+    _, vectors = synthesize(products, bundle.product_vectors(products), channels, args.rows, 0.5, settings.seed)
     stats = read_published(settings, "query_stats").sort_values("sessions", ascending=False)
     queries = bundle.query_vectors([{"query": q} for q in stats["query"].head(args.queries).tolist()])
 

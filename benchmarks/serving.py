@@ -465,12 +465,13 @@ def sweep(lifecycle: object, collection: str, index_type: str, values: list[int]
 
 
 def rebuild(lifecycle: object, collection: str, rows: int, index_type: str) -> float:
-    """Re-index ``collection`` (no longer serving) as ``index_type`` with the lifecycle's parameters;
-    returns the seconds from create_index until the query node serves the new index."""
+    """(Re-)index ``collection`` (not serving) as ``index_type`` with the lifecycle's parameters, dropping
+    the index it has, if any; returns the seconds from create_index until the query node serves it."""
     client = lifecycle.client
     index_params = lifecycle.index_params(index_type, rows)
-    client.release_collection(collection)
-    client.drop_index(collection, "embedding")
+    if client.list_indexes(collection):
+        client.release_collection(collection)
+        client.drop_index(collection, "embedding")
     params = client.prepare_index_params()
     params.add_index(field_name="embedding", index_type=index_type, metric_type="IP", params=index_params)
     start = time.perf_counter()
