@@ -2,8 +2,8 @@
 the training export (query/product towers + featuriser config, boosting weights, adapted text encoder).
 
 Both sides of the index go through here, and both call the training code's own batching and towers
-(``training.batching``, ``training.boosting.augment``): the same input gives the same vector in
-training, indexing and the API.
+(``training.batching``, ``training.boosting.augment`` with the version's boosting weights and serving
+projection): the same input gives the same vector in training, indexing and the API.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from training.batching import product_batch, query_batch
 from training.boosting import augment, quality_vectors
 from training.export import BENTO_MODEL_NAME, bentoml_home, model_store
 from training.model import UnifiedModel, UserState
-from training.stages import load_model
+from training.stages import load_model, load_projection
 from training.text_encoder import TextEncoderConfig, encode
 
 
@@ -62,6 +62,7 @@ class ModelBundle:
     path: Path
     model: UnifiedModel
     boost_weights: np.ndarray  # appended to every query vector (zeros: no boosting)
+    projection: np.ndarray | None = None  # (embedding_dim, serving_dim) applied to both sides first; None: full width
 
     @classmethod
     def load(cls, settings: Settings, model_version: str) -> ModelBundle:
@@ -78,12 +79,13 @@ class ModelBundle:
         weights = np.array(json.loads(boost.read_text())["weights"], np.float32) if boost.exists() else None
         if weights is None:
             weights = np.zeros(quality_vectors(pd.DataFrame(index=[0])).shape[1], np.float32)
-        return cls(model_version, path, model, weights)
+        return cls(model_version, path, model, weights, load_projection(path))
 
     @property
     def dim(self) -> int:
-        """Dimension of the vectors in the index: tower output + boosting features."""
-        return self.model.config.embedding_dim + len(self.boost_weights)
+        """Dimension of the vectors in the index: tower output (narrowed, if projected) + boosting features."""
+        width = self.model.config.embedding_dim if self.projection is None else self.projection.shape[1]
+        return width + len(self.boost_weights)
 
     def user_states(self, rows: Sequence[Mapping[str, object]]) -> UserState:
         """The query tower's reading of each row's user from its ``query_tower_v1`` features ({} = signed
@@ -101,8 +103,9 @@ class ModelBundle:
             rows = [{"query": row["query"]} for row in rows]
         with torch.inference_mode():
             q = self.model.query_tower(query_batch(rows, self.model.config), states).numpy()
-        return np.concatenate([q, np.broadcast_to(self.boost_weights, (len(q), len(self.boost_weights)))],
-                              axis=1).astype(np.float32)
+        _, vectors = augment(q[:0], np.zeros((0, len(self.boost_weights)), np.float32), q, self.boost_weights,
+                             self.projection)
+        return vectors
 
     def product_vectors(self, products: pd.DataFrame, batch_size: int = 4096) -> np.ndarray:
         """``[p, quality(p)]`` for rows of ``product_tower_v1`` features (with text/graph encodings)."""
@@ -112,7 +115,7 @@ class ModelBundle:
                 chunk = products.iloc[start:start + batch_size]
                 parts.append(self.model.product_tower(product_batch(chunk.to_dict("records"), self.model.config)))
         p = torch.cat(parts).numpy() if parts else np.zeros((0, self.model.config.embedding_dim), np.float32)
-        vectors, _ = augment(p, quality_vectors(products), p[:0], self.boost_weights)
+        vectors, _ = augment(p, quality_vectors(products), p[:0], self.boost_weights, self.projection)
         return vectors
 
     @cached_property

@@ -23,6 +23,7 @@ import pandas as pd
 
 from retrieval_core.settings import Settings
 from serving.engine import connect
+from training.boosting import exact_top_k
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +64,6 @@ def index_version_for(model_version: str, now: dt.datetime | None = None) -> str
 def collection_name(prefix: str, index_version: str) -> str:
     """Milvus names allow letters, digits and underscores only."""
     return f"{prefix}_{re.sub(r'[^0-9A-Za-z_]', '_', index_version)}"
-
-
-def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
-    scores = queries @ vectors.T
-    k = min(k, vectors.shape[0])
-    top = np.argpartition(-scores, kth=k - 1, axis=1)[:, :k]
-    return np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1), axis=1)
 
 
 class IndexLifecycle:
@@ -150,7 +144,8 @@ class IndexLifecycle:
 
     def index_params(self, index_type: str, rows: int) -> dict:
         """Build parameters of ``index_type`` for a collection of ``rows`` vectors (IVF_FLAT: nlist ≈ 4·√rows;
-        SCANN: nlist ≈ √rows, since each ~165k-row segment scans all its centroids per query before its codes).
+        SCANN: nlist ≈ √rows, since each segment (~165k-340k rows at 1M) scans all its centroids per query
+        before its codes).
         SCANN's with_raw_data (kept for re-scoring) is left at its default, true: Milvus 2.3.5 passes the
         value on as a string, which its index builder refuses ("should be a boolean")."""
         if index_type == "HNSW":

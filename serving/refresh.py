@@ -98,7 +98,7 @@ def refresh_index(settings: Settings, model_version: str | None = None,
     # Stand-in queries for the ANN check: the products' own tower vectors with the query-side weights.
     rng = np.random.default_rng(settings.seed)
     sample = rng.choice(len(vectors), min(settings.milvus.ann_check_queries, len(vectors)), replace=False)
-    out_dim = bundle.model.config.embedding_dim
+    out_dim = bundle.dim - len(bundle.boost_weights)  # the (narrowed) tower part
     queries = np.concatenate([vectors[sample, :out_dim],
                               np.broadcast_to(bundle.boost_weights, (len(sample), len(bundle.boost_weights)))], 1)
     mark = time.perf_counter()

@@ -47,4 +47,5 @@ def tiny_training_config():  # noqa: ANN201 - training.stages.TrainingRunConfig
         train=TrainConfig(model=ModelConfig(featurizer=FeaturizerConfig(n_buckets=1 << 14)), steps=60,
                           distill_warm_start_steps=20, distill_batch_size=256, batch_size=64, warmup_steps=20,
                           ramp_steps=20, hard_refresh_steps=20),
-        text=TextEncoderConfig(adapt_batch_size=32), adapt_pairs_max=64, graph_dim=16, boost={"trials": 5})
+        text=TextEncoderConfig(adapt_batch_size=32), adapt_pairs_max=64, graph_dim=16,
+        boost={"trials": 5, "serving_dim": 256})  # the served vectors narrowed, as by default

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
-from training.boosting import BoostConfig, augment, boosted_recall, fit_boost_weights, quality_vectors
+from training.boosting import (
+    BoostConfig,
+    augment,
+    boosted_recall,
+    fit_boost_weights,
+    fit_projection,
+    quality_vectors,
+    top_k_kept,
+)
 
 
 def test_augmented_inner_product_is_cosine_plus_boost() -> None:
@@ -36,3 +45,28 @@ def test_optuna_finds_weights_when_quality_predicts_purchases() -> None:
     assert boosted > plain + 0.05
     assert weights[1] == max(weights)  # the purchase-rate feature gets the largest weight
     assert boosted == boosted_recall(queries, products, quality, relevant, weights, 100)
+
+
+def test_serving_projection_keeps_inner_products_in_the_catalogue_subspace() -> None:
+    """Products that span 8 of 32 dimensions: the 8-d projection keeps every product-query inner product
+    (queries may leave the subspace: the part outside it scores 0 against every product anyway), so the
+    exact top-k is unchanged; 4 dimensions lose some of it, and both sides go through ``augment``."""
+    rng = np.random.default_rng(3)
+    basis = np.linalg.qr(rng.normal(size=(32, 8)))[0]
+    products = (rng.normal(size=(500, 8)) @ basis.T).astype(np.float32)
+    queries = rng.normal(size=(40, 32)).astype(np.float32)
+    projection = fit_projection(products, 8, seed=0)
+    assert projection.shape == (32, 8)
+    np.testing.assert_allclose(projection.T @ projection, np.eye(8), atol=1e-5)
+    assert top_k_kept(queries, products, projection, k=20) == 1.0
+    assert top_k_kept(queries, products, fit_projection(products, 4, seed=0), k=20) < 0.9
+    quality, w = rng.random((500, 6)).astype(np.float32), rng.random(6).astype(np.float32)
+    pa, qa = augment(products, quality, queries, w, projection)
+    assert pa.shape == (500, 14) and qa.shape == (40, 14)
+    np.testing.assert_allclose(qa @ pa.T, queries @ products.T + quality @ w, atol=1e-4)
+
+
+@pytest.mark.parametrize("width", [0, 32, 40])
+def test_serving_projection_must_narrow(width: int) -> None:
+    with pytest.raises(ValueError, match="serving_dim"):
+        fit_projection(np.ones((10, 32), np.float32), width, seed=0)

@@ -52,6 +52,33 @@ def test_poor_ann_recall_is_refused() -> None:
     assert not refused.promote and refused.checks["ann_recall_at_100"] < 0.97
 
 
+def _projection(products: np.ndarray, width: int) -> np.ndarray:
+    from training.boosting import fit_projection
+
+    return fit_projection(products, width, seed=0)
+
+
+def test_a_serving_projection_is_gated_on_what_it_keeps_and_on_the_served_recall() -> None:
+    """Products in a 16-d subspace of 32: a 16-d projection keeps every top-100 and its narrowed index is
+    what the ANN check measures; 4-d keeps too little; a served ranking worse than the full-width model's
+    beyond the tolerance is refused even when the projection keeps the top-100."""
+    rng = np.random.default_rng(5)
+    products = _unit(rng.normal(size=(3000, 16)) @ np.linalg.qr(rng.normal(size=(32, 16)))[0].T)
+    _, queries = _vectors()
+    metrics = {**_metrics(0.5), "unified_boosted": {"all": {"recall@100": 0.5}}}
+    kept = decide(metrics, None, products, queries, CONFIG, projection=_projection(products, 16))
+    assert kept.promote, kept.reasons
+    assert kept.checks["projection_top_100_kept"] > 0.99 and kept.checks["ann_recall_at_100"] >= 0.97
+    narrow = decide(metrics, None, products, queries, CONFIG, projection=_projection(products, 4))
+    assert not narrow.promote and narrow.checks["projection_top_100_kept"] < 0.9
+    assert any("raise boost.serving_dim" in r for r in narrow.reasons)
+    worse = {**_metrics(0.5), "unified_boosted": {"all": {"recall@100": 0.48}}}
+    refused = decide(worse, None, products, queries, CONFIG, projection=_projection(products, 16))
+    assert not refused.promote and any("served vectors" in r for r in refused.reasons)
+    # without a projection the served ranking is not held to the full-width one (boosting may trade it)
+    assert decide(worse, None, products, queries, CONFIG).promote
+
+
 def test_promotion_moves_the_production_pointer(tmp_path) -> None:
     assert production_metrics(tmp_path) is None
     (tmp_path / "v1.json").write_text('{"unified": {"all": {"recall@100": 0.4}}}')

@@ -183,7 +183,7 @@ def test_service_and_training_code_give_the_same_query_vector(served: Settings) 
     from serving.bundle import ModelBundle
     from serving.retriever import RetrievalRequest, Retriever
     from training.boosting import augment
-    from training.stages import _query_vectors
+    from training.stages import _query_vectors, load_projection
 
     bundle = ModelBundle.load(served, FIRST)
     retriever = Retriever(served)
@@ -200,7 +200,7 @@ def test_service_and_training_code_give_the_same_query_vector(served: Settings) 
     served_vectors, personalized = retriever.query_vectors(bundle, requests)  # the API's path (cache empty)
     p = np.zeros((1, bundle.model.config.embedding_dim), np.float32)
     _, trained = augment(p, np.zeros((1, len(bundle.boost_weights)), np.float32),
-                         _query_vectors(bundle.model, offline), bundle.boost_weights)
+                         _query_vectors(bundle.model, offline), bundle.boost_weights, load_projection(bundle.path))
     assert any(online[u]["recent_queries"] for u in users[:3])  # real histories were compared
     np.testing.assert_allclose(served_vectors, trained, rtol=1e-5, atol=1e-6)
     assert any(personalized[:3]) and personalized[3] is False  # 10**9 is no user

@@ -90,6 +90,10 @@ def test_training_run_writes_artefacts_metrics_and_embeddings(tiny_features: Set
     assert page.count("data:image/png;base64,") == 2 and "unified_boosted" in page
     boost = json.loads((report.directory / "boost.json").read_text())
     assert boost["validation_recall"] >= boost["validation_recall_unboosted"]  # never worse than no boosting
+    # narrowed by default (boost.serving_dim), gated on what the narrowing keeps, and exported with the bundle
+    assert boost["serving_dim"] == 256 and list(bento.glob("*/projection.npy"))
+    checks = json.loads((report.directory / "decision.json").read_text())["checks"]
+    assert checks["projection_top_100_kept"] >= 0.9 and "served_recall@100" in checks
     assert {"head", "tail", "with_history", "without_history"} <= set(metrics["unified"])
     assert metrics["bm25"]["all"]["recall@1000"] >= metrics["bm25"]["all"]["recall@100"] > 0
     embeddings = read_published(tiny_features, "product_embeddings")

@@ -1,8 +1,15 @@
-"""ANN product boosting (the paper's section on boosting): append a small vector of product quality
+"""The vectors the ANN index serves, made from the towers' outputs after training.
+
+ANN product boosting (the paper's section on boosting): append a small vector of product quality
 features to every product embedding, and a constant, query-independent weight vector to every
 query embedding, so one inner product adds ``w · quality(p)`` to the cosine score inside the ANN
 index. The weights are fit by black-box Bayesian optimisation (optuna TPE) of purchase recall on a
 *later* window than training (the validation window).
+
+Narrowing (``serving_dim``): before boosting, both sides may be projected on the catalogue's top
+principal directions. Every HNSW step computes inner products of the full width, so a narrower vector
+is a cheaper search (benchmarks/results/index_types.json); the projection is uncentred and orthonormal,
+so a projected inner product approximates the full one and scores keep their scale.
 """
 
 from __future__ import annotations
@@ -11,8 +18,9 @@ from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+PROJECTION_FILE = "projection.npy"  # (embedding_dim, serving_dim), beside boost.json in a run and in its bundle
 BOOST_FEATURES = ("ctr", "purchase_rate", "cart_rate", "rating", "review_count", "age_days")
 
 
@@ -21,6 +29,11 @@ class BoostConfig(BaseModel):
     max_weight: float = 0.5
     k: int = 100
     seed: int = 7
+    # 256 of 768: purchase recall@100 of the served vectors 0.630 vs 0.628 at full width on the default world,
+    # and each HNSW walk over a 165k-row segment 0.45 vs 0.70 ms of Milvus CPU (benchmarks/results/index_types.json).
+    serving_dim: int = Field(256, ge=0, description="project the towers' outputs on this many principal directions "
+                             "of the catalogue before boosting (what the index stores and searches); 0, or the "
+                             "towers' width or more: full width")
 
 
 def quality_vectors(products: pd.DataFrame) -> np.ndarray:
@@ -66,8 +79,43 @@ def fit_boost_weights(query_vectors: np.ndarray, product_vectors: np.ndarray, qu
     return best, float(study.best_value), baseline
 
 
+def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
+    """Row positions of each query's k best inner products, best first."""
+    scores = queries @ vectors.T
+    k = min(k, vectors.shape[0])
+    top = np.argpartition(-scores, kth=k - 1, axis=1)[:, :k]
+    return np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1), axis=1)
+
+
+def fit_projection(product_vectors: np.ndarray, width: int, seed: int, sample: int = 50_000) -> np.ndarray:
+    """(dim, width) orthonormal basis of the rows' top principal directions, uncentred so that inner
+    products (not distances to the mean) are what is kept."""
+    if not 0 < width < product_vectors.shape[1]:
+        raise ValueError(f"serving_dim must be between 1 and the embedding width - 1 "
+                         f"({product_vectors.shape[1] - 1}), not {width}")
+    rng = np.random.default_rng(seed)
+    rows = product_vectors[rng.choice(len(product_vectors), min(sample, len(product_vectors)), replace=False)]
+    return np.linalg.svd(rows.astype(np.float64), full_matrices=False)[2][:width].T.astype(np.float32)
+
+
+def top_k_kept(query_vectors: np.ndarray, product_vectors: np.ndarray, projection: np.ndarray,
+               k: int = 100) -> float:
+    """Share of each query's exact top-k (full vectors) that exact search of the projected vectors
+    returns: what the narrowing costs in ranking, before any ANN error."""
+    k = min(k, len(product_vectors))
+    full = exact_top_k(query_vectors, product_vectors, k)
+    narrow = exact_top_k(query_vectors @ projection, product_vectors @ projection, k)
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(full, narrow, strict=True)]))
+
+
 def augment(product_vectors: np.ndarray, quality: np.ndarray, query_vectors: np.ndarray,
-            weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The vectors the ANN index and the query side use: [p, quality(p)] and [q, w]."""
+            weights: np.ndarray, projection: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The vectors the ANN index and the query side use: [p P, quality(p)] and [q P, w] (P: the
+    model's serving projection; none: the full width)."""
+    if projection is not None:
+        # the query side in float64: a float32 matmul rounds differently for 1 row than inside a batch, and a
+        # query's near-tied results must not swap places with the batch it happens to share
+        product_vectors = product_vectors @ projection
+        query_vectors = (query_vectors.astype(np.float64) @ projection.astype(np.float64)).astype(np.float32)
     q = np.concatenate([query_vectors, np.broadcast_to(weights, (len(query_vectors), len(weights)))], axis=1)
     return np.concatenate([product_vectors, quality], axis=1).astype(np.float32), q.astype(np.float32)

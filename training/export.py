@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from retrieval_core.settings import Settings
+from training.boosting import PROJECTION_FILE
 
 BENTO_MODEL_NAME = "unified_retrieval"
 
@@ -29,8 +30,8 @@ def model_store(settings: Settings):  # noqa: ANN201 - bentoml's ModelStore
 
 
 def register_model(settings: Settings, version: str, models: Path, text_encoder: Path | None = None) -> str:
-    """Save ``models/model`` (+ ``boost.json``, + the adapted text encoder) as ``unified_retrieval:<tag>``
-    labelled with the version."""
+    """Save ``models/model`` (+ ``boost.json`` and the serving projection, + the adapted text encoder) as
+    ``unified_retrieval:<tag>`` labelled with the version."""
     os.environ.setdefault("BENTOML_HOME", str(bentoml_home(settings)))
     import bentoml
 
@@ -39,10 +40,12 @@ def register_model(settings: Settings, version: str, models: Path, text_encoder:
     with bentoml.models.create(name=BENTO_MODEL_NAME, labels={"model_version": version},
                                _model_store=model_store(settings),
                                metadata={"model_version": version, "boost_features": boost_features,
+                                         "serving_dim": (boost or {}).get("serving_dim", 0),
                                          "embedding_source": "feast:product_embeddings"}) as bento_model:
         shutil.copytree(models / "model", Path(bento_model.path) / "model")
-        if boost is not None:
-            shutil.copy(models / "boost.json", Path(bento_model.path) / "boost.json")
+        for name in ("boost.json", PROJECTION_FILE):
+            if (models / name).exists():
+                shutil.copy(models / name, Path(bento_model.path) / name)
         if text_encoder is not None and text_encoder.exists():
             shutil.copytree(text_encoder, Path(bento_model.path) / "text_encoder")
     return str(bento_model.tag)

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 
+from training.boosting import exact_top_k, top_k_kept
+
 
 class GateConfig(BaseModel):
     recall_metric: str = "recall@100"
@@ -24,6 +26,11 @@ class GateConfig(BaseModel):
     hnsw_ef_construction: int = 200
     hnsw_ef_search: int = 200
     ann_queries: int = 1000
+    # With a serving projection (boost.serving_dim): share of each query's exact top-100 that exact search of
+    # the narrowed vectors must still return, and how much worse than the full-width model the served
+    # (narrowed + boosted) ranking's recall may be.
+    min_projection_top_100_kept: float = 0.9
+    served_recall_tolerance: float = 0.01
 
 
 @dataclass
@@ -45,12 +52,14 @@ def ann_recall_at_100(products: np.ndarray, queries: np.ndarray, config: GateCon
     index.add(products)
     index.hnsw.efSearch = config.hnsw_ef_search
     _, approx = index.search(queries, k)
-    exact = np.argsort(-(queries @ products.T), axis=1)[:, :k]
+    exact = exact_top_k(queries, products, k)
     return float(np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact, strict=True)]))
 
 
 def decide(metrics: dict, production: dict | None, products: np.ndarray, queries: np.ndarray,
-           config: GateConfig) -> Decision:
+           config: GateConfig, projection: np.ndarray | None = None) -> Decision:
+    """``products``/``queries``: the towers' outputs; ``projection``: the run's serving projection, if any
+    (the ANN index then holds the narrowed vectors, and the narrowing is checked too)."""
     decision = Decision(promote=True)
 
     def fail(reason: str) -> None:
@@ -67,12 +76,27 @@ def decide(metrics: dict, production: dict | None, products: np.ndarray, queries
         decision.checks["max_norm_error"] = worst
         if worst > config.norm_tolerance:
             fail(f"embeddings are not unit length (max |norm - 1| = {worst:.4f} > {config.norm_tolerance})")
-        recall = ann_recall_at_100(products, queries[: config.ann_queries], config)
+        sample = queries[: config.ann_queries]
+        if projection is not None:
+            kept = top_k_kept(sample, products, projection)
+            decision.checks["projection_top_100_kept"] = kept
+            if kept < config.min_projection_top_100_kept:
+                fail(f"the serving projection to {projection.shape[1]} dimensions keeps {kept:.3f} of the exact "
+                     f"top-100 < {config.min_projection_top_100_kept}: raise boost.serving_dim (0: full width)")
+            products, sample = products @ projection, sample @ projection
+        recall = ann_recall_at_100(products, sample, config)
         decision.checks["ann_recall_at_100"] = recall
         if recall < config.min_ann_recall_at_100:
             fail(f"HNSW recall@100 vs exact search is {recall:.3f} < {config.min_ann_recall_at_100}")
     new = metrics["unified"]["all"][config.recall_metric]
     decision.checks[f"new_{config.recall_metric}"] = new
+    if projection is not None and "unified_boosted" in metrics:
+        served = metrics["unified_boosted"]["all"][config.recall_metric]
+        decision.checks[f"served_{config.recall_metric}"] = served
+        if served < new - config.served_recall_tolerance:
+            fail(f"the served vectors (narrowed to {projection.shape[1]} dimensions, boosted) reach "
+                 f"{config.recall_metric} {served:.3f}, worse than the full-width model's {new:.3f} beyond "
+                 f"{config.served_recall_tolerance}: raise boost.serving_dim (0: full width)")
     if production is None:
         decision.reasons.append("no model in production yet: nothing to compare against")
     else:

@@ -29,7 +29,16 @@ from feature_repo.warehouse import EMBEDDINGS, EMBEDDINGS_SCHEMA, features_dir, 
 from retrieval_core.contract import write_atomic
 from retrieval_core.settings import Settings
 from training.batching import product_batch, product_text, query_batch
-from training.boosting import BOOST_FEATURES, BoostConfig, augment, fit_boost_weights, quality_vectors
+from training.boosting import (
+    BOOST_FEATURES,
+    PROJECTION_FILE,
+    BoostConfig,
+    augment,
+    fit_boost_weights,
+    fit_projection,
+    quality_vectors,
+    top_k_kept,
+)
 from training.calibration import CalibrationConfig, calibrate_channels
 from training.dataset import load_training_data, product_features, validation_purchases
 from training.evaluate import Retriever, bm25_retriever, evaluate, model_retriever, popularity_retriever
@@ -234,7 +243,9 @@ def _query_vectors(model: UnifiedModel, rows: pd.DataFrame, batch_size: int = 51
 
 def step_boost(dataset: Path, graph: Path, text: Path | None, models: Path, config: TrainingRunConfig,
                out: Path) -> dict:
-    """boost.json: quality-feature weights fit by optuna on the validation window's purchases."""
+    """boost.json: quality-feature weights fit by optuna on the validation window's purchases, on the
+    vectors the index will serve; with ``boost.serving_dim``, first the projection to that width
+    (projection.npy beside boost.json), fitted on the training catalogue."""
     examples = pd.read_parquet(dataset / "examples.parquet")
     products = _with_encodings(pd.read_parquet(dataset / "train_products.parquet"), graph, text)
     rows = validation_purchases(examples)
@@ -242,20 +253,35 @@ def step_boost(dataset: Path, graph: Path, text: Path | None, models: Path, conf
     rows = rows[rows["product_id"].isin(row_of.index)]
     model = load_model(models / "model")
     p, q = _product_vectors(model, products), _query_vectors(model, rows)
+    narrowing: dict[str, object] = {"serving_dim": 0}
+    if 0 < config.boost.serving_dim < p.shape[1]:
+        projection = fit_projection(p, config.boost.serving_dim, config.boost.seed)
+        np.save(out.with_name(PROJECTION_FILE), projection)
+        narrowing = {"serving_dim": config.boost.serving_dim,
+                     "validation_top_100_kept": top_k_kept(q, p, projection, config.boost.k)}
+        p, q = p @ projection, q @ projection
     weights, boosted, plain = fit_boost_weights(q, p, quality_vectors(products),
                                                 row_of[rows["product_id"]].to_numpy(), config.boost)
     result = {"features": list(BOOST_FEATURES), "weights": weights.tolist(), "validation_recall": boosted,
-              "validation_recall_unboosted": plain, "validation_purchases": int(len(rows))}
+              "validation_recall_unboosted": plain, "validation_purchases": int(len(rows)), **narrowing}
     out.write_text(json.dumps(result, indent=2))
     return result
 
 
-def boosted_retriever(model: UnifiedModel, products: pd.DataFrame, weights: np.ndarray) -> Retriever:
-    """The unified model with the boosting vectors appended (what the ANN index will serve)."""
+def load_projection(models: Path) -> np.ndarray | None:
+    """The run's serving projection (``boost.serving_dim``), if it has one."""
+    path = models / PROJECTION_FILE
+    return np.load(path).astype(np.float32) if path.exists() else None
+
+
+def boosted_retriever(model: UnifiedModel, products: pd.DataFrame, weights: np.ndarray,
+                      projection: np.ndarray | None = None) -> Retriever:
+    """The unified model as the ANN index will serve it: narrowed (if the run has a projection), with the
+    boosting vectors appended."""
     p, quality = _product_vectors(model, products), quality_vectors(products)
 
     def retrieve(rows: pd.DataFrame, k: int) -> np.ndarray:
-        p_aug, q_aug = augment(p, quality, _query_vectors(model, rows), weights)
+        p_aug, q_aug = augment(p, quality, _query_vectors(model, rows), weights, projection)
         return torch.from_numpy(q_aug @ p_aug.T).topk(min(k, len(p_aug)), dim=1).indices.numpy()
 
     return retrieve
@@ -315,7 +341,7 @@ def step_evaluate(dataset: Path, graph: Path, text: Path | None, models: Path, c
     boost = models / "boost.json"
     if boost.exists():
         weights = np.array(json.loads(boost.read_text())["weights"], dtype=np.float32)
-        systems["unified_boosted"] = boosted_retriever(model, products, weights)
+        systems["unified_boosted"] = boosted_retriever(model, products, weights, load_projection(models))
     base = text.with_name("minilm_base.parquet") if text is not None else None
     if base is not None and base.exists():
         vectors = np.stack(pd.read_parquet(base)["text_embedding"].to_numpy()).astype(np.float32)
@@ -340,7 +366,8 @@ def step_gate(dataset: Path, graph: Path, text: Path | None, models: Path, metri
     examples = pd.read_parquet(dataset / "examples.parquet")
     test = examples[examples["split"] == "test"].head(gate.ann_queries)
     decision = decide(json.loads(metrics.read_text()), production_metrics(models_dir),
-                      _product_vectors(model, products), _query_vectors(model, test), gate)
+                      _product_vectors(model, products), _query_vectors(model, test), gate,
+                      projection=load_projection(models))
     write_decision(decision, out)
     if decision.promote:
         promote(models_dir, version, metrics)
