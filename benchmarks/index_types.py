@@ -1,7 +1,8 @@
 """Index-type benchmark: one Milvus segment of serving vectors, indexed in turn as each index type.
 
-Why one segment: at 1M products the served collection is 6 sealed segments of ~165k rows (774-d), and a
-query's Milvus CPU is a fixed cost per call plus one index search per segment. This measures that
+Why one segment: a query's Milvus CPU is a fixed cost per call plus one index search per segment (at 1M
+products: 6 sealed segments of ~165k full-width 774-d rows when this was first measured; 3 of ~340k since
+the served vectors are narrowed to 262-d, ``boost.serving_dim``). This measures that
 per-segment search for each index type on the same rows and queries, without the 10-minute 1M publish.
 
 Rows are built as in ``benchmarks/serving.py`` (the default world's real product vectors, then synthetic
@@ -16,6 +17,7 @@ Writes benchmarks/results/index_types.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import sys
 import time
@@ -31,10 +33,11 @@ from benchmarks.serving import (  # noqa: E402
     invocation,
     rebuild,
     recall,
-    synthesize,
+    synthetic_catalogue,
     use_milvus,
 )
 from retrieval_core.settings import get_settings  # noqa: E402
+from training.boosting import fit_projection, top_k_kept  # noqa: E402
 
 COLLECTION = "bench_index_types"
 # Search parameters tried per index type (build parameters: IndexLifecycle.index_params for the rows).
@@ -71,23 +74,12 @@ def measure(client: object, queries: np.ndarray, exact: list[np.ndarray], params
             "milvus_cpu_ms_per_query": round(cores * seconds * 1000 / searched, 2)}
 
 
-def projection(vectors: np.ndarray, width: int, seed: int, sample: int = 50_000) -> np.ndarray:
-    """(dim, width) basis of the rows' top principal directions, uncentred, so that inner products are kept."""
-    rng = np.random.default_rng(seed)
-    rows = vectors[rng.choice(len(vectors), min(sample, len(vectors)), replace=False)]
-    return np.linalg.svd(rows, full_matrices=False)[2][:width].T.astype(np.float32)
-
-
-def top_k_overlap(queries: np.ndarray, vectors: np.ndarray, basis: np.ndarray, k: int = 100) -> float:
-    """Share of each query's exact top-k (full vectors) that exact search of the projected vectors returns."""
-    full, narrow = exact_top_k(queries, vectors, k), exact_top_k(queries @ basis, vectors @ basis, k)
-    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(full, narrow, strict=True)]))
-
-
 def index_and_measure(lifecycle: object, vectors: np.ndarray, queries: np.ndarray, index_types: list[str],
-                      min_seconds: float, first_search_only: bool = False) -> list[dict]:
-    """Insert ``vectors`` as one sealed segment, index it as each type in turn and measure its searches."""
+                      min_seconds: float, searches: dict[str, list[dict]]) -> list[dict]:
+    """Insert ``vectors`` (one sealed segment, or as many as the server's segment size cuts them into),
+    index them as each type in turn and measure ``searches[type]``."""
     from pymilvus import DataType, MilvusClient
+    from pymilvus.client.types import SegmentState
 
     client, batch = lifecycle.client, lifecycle.config.insert_batch
     exact = list(exact_top_k(queries, vectors, 100))  # row positions = the ids inserted below
@@ -106,10 +98,13 @@ def index_and_measure(lifecycle: object, vectors: np.ndarray, queries: np.ndarra
         for index_type in index_types:
             build_s = rebuild(lifecycle, COLLECTION, len(vectors), index_type)
             build_params = lifecycle.index_params(index_type, len(vectors))
-            for search in SEARCHES[index_type][:1] if first_search_only else SEARCHES[index_type]:
+            segments = sorted(s.num_rows for s in client.list_persistent_segments(COLLECTION)
+                              if s.state == SegmentState.Flushed)
+            for search in searches[index_type]:
                 for nq in (1, 16):
                     row = {"index": index_type, "build_params": build_params, "search_params": search,
-                           "build_and_load_s": build_s, **measure(client, queries, exact, search, nq, min_seconds)}
+                           "segment_rows": segments, "build_and_load_s": build_s,
+                           **measure(client, queries, exact, search, nq, min_seconds)}
                     print(row, flush=True)
                     results.append(row)
     finally:
@@ -120,11 +115,13 @@ def index_and_measure(lifecycle: object, vectors: np.ndarray, queries: np.ndarra
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--milvus-uri", default="http://127.0.0.1:19530", help="a running standalone server")
-    parser.add_argument("--rows", type=int, default=165_000, help="rows of the one segment (1M: 6 × ~165k)")
+    parser.add_argument("--rows", type=int, default=165_000, help="rows of the one segment (1M full width: 6 × ~165k)")
     parser.add_argument("--queries", type=int, default=192, help="real queries (a multiple of 16)")
     parser.add_argument("--types", default="HNSW,SCANN", help="index types, comma separated: HNSW, SCANN, IVF_FLAT")
     parser.add_argument("--seconds", type=float, default=6.0, help="least seconds of calls per measurement")
     parser.add_argument("--dims", default="384,256", help="narrower vectors to measure too (HNSW), comma separated")
+    parser.add_argument("--narrow-ef", default="100", help="HNSW ef values searched on the narrower vectors")
+    parser.add_argument("--result", default="index_types", help="result file name (benchmarks/results/NAME.json)")
     args = parser.parse_args()
     command = invocation()
     use_milvus(args.milvus_uri)
@@ -139,30 +136,31 @@ def main() -> None:
     client = lifecycle.client
     bundle = ModelBundle.load(settings, production_model_version(settings))
     products, _ = catalogue_with_encodings(settings, bundle, dt.datetime.now(dt.UTC))
-    config = bundle.model.config
-    channels = [w for w in (config.output_dim, config.lexical_dim, config.semantic_dim) if w]
-    _, vectors = synthesize(products, bundle.product_vectors(products), channels, args.rows, 0.5, settings.seed)
+    # Full width: the narrower widths below are projections of these (a model that narrows is undone here).
+    bundle = dataclasses.replace(bundle, projection=None)
+    _, vectors = synthetic_catalogue(bundle, products, args.rows, 0.5, settings.seed)
     stats = read_published(settings, "query_stats").sort_values("sessions", ascending=False)
     queries = bundle.query_vectors([{"query": q} for q in stats["query"].head(args.queries).tolist()])
 
-    results = index_and_measure(lifecycle, vectors, queries, [t for t in args.types.split(",") if t], args.seconds)
+    results = index_and_measure(lifecycle, vectors, queries, [t for t in args.types.split(",") if t], args.seconds,
+                                SEARCHES)
     narrower = []
     real = len(products)
     for width in [int(d) for d in args.dims.split(",") if d]:
-        basis = projection(vectors[:real], width, settings.seed)  # fitted on the real catalogue only
-        kept = top_k_overlap(queries, vectors[:real], basis)
+        basis = fit_projection(vectors[:real], width, settings.seed)  # fitted on the real catalogue only
+        kept = top_k_kept(queries, vectors[:real], basis)
         print(f"{width}-d: the exact top-100 among real products keeps {kept:.3f} of the full vectors' top-100",
               flush=True)
         rows = index_and_measure(lifecycle, vectors @ basis, queries @ basis, ["HNSW"], args.seconds,
-                                 first_search_only=True)
+                                 {"HNSW": [{"ef": int(ef)} for ef in args.narrow_ef.split(",")]})
         narrower.append({"dim": width, "real_top_100_kept": round(kept, 4), "results": rows})
 
-    write_result("index_types", {
+    write_result(args.result, {
         "engine": f"Milvus {client.get_server_version()} standalone server (PyPI `milvus` 2.3.5, own network "
                   f"namespace, 127.0.0.1 forwarder) at {settings.milvus.uri}",
         "rows": len(vectors), "real_products": len(products), "dim": int(vectors.shape[1]), "k": 100,
         "queries": len(queries), "results": results, "narrower_vectors": narrower,
-        "note": "One sealed segment (the size of each of the 6 segments of the 1M serving collection), re-indexed "
+        "note": "One sealed segment (segment_rows: what the server made of the rows), re-indexed "
                 "as each type in turn; rows as in benchmarks/serving.py (real product vectors, then rows perturbed "
                 "from them, noise 0.5); queries: the most frequent real queries through the query tower. "
                 "milvus_cpu_ms_per_query: the server process's CPU while the calls ran, divided by the queries; at "

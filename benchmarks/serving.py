@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import os
 import re
@@ -321,6 +322,26 @@ def synthesize(products: pd.DataFrame, vectors: np.ndarray, channels: list[int],
     return frame, out
 
 
+def synthetic_catalogue(bundle: object, products: pd.DataFrame, total: int, noise: float, seed: int,
+                        served: bool = True) -> tuple[pd.DataFrame, np.ndarray]:
+    """``synthesize`` on the bundle's full-width vectors (the towers' channels, then the quality columns);
+    with ``served`` and a bundle that narrows its vectors, the rows are then projected as the bundle's
+    own ``product_vectors`` would, so that the noise is the same whether a model narrows or not."""
+    full = dataclasses.replace(bundle, projection=None)
+    config = bundle.model.config
+    channels = [w for w in (config.output_dim, getattr(config, "lexical_dim", 0), getattr(config, "semantic_dim", 0))
+                if w]
+    frame, vectors = synthesize(products, full.product_vectors(products), channels, total, noise, seed)
+    if not served or bundle.projection is None:
+        return frame, vectors
+    width = config.embedding_dim
+    out = np.empty((len(vectors), bundle.dim), np.float32)
+    for start in range(0, len(vectors), 100_000):
+        block = vectors[start:start + 100_000]
+        out[start:start + len(block)] = np.concatenate([block[:, :width] @ bundle.projection, block[:, width:]], 1)
+    return frame, out
+
+
 def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int, chunk: int = 200_000) -> np.ndarray:
     """Row indices of the exact inner-product top-k per query (best first), chunked over the rows."""
     best_scores = np.full((len(queries), 0), -np.inf, np.float32)
@@ -513,15 +534,11 @@ def run_scaled(args: argparse.Namespace) -> None:
     bundle = ModelBundle.load(settings, version)
     mark = time.perf_counter()
     products, _ = catalogue_with_encodings(settings, bundle, dt.datetime.now(dt.UTC))
-    real_vectors = bundle.product_vectors(products)
+    bundle.product_vectors(products)  # timed: the product tower over the real catalogue
     tower_seconds = time.perf_counter() - mark
-    config = bundle.model.config
-    # The tower's channels (learned; lexical and semantic where the model has them), then quality columns.
-    channels = [w for w in (config.output_dim, getattr(config, "lexical_dim", 0), getattr(config, "semantic_dim", 0))
-                if w]
 
     # 2. N products (real + synthetic) through the real publish path.
-    frame, vectors = synthesize(products, real_vectors, channels, args.products, args.noise, settings.seed)
+    frame, vectors = synthetic_catalogue(bundle, products, args.products, args.noise, settings.seed)
     stats = read_published(settings, "query_stats").sort_values("sessions", ascending=False)
     query_texts = stats["query"].head(500).tolist()
     users = read_published(settings, "user_history")["user_id"].unique()[:2000].tolist()

@@ -128,9 +128,14 @@ def _server(data_dir: Path, overrides: list[str]) -> None:
     # One segment of all 1M rows (maxSize 4096, sealProportion 0.9, maxBinlogFileNumber 256 so that 16 MB
     # binlogs do not seal it first) was tried too: built and loaded (index wait 563 s), it answered with
     # recall@100 0.09-0.12 at ef 100-400 and the proxy logged "the length (topk) between all result of
-    # query is different" (a 3.1 GB segment; /tmp experiment, no result file). Keep segments well under 2 GB.
+    # query is different" (a 3.1 GB segment; /tmp experiment, no result file); so did one segment of 1M 256-d
+    # rows (1 GB): recall@100 0.23-0.28 at ef 100-400 (benchmarks/index_types.py --rows 1000000, not kept).
+    # Since the served vectors are narrowed to 262-d (boost.serving_dim 256), a segment's walk costs less and
+    # grows little with its rows (one segment, Milvus CPU per query at nq 16: 165k rows 0.45 ms, 333k 0.64 ms
+    # at recall@100 0.980, ef 100), so fewer, larger segments are cheaper: 0.35 x 1024 MB seals 262-d rows at
+    # ~340k, 3 segments per 1M (774-d full-width rows would be cut into ~9).
     config.set("dataCoord.segment.maxSize", 1024)
-    config.set("dataCoord.segment.sealProportion", 0.5)
+    config.set("dataCoord.segment.sealProportion", 0.35)
     for item in overrides:  # experiments: `start --set queryNode.segcore.knowhereThreadPoolNumRatio=1`
         key, _, value = item.partition("=")
         config.set(key, value)
