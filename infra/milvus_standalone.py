@@ -130,12 +130,16 @@ def _server(data_dir: Path, overrides: list[str]) -> None:
     # recall@100 0.09-0.12 at ef 100-400 and the proxy logged "the length (topk) between all result of
     # query is different" (a 3.1 GB segment; /tmp experiment, no result file); so did one segment of 1M 256-d
     # rows (1 GB): recall@100 0.23-0.28 at ef 100-400 (benchmarks/index_types.py --rows 1000000, not kept).
-    # Since the served vectors are narrowed to 262-d (boost.serving_dim 256), a segment's walk costs less and
-    # grows little with its rows (one segment, Milvus CPU per query at nq 16: 165k rows 0.45 ms, 333k 0.64 ms
-    # at recall@100 0.980, ef 100), so fewer, larger segments are cheaper: 0.35 x 1024 MB seals 262-d rows at
-    # ~340k, 3 segments per 1M (774-d full-width rows would be cut into ~9).
-    config.set("dataCoord.segment.maxSize", 1024)
-    config.set("dataCoord.segment.sealProportion", 0.35)
+    # The served vectors are narrowed to 262-d (boost.serving_dim 256). Sealing them at ~340k rows (0.35 x
+    # 1024 MB: 3 segments + a remainder) was tried at 1M: compaction then merged the remainder and two sealed
+    # segments into one of 710k rows and indexed it again while the benchmark's rates ran (Milvus 1.05-1.27
+    # cores at 100-200 rps; an interrupted run, no result file). Compaction treats segments under half of
+    # maxSize as small and merges them up to maxSize, so the seal size stays at half of maxSize, as in the
+    # measured 774-d setup: 0.5 x 346 MB seals 262-d rows at ~150k, 6 segments per 1M as before (serving.json:
+    # 145k-225k rows, index wait 317 s vs 508 s at 774-d, recall@100 0.992 at ef 100), each walk
+    # over 262-d rows (index_types.json: 0.45 vs 0.70 ms of Milvus CPU per query per 165k-row segment).
+    config.set("dataCoord.segment.maxSize", 346)
+    config.set("dataCoord.segment.sealProportion", 0.5)
     for item in overrides:  # experiments: `start --set queryNode.segcore.knowhereThreadPoolNumRatio=1`
         key, _, value = item.partition("=")
         config.set(key, value)
