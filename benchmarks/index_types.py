@@ -1,7 +1,7 @@
 """Index-type benchmark: one Milvus segment of serving vectors, indexed in turn as each index type.
 
 Why one segment: a query's Milvus CPU is a fixed cost per call plus one index search per segment (at 1M
-products: 6 sealed segments of ~165k full-width 774-d rows when this was first measured; 3 of ~340k since
+products: 6 sealed segments of ~165k full-width 774-d rows when this was first measured; 6 of ~150k since
 the served vectors are narrowed to 262-d, ``boost.serving_dim``). This measures that
 per-segment search for each index type on the same rows and queries, without the 10-minute 1M publish.
 
@@ -138,7 +138,7 @@ def main() -> None:
     products, _ = catalogue_with_encodings(settings, bundle, dt.datetime.now(dt.UTC))
     # Full width: the narrower widths below are projections of these (a model that narrows is undone here).
     bundle = dataclasses.replace(bundle, projection=None)
-    _, vectors = synthetic_catalogue(bundle, products, args.rows, 0.5, settings.seed)
+    _, vectors = synthetic_catalogue(bundle, products, bundle.product_vectors(products), args.rows, 0.5, settings.seed)
     stats = read_published(settings, "query_stats").sort_values("sessions", ascending=False)
     queries = bundle.query_vectors([{"query": q} for q in stats["query"].head(args.queries).tolist()])
 

@@ -45,6 +45,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import write_result  # noqa: E402
 from retrieval_core.settings import PROJECT_ROOT, get_settings  # noqa: E402
+from training.boosting import augment  # noqa: E402
 
 # Synthetic product ids start here: far above every real id (the simulator's and Home Depot's are < 1e9).
 SYNTHETIC_ID_OFFSET = 1_000_000_000_000
@@ -322,23 +323,24 @@ def synthesize(products: pd.DataFrame, vectors: np.ndarray, channels: list[int],
     return frame, out
 
 
-def synthetic_catalogue(bundle: object, products: pd.DataFrame, total: int, noise: float, seed: int,
-                        served: bool = True) -> tuple[pd.DataFrame, np.ndarray]:
-    """``synthesize`` on the bundle's full-width vectors (the towers' channels, then the quality columns);
-    with ``served`` and a bundle that narrows its vectors, the rows are then projected as the bundle's
-    own ``product_vectors`` would, so that the noise is the same whether a model narrows or not."""
-    full = dataclasses.replace(bundle, projection=None)
+def synthetic_catalogue(bundle: object, products: pd.DataFrame, full_vectors: np.ndarray, total: int, noise: float,
+                        seed: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """``synthesize`` on the real products' full-width vectors (the towers' channels, then the quality
+    columns: ``product_vectors`` of the bundle without its projection), then narrowed as the bundle's own
+    ``product_vectors`` narrows (``boosting.augment``), so that the noise is the same whether a model
+    narrows or not."""
     config = bundle.model.config
     channels = [w for w in (config.output_dim, getattr(config, "lexical_dim", 0), getattr(config, "semantic_dim", 0))
                 if w]
-    frame, vectors = synthesize(products, full.product_vectors(products), channels, total, noise, seed)
-    if not served or bundle.projection is None:
+    frame, vectors = synthesize(products, full_vectors, channels, total, noise, seed)
+    if bundle.projection is None:
         return frame, vectors
     width = config.embedding_dim
     out = np.empty((len(vectors), bundle.dim), np.float32)
     for start in range(0, len(vectors), 100_000):
         block = vectors[start:start + 100_000]
-        out[start:start + len(block)] = np.concatenate([block[:, :width] @ bundle.projection, block[:, width:]], 1)
+        out[start:start + len(block)], _ = augment(block[:, :width], block[:, width:], block[:0, :width],
+                                                   bundle.boost_weights, bundle.projection)
     return frame, out
 
 
@@ -534,11 +536,11 @@ def run_scaled(args: argparse.Namespace) -> None:
     bundle = ModelBundle.load(settings, version)
     mark = time.perf_counter()
     products, _ = catalogue_with_encodings(settings, bundle, dt.datetime.now(dt.UTC))
-    bundle.product_vectors(products)  # timed: the product tower over the real catalogue
+    full_vectors = dataclasses.replace(bundle, projection=None).product_vectors(products)  # synthesized at full width
     tower_seconds = time.perf_counter() - mark
 
     # 2. N products (real + synthetic) through the real publish path.
-    frame, vectors = synthetic_catalogue(bundle, products, args.products, args.noise, settings.seed)
+    frame, vectors = synthetic_catalogue(bundle, products, full_vectors, args.products, args.noise, settings.seed)
     stats = read_published(settings, "query_stats").sort_values("sessions", ascending=False)
     query_texts = stats["query"].head(500).tolist()
     users = read_published(settings, "user_history")["user_id"].unique()[:2000].tolist()
