@@ -21,7 +21,7 @@ import torch
 
 from retrieval_core.settings import Settings
 from training.batching import product_batch, query_batch
-from training.boosting import augment, quality_vectors
+from training.boosting import PROJECTION_FILE, augment, quality_vectors
 from training.export import BENTO_MODEL_NAME, bentoml_home, model_store
 from training.model import UnifiedModel, UserState
 from training.stages import load_model, load_projection
@@ -30,6 +30,11 @@ from training.text_encoder import TextEncoderConfig, encode
 
 class ModelNotFound(LookupError):
     """No bundle for the asked model version in the model store."""
+
+
+class BundleInvalid(ModelNotFound):
+    """A bundle is in the store but one of its files does not fit its model (corrupt, or from another run):
+    it cannot be served, exactly as if it were missing."""
 
 
 def _bentoml(settings: Settings):  # noqa: ANN202 - the bentoml module
@@ -75,11 +80,31 @@ class ModelBundle:
     @classmethod
     def from_directory(cls, model_version: str, path: Path) -> ModelBundle:
         model = load_model(path / "model")
+        features = quality_vectors(pd.DataFrame(index=[0])).shape[1]
         boost = path / "boost.json"
-        weights = np.array(json.loads(boost.read_text())["weights"], np.float32) if boost.exists() else None
-        if weights is None:
-            weights = np.zeros(quality_vectors(pd.DataFrame(index=[0])).shape[1], np.float32)
-        return cls(model_version, path, model, weights, load_projection(path))
+        weights = np.zeros(features, np.float32)
+        damaged = (OSError, ValueError, KeyError, TypeError, EOFError)  # what json / np.load raise on a bad file
+        try:
+            if boost.exists():
+                weights = np.array(json.loads(boost.read_text())["weights"], np.float32)
+        except damaged as exc:
+            raise BundleInvalid(f"model version {model_version!r}: cannot read {boost} ({exc!r}); "
+                                f"re-export the version") from exc
+        try:
+            projection = load_projection(path)
+        except damaged as exc:
+            raise BundleInvalid(f"model version {model_version!r}: cannot read {path / PROJECTION_FILE} "
+                                f"({exc!r}); re-export the version") from exc
+        if weights.shape != (features,) or not np.isfinite(weights).all():
+            raise BundleInvalid(f"model version {model_version!r}: {boost} holds {weights.shape} weights, "
+                                f"expected {features} finite ones; re-export the version")
+        width = model.config.embedding_dim
+        if projection is not None and (projection.ndim != 2 or projection.shape[0] != width
+                                       or not 0 < projection.shape[1] < width or not np.isfinite(projection).all()):
+            raise BundleInvalid(f"model version {model_version!r}: {path / PROJECTION_FILE} has shape "
+                                f"{projection.shape}, expected ({width}, n) with 0 < n < {width}, finite; "
+                                f"it is not this model's projection — re-export the version")
+        return cls(model_version, path, model, weights, projection)
 
     @property
     def dim(self) -> int:

@@ -214,6 +214,40 @@ def test_service_and_training_code_give_the_same_query_vector(served: Settings) 
                                atol=1e-6)
 
 
+def test_a_bundle_whose_files_do_not_fit_its_model_is_refused_by_name(served: Settings, tmp_path: Path) -> None:
+    """A damaged or foreign projection.npy / boost.json: BundleInvalid (a ModelNotFound, so the service keeps
+    its pair and a refresh stops) naming the file, not a numpy error at the first matmul."""
+    from serving.bundle import BundleInvalid, ModelBundle, ModelNotFound
+
+    good = ModelBundle.load(served, FIRST)
+    assert good.projection is not None  # the tiny model narrows: the checks below are on a real projection
+    width, narrow = good.projection.shape
+    (tmp_path / "model").symlink_to(good.path / "model")
+    (tmp_path / "boost.json").write_text((good.path / "boost.json").read_text())
+    cases = {
+        "projection.npy": [np.zeros((width + 1, narrow), np.float32), np.zeros((width, width), np.float32),
+                           np.full((width, narrow), np.nan, np.float32), b"not a numpy file"],
+        "boost.json": [b'{"weights": [0.1, 0.2]}', b'{"weights": "high"}', b"[1, 2", b"{}"],
+    }
+    for name, bad_contents in cases.items():
+        for bad in bad_contents:
+            np.save(tmp_path / "projection.npy", good.projection)
+            (tmp_path / "boost.json").write_text((good.path / "boost.json").read_text())
+            target = tmp_path / name
+            if isinstance(bad, bytes):
+                target.write_bytes(bad)
+            else:
+                np.save(target, bad)
+            with pytest.raises(BundleInvalid, match=re.escape(name)) as refused:
+                ModelBundle.from_directory("damaged", tmp_path)
+            assert isinstance(refused.value, ModelNotFound) and "re-export" in str(refused.value)
+    np.save(tmp_path / "projection.npy", good.projection)  # restored: it loads and narrows as the original
+    (tmp_path / "boost.json").write_text((good.path / "boost.json").read_text())
+    restored = ModelBundle.from_directory("restored", tmp_path)
+    np.testing.assert_array_equal(restored.projection, good.projection)
+    np.testing.assert_array_equal(restored.boost_weights, good.boost_weights)
+
+
 # -- the HTTP API ---------------------------------------------------------------------------------------
 
 
