@@ -12,6 +12,7 @@ from training.boosting import (
     boosted_recall,
     fit_boost_weights,
     fit_projection,
+    project_queries,
     quality_vectors,
     top_k_kept,
 )
@@ -70,3 +71,16 @@ def test_serving_projection_keeps_inner_products_in_the_catalogue_subspace() -> 
 def test_serving_projection_must_narrow(width: int) -> None:
     with pytest.raises(ValueError, match="serving_dim"):
         fit_projection(np.ones((10, 32), np.float32), width, seed=0)
+
+
+def test_a_narrowed_query_does_not_depend_on_the_batch_it_shares() -> None:
+    """The API coalesces concurrent requests: a query alone and inside any batch must get the same
+    narrowed vector, bit for bit, or near-tied results could swap places with the company it keeps."""
+    rng = np.random.default_rng(3)
+    queries = rng.standard_normal((64, 768)).astype(np.float32)
+    projection = fit_projection(rng.standard_normal((2000, 768)).astype(np.float32), 256, seed=0)
+    batch = project_queries(queries, projection)
+    for i in range(len(queries)):
+        np.testing.assert_array_equal(project_queries(queries[i:i + 1], projection)[0], batch[i])
+    _, served = augment(queries[:0], np.zeros((0, 6), np.float32), queries[5:9], np.ones(6, np.float32), projection)
+    np.testing.assert_array_equal(served[:, :256], batch[5:9])  # the served path is this one

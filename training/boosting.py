@@ -98,13 +98,20 @@ def fit_projection(product_vectors: np.ndarray, width: int, seed: int, sample: i
     return np.linalg.svd(rows.astype(np.float64), full_matrices=False)[2][:width].T.astype(np.float32)
 
 
+def project_queries(query_vectors: np.ndarray, projection: np.ndarray) -> np.ndarray:
+    """Queries on the serving projection, in float64: a float32 matmul rounds differently for 1 row than
+    inside a batch, and a query's near-tied results must not swap places with the batch it happens to
+    share. Every place that narrows queries (serving, the boost fit, the gate) goes through here."""
+    return (query_vectors.astype(np.float64) @ projection.astype(np.float64)).astype(np.float32)
+
+
 def top_k_kept(query_vectors: np.ndarray, product_vectors: np.ndarray, projection: np.ndarray,
                k: int = 100) -> float:
     """Share of each query's exact top-k (full vectors) that exact search of the projected vectors
     returns: what the narrowing costs in ranking, before any ANN error."""
     k = min(k, len(product_vectors))
     full = exact_top_k(query_vectors, product_vectors, k)
-    narrow = exact_top_k(query_vectors @ projection, product_vectors @ projection, k)
+    narrow = exact_top_k(project_queries(query_vectors, projection), product_vectors @ projection, k)
     return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(full, narrow, strict=True)]))
 
 
@@ -113,9 +120,7 @@ def augment(product_vectors: np.ndarray, quality: np.ndarray, query_vectors: np.
     """The vectors the ANN index and the query side use: [p P, quality(p)] and [q P, w] (P: the
     model's serving projection; none: the full width)."""
     if projection is not None:
-        # the query side in float64: a float32 matmul rounds differently for 1 row than inside a batch, and a
-        # query's near-tied results must not swap places with the batch it happens to share
         product_vectors = product_vectors @ projection
-        query_vectors = (query_vectors.astype(np.float64) @ projection.astype(np.float64)).astype(np.float32)
+        query_vectors = project_queries(query_vectors, projection)
     q = np.concatenate([query_vectors, np.broadcast_to(weights, (len(query_vectors), len(weights)))], axis=1)
     return np.concatenate([product_vectors, quality], axis=1).astype(np.float32), q.astype(np.float32)

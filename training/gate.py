@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 
-from training.boosting import exact_top_k, top_k_kept
+from training.boosting import exact_top_k, project_queries, top_k_kept
 
 
 class GateConfig(BaseModel):
@@ -83,7 +83,7 @@ def decide(metrics: dict, production: dict | None, products: np.ndarray, queries
             if kept < config.min_projection_top_100_kept:
                 fail(f"the serving projection to {projection.shape[1]} dimensions keeps {kept:.3f} of the exact "
                      f"top-100 < {config.min_projection_top_100_kept}: raise boost.serving_dim (0: full width)")
-            products, sample = products @ projection, sample @ projection
+            products, sample = products @ projection, project_queries(sample, projection)
         recall = ann_recall_at_100(products, sample, config)
         decision.checks["ann_recall_at_100"] = recall
         if recall < config.min_ann_recall_at_100:

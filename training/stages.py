@@ -36,6 +36,7 @@ from training.boosting import (
     augment,
     fit_boost_weights,
     fit_projection,
+    project_queries,
     quality_vectors,
     top_k_kept,
 )
@@ -259,7 +260,7 @@ def step_boost(dataset: Path, graph: Path, text: Path | None, models: Path, conf
         np.save(out.with_name(PROJECTION_FILE), projection)
         narrowing = {"serving_dim": config.boost.serving_dim,
                      "validation_top_100_kept": top_k_kept(q, p, projection, config.boost.k)}
-        p, q = p @ projection, q @ projection
+        p, q = p @ projection, project_queries(q, projection)
     weights, boosted, plain = fit_boost_weights(q, p, quality_vectors(products),
                                                 row_of[rows["product_id"]].to_numpy(), config.boost)
     result = {"features": list(BOOST_FEATURES), "weights": weights.tolist(), "validation_recall": boosted,
