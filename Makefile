@@ -9,7 +9,7 @@ WORLD ?= default
 
 .PHONY: setup demo test lint bench bench-simulate bench-setup bench-features bench-serve features feature-server \
 	api-start api-stop airflow-ui clean services help bench-demo bench-training milvus-start milvus-stop milvus-status bench-serve-1m \
-	bench-index-types
+	bench-index-types bench-hnsw-scale
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -107,6 +107,9 @@ bench-serve-1m: milvus-start  ## serving benchmark on 1M products (real + synthe
 
 bench-index-types: milvus-start  ## one 165k-row segment as HNSW and SCANN: recall@100 and Milvus CPU per query (after make demo)
 	$(VENV)/bin/python benchmarks/index_types.py --milvus-uri http://127.0.0.1:$(MILVUS_PORT)
+
+bench-hnsw-scale: setup  ## HNSW recall@100 vs graph size (165k/333k/1M rows, M 16/32) in faiss: why segments stay small (after make demo)
+	$(VENV)/bin/python benchmarks/hnsw_scale.py --m 16,32
 
 bench-simulate: setup  ## the large world: time and peak memory of `uer simulate --world large`
 	$(VENV)/bin/python benchmarks/simulate_large.py
