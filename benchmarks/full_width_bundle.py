@@ -1,0 +1,60 @@
+"""Setup of the narrowing A/B: serve the production model *without* its serving projection.
+
+``register`` saves the production bundle again as ``<version>-fullwidth`` — the same towers, text encoder
+and boosting weights, no ``projection.npy`` (so 774-d vectors) — and points production at it;
+``restore`` points production back at ``<version>``. Between the two, ``benchmarks/serving.py
+--result serving_full_width`` measures the full-width vectors with everything else equal (the boosting
+weights stay those fit on the narrowed vectors). It bypasses the validation gate on purpose: a
+benchmark tool, never a step of the DAGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from retrieval_core.settings import get_settings  # noqa: E402
+
+SUFFIX = "-fullwidth"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["register", "restore"])
+    args = parser.parse_args()
+
+    from serving.bundle import registered_versions
+    from training.export import register_model
+    from training.gate import production_pointer, promote
+
+    settings = get_settings()
+    models_dir = settings.artifacts_dir / "models"
+    pointer = json.loads(production_pointer(models_dir).read_text())
+    version, metrics = pointer["version"], Path(pointer["metrics"])
+    if args.action == "restore":
+        promote(models_dir, version.removesuffix(SUFFIX), metrics)
+        print(f"production -> {version.removesuffix(SUFFIX)}")
+        return
+    if version.endswith(SUFFIX):
+        raise SystemExit(f"production is already {version}: run `restore` first")
+    source = registered_versions(settings)[version]
+    with tempfile.TemporaryDirectory() as tmp:
+        models = Path(tmp)
+        shutil.copytree(source / "model", models / "model")
+        boost = json.loads((source / "boost.json").read_text())
+        boost.update(serving_dim=0)
+        boost.pop("validation_top_100_kept", None)
+        (models / "boost.json").write_text(json.dumps(boost, indent=2))
+        encoder = source / "text_encoder"
+        tag = register_model(settings, version + SUFFIX, models, encoder if encoder.exists() else None)
+    promote(models_dir, version + SUFFIX, metrics)
+    print(f"registered {tag}; production -> {version + SUFFIX}")
+
+
+if __name__ == "__main__":
+    main()
