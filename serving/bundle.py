@@ -129,8 +129,13 @@ class ModelBundle:
         with torch.inference_mode():
             q = self.model.query_tower(query_batch(rows, self.model.config), states).numpy()
         _, vectors = augment(q[:0], np.zeros((0, len(self.boost_weights)), np.float32), q, self.boost_weights,
-                             self.projection)
+                             self._query_projection)
         return vectors
+
+    @cached_property
+    def _query_projection(self) -> np.ndarray | None:
+        """The projection in float64, converted once (the query side is projected in float64)."""
+        return None if self.projection is None else self.projection.astype(np.float64)
 
     def product_vectors(self, products: pd.DataFrame, batch_size: int = 4096) -> np.ndarray:
         """``[p, quality(p)]`` for rows of ``product_tower_v1`` features (with text/graph encodings)."""

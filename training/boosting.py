@@ -101,8 +101,10 @@ def fit_projection(product_vectors: np.ndarray, width: int, seed: int, sample: i
 def project_queries(query_vectors: np.ndarray, projection: np.ndarray) -> np.ndarray:
     """Queries on the serving projection, in float64: a float32 matmul rounds differently for 1 row than
     inside a batch, and a query's near-tied results must not swap places with the batch it happens to
-    share. Every place that narrows queries (serving, the boost fit, the gate) goes through here."""
-    return (query_vectors.astype(np.float64) @ projection.astype(np.float64)).astype(np.float32)
+    share. Every place that narrows queries (serving, the boost fit, the gate) goes through here. A float64
+    ``projection`` is used as it is (the API keeps one: converting 768×256 per batch was ~5% of its
+    profile at 200 requests/s)."""
+    return (query_vectors.astype(np.float64) @ np.asarray(projection, np.float64)).astype(np.float32)
 
 
 def top_k_kept(query_vectors: np.ndarray, product_vectors: np.ndarray, projection: np.ndarray,
@@ -120,7 +122,7 @@ def augment(product_vectors: np.ndarray, quality: np.ndarray, query_vectors: np.
     """The vectors the ANN index and the query side use: [p P, quality(p)] and [q P, w] (P: the
     model's serving projection; none: the full width)."""
     if projection is not None:
-        product_vectors = product_vectors @ projection
+        product_vectors = product_vectors @ projection.astype(np.float32, copy=False)
         query_vectors = project_queries(query_vectors, projection)
     q = np.concatenate([query_vectors, np.broadcast_to(weights, (len(query_vectors), len(weights)))], axis=1)
     return np.concatenate([product_vectors, quality], axis=1).astype(np.float32), q.astype(np.float32)
