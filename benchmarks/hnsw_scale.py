@@ -8,14 +8,13 @@ the first N of the same rows, for several N, and measures recall@100 against exa
 world's most frequent real queries — if faiss loses recall with N too, the rows (real products plus
 ~50 noisy copies of each) are what a large graph handles badly.
 
-Rows as in ``benchmarks/serving.py`` (``synthetic_catalogue``, narrowed as the production bundle narrows).
+Rows as in ``benchmarks/serving.py`` (``benchmark_catalogue``, narrowed as the production bundle narrows).
 Needs ``make demo``. Writes benchmarks/results/hnsw_scale.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import write_result  # noqa: E402
-from benchmarks.serving import exact_top_k, invocation, recall, synthetic_catalogue  # noqa: E402
+from benchmarks.serving import benchmark_catalogue, exact_top_k, invocation, recall  # noqa: E402
 from retrieval_core.settings import get_settings  # noqa: E402
 
 
@@ -63,19 +62,8 @@ def main() -> None:
     command = invocation()
     sizes = [int(s) for s in args.sizes.split(",")]
 
-    import dataclasses
-
-    from feature_repo.warehouse import read_published
-    from serving.bundle import ModelBundle
-    from serving.refresh import catalogue_with_encodings, production_model_version
-
-    settings = get_settings()
-    bundle = ModelBundle.load(settings, production_model_version(settings))
-    products, _ = catalogue_with_encodings(settings, bundle, dt.datetime.now(dt.UTC))
-    full_width = dataclasses.replace(bundle, projection=None).product_vectors(products)
-    _, vectors = synthetic_catalogue(bundle, products, full_width, max(sizes), 0.5, settings.seed)
-    stats = read_published(settings, "query_stats").sort_values("sessions", ascending=False)
-    queries = bundle.query_vectors([{"query": q} for q in stats["query"].head(args.queries).tolist()])
+    world = benchmark_catalogue(get_settings(), max(sizes), args.queries)
+    vectors, queries = world.vectors, world.queries
 
     results = []
     for size in sizes:
@@ -89,8 +77,8 @@ def main() -> None:
     write_result(args.result, {
         "engine": f"faiss {faiss.__version__} IndexHNSWFlat, inner product, in process ({faiss.omp_get_max_threads()} "
                   f"OpenMP threads)",
-        "real_products": len(products), "dim": int(vectors.shape[1]), "k": 100, "queries": len(queries),
-        "model_version": bundle.model_version, "results": results,
+        "real_products": len(world.products), "dim": int(vectors.shape[1]), "k": 100, "queries": len(queries),
+        "model_version": world.bundle.model_version, "results": results,
         "note": "Each graph holds the first `rows` rows of the 1M serving benchmark's catalogue (the real products "
                 "first, then synthetic rows perturbed from them, noise 0.5, narrowed as the model serves them); "
                 "recall_at_100 is against exact inner-product search of the same rows; cpu_ms_per_query is this "

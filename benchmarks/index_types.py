@@ -17,8 +17,6 @@ Writes benchmarks/results/index_types.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import datetime as dt
 import sys
 import time
 from pathlib import Path
@@ -29,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import write_result  # noqa: E402
 from benchmarks.serving import (  # noqa: E402
     CpuMeter,
+    benchmark_catalogue,
     exact_top_k,
     invocation,
     rebuild,
     recall,
-    synthetic_catalogue,
     use_milvus,
 )
 from retrieval_core.settings import get_settings  # noqa: E402
@@ -126,21 +124,14 @@ def main() -> None:
     command = invocation()
     use_milvus(args.milvus_uri)
 
-    from feature_repo.warehouse import read_published
-    from serving.bundle import ModelBundle
     from serving.index import IndexLifecycle
-    from serving.refresh import catalogue_with_encodings, production_model_version
 
     settings = get_settings()
     lifecycle = IndexLifecycle(settings)
     client = lifecycle.client
-    bundle = ModelBundle.load(settings, production_model_version(settings))
-    products, _ = catalogue_with_encodings(settings, bundle, dt.datetime.now(dt.UTC))
     # Full width: the narrower widths below are projections of these (a model that narrows is undone here).
-    bundle = dataclasses.replace(bundle, projection=None)
-    _, vectors = synthetic_catalogue(bundle, products, bundle.product_vectors(products), args.rows, 0.5, settings.seed)
-    stats = read_published(settings, "query_stats").sort_values("sessions", ascending=False)
-    queries = bundle.query_vectors([{"query": q} for q in stats["query"].head(args.queries).tolist()])
+    world = benchmark_catalogue(settings, args.rows, args.queries, full_width=True)
+    products, vectors, queries = world.products, world.vectors, world.queries
 
     results = index_and_measure(lifecycle, vectors, queries, [t for t in args.types.split(",") if t], args.seconds,
                                 SEARCHES)

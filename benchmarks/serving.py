@@ -505,11 +505,46 @@ def rebuild(lifecycle: object, collection: str, rows: int, index_type: str) -> f
     return round(time.perf_counter() - start, 1)
 
 
-def run_scaled(args: argparse.Namespace) -> None:
+@dataclasses.dataclass
+class BenchmarkCatalogue:
+    """What the Milvus benchmarks index and query: the production model's real catalogue, then synthetic
+    rows perturbed from it (``synthetic_catalogue``), and the world's most frequent real queries."""
+
+    bundle: object  # serving.bundle.ModelBundle: the one the rows and queries were made with
+    products: pd.DataFrame  # the real catalogue
+    frame: pd.DataFrame  # product_id and the filter fields of every row, real first
+    vectors: np.ndarray
+    query_texts: list[str]  # most frequent first
+    queries: np.ndarray  # the first ``n_queries`` texts through the query tower, signed out
+    tower_seconds: float  # the real catalogue's features and product tower
+
+
+def benchmark_catalogue(settings: object, total: int, n_queries: int, noise: float = 0.5, texts: int = 500,
+                        full_width: bool = False) -> BenchmarkCatalogue:
+    """``total`` rows of the production model's vectors — narrowed as it serves them, or at the towers'
+    full width with ``full_width`` — and query vectors made the same way. Needs ``make demo``."""
     from feature_repo.warehouse import read_published
     from serving.bundle import ModelBundle
+    from serving.refresh import catalogue_with_encodings, production_model_version
+
+    bundle = ModelBundle.load(settings, production_model_version(settings))
+    full = dataclasses.replace(bundle, projection=None)  # synthesized at full width (``synthetic_catalogue``)
+    mark = time.perf_counter()
+    products, _ = catalogue_with_encodings(settings, bundle, dt.datetime.now(dt.UTC))
+    full_vectors = full.product_vectors(products)
+    tower_seconds = time.perf_counter() - mark
+    served = full if full_width else bundle
+    frame, vectors = synthetic_catalogue(served, products, full_vectors, total, noise, settings.seed)
+    stats = read_published(settings, "query_stats").sort_values("sessions", ascending=False)
+    query_texts = stats["query"].head(max(texts, n_queries)).tolist()
+    queries = served.query_vectors([{"query": q} for q in query_texts[:n_queries]])
+    return BenchmarkCatalogue(served, products, frame, vectors, query_texts, queries, tower_seconds)
+
+
+def run_scaled(args: argparse.Namespace) -> None:
+    from feature_repo.warehouse import read_published
     from serving.index import IndexCheckFailed, IndexLifecycle, IndexVersion
-    from serving.refresh import catalogue_with_encodings, production_model_version, refresh_index
+    from serving.refresh import production_model_version, refresh_index
 
     settings = get_settings()
     lifecycle = IndexLifecycle(settings)
@@ -533,18 +568,10 @@ def run_scaled(args: argparse.Namespace) -> None:
         base = report.index
         figures["real_refresh"] = {"products": report.products, "seconds": report.seconds,
                                    "ann_recall_at_100": report.checks["ann_recall_at_100"]}
-    bundle = ModelBundle.load(settings, version)
-    mark = time.perf_counter()
-    products, _ = catalogue_with_encodings(settings, bundle, dt.datetime.now(dt.UTC))
-    full_vectors = dataclasses.replace(bundle, projection=None).product_vectors(products)  # synthesized at full width
-    tower_seconds = time.perf_counter() - mark
-
-    # 2. N products (real + synthetic) through the real publish path.
-    frame, vectors = synthetic_catalogue(bundle, products, full_vectors, args.products, args.noise, settings.seed)
-    stats = read_published(settings, "query_stats").sort_values("sessions", ascending=False)
-    query_texts = stats["query"].head(500).tolist()
+    world = benchmark_catalogue(settings, args.products, args.recall_queries, args.noise)
+    products, frame, vectors = world.products, world.frame, world.vectors
+    query_texts, queries, tower_seconds = world.query_texts, world.queries, world.tower_seconds
     users = read_published(settings, "user_history")["user_id"].unique()[:2000].tolist()
-    queries = bundle.query_vectors([{"query": q} for q in query_texts[:args.recall_queries]])
     print(f"{len(frame):,} products ({len(products):,} real), dim {vectors.shape[1]}; publishing", flush=True)
     timer = StepTimer(lifecycle)
     synthetic: list[str] = []
