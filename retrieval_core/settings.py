@@ -113,6 +113,12 @@ class ServingSettings(BaseModel):
     # torch intra-op threads of the query tower in the API process: its matrices are tiny, and the cores
     # are shared with the HTTP workers (and, on one machine, with Milvus).
     torch_threads: int = Field(1, ge=1)
+    # numpy's BLAS (OpenBLAS) threads in the API process: the query projection and boosting columns are
+    # matrix products of a few rows. OpenBLAS splits even those over every core and its threads spin while
+    # they wait for one another: with the other core busy (Milvus), a 16-row float64 projection took 8.8 ms of
+    # CPU instead of 0.2 (ad hoc, timeit under two CPU hogs), and the API's CPU at 200 requests/s on the
+    # default world fell from 1.28 to 0.87 cores with one thread (p99 113 → 69 ms, cold user-state cache).
+    blas_threads: int = Field(1, ge=1)
     # One log line per request (BentoML's access log). Off by default: it was ~5% of the API process's GIL
     # time at 25 requests/s (py-spy, ad hoc), and a proxy in front usually logs requests anyway.
     access_log: bool = False

@@ -25,8 +25,9 @@ import orjson
 from bentoml.exceptions import InvalidArgument, ServiceUnavailable
 from pydantic import Field, ValidationError
 from starlette.responses import JSONResponse, Response
+from threadpoolctl import threadpool_limits
 
-from retrieval_core.settings import get_settings
+from retrieval_core.settings import ServingSettings, get_settings
 from serving.coalescer import Coalescer
 from serving.filters import Filters
 from serving.retriever import RetrievalRequest, RetrievalResponse, Retriever, Unavailable
@@ -70,11 +71,9 @@ def _tracing(rate: float) -> dict:
 class RetrievalService:
     def __init__(self) -> None:
         # prometheus_client is imported here, after BentoML set up its multiprocess metrics directory.
-        import torch
         from prometheus_client import Counter, Histogram
 
         self.settings = get_settings()
-        torch.set_num_threads(self.settings.serving.torch_threads)
         stage = Histogram("uer_retrieval_stage_seconds", "Time per retrieval stage", ["stage"],
                           buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))
         cache = Counter("uer_history_cache_total", "User-history cache lookups", ["result"])
@@ -97,6 +96,8 @@ class RetrievalService:
         # timed with gc.callbacks); after the freeze they took 7-120 ms. One request first, so what the request
         # path imports and builds on first use (the online store's reader, the search stub) is frozen too.
         self._warm_up()
+        # After the warm-up: by now every library of the request path has loaded its BLAS.
+        limit_compute_threads(self.settings.serving)
         gc.collect()
         gc.freeze()
         pause_of = functools.cache(gc_pause.labels)
@@ -154,6 +155,15 @@ class RetrievalService:
         """Many requests in one call; concurrent calls are merged by BentoML's adaptive batching.
         (A 503 here carries BentoML's generic text: batched outputs cannot be a custom response.)"""
         return [RetrievalResponse.model_validate(row) for row in self._run(requests)]
+
+
+def limit_compute_threads(serving: ServingSettings) -> None:
+    """The API process's torch intra-op threads and numpy's BLAS threads (``serving.torch_threads``,
+    ``serving.blas_threads``: why in the settings). A BLAS limit applies to the libraries loaded by then."""
+    import torch
+
+    torch.set_num_threads(serving.torch_threads)
+    threadpool_limits(limits=serving.blas_threads, user_api="blas")
 
 
 def _gc_timer(observe: Callable[[str, float], None]) -> Callable[[str, dict], None]:

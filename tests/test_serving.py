@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from retrieval_core.settings import PROJECT_ROOT, MilvusSettings, Settings
+from retrieval_core.settings import PROJECT_ROOT, MilvusSettings, ServingSettings, Settings
 from serving.filters import Filters
 from serving.index import MAX_QUERIES_PER_CALL, IndexCheckFailed, IndexLifecycle
 from serving.retriever import RetrievalResponse
@@ -75,6 +75,26 @@ def test_filter_expression_quotes_every_value() -> None:
 
 
 # -- index lifecycle -------------------------------------------------------------------------------------
+
+
+def test_the_api_process_runs_numpy_blas_and_torch_on_the_configured_threads() -> None:
+    """OpenBLAS spreads even a few-row product over every core and spins while it waits: on cores shared
+    with Milvus that cost the API more CPU than the work (``ServingSettings.blas_threads``)."""
+    import torch
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from serving.service import limit_compute_threads
+
+    before = torch.get_num_threads()
+    with threadpool_limits(limits=2, user_api="blas"):  # restores this process's limits on the way out
+        blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+        assert blas and all(pool["num_threads"] == 2 for pool in blas), blas
+        try:
+            limit_compute_threads(ServingSettings(torch_threads=1, blas_threads=1))
+            assert all(pool["num_threads"] == 1 for pool in threadpool_info() if pool["user_api"] == "blas")
+            assert torch.get_num_threads() == 1
+        finally:
+            torch.set_num_threads(before)
 
 
 def test_hnsw_search_asks_for_at_least_k_candidates() -> None:
