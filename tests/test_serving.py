@@ -88,7 +88,9 @@ def test_the_api_process_runs_numpy_blas_and_torch_on_the_configured_threads() -
     before = torch.get_num_threads()
     with threadpool_limits(limits=2, user_api="blas"):  # restores this process's limits on the way out
         blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
-        assert blas and all(pool["num_threads"] == 2 for pool in blas), blas
+        assert blas, "numpy loaded no BLAS library"
+        if not all(pool["num_threads"] == 2 for pool in blas):
+            pytest.skip(f"this machine's BLAS cannot run on two threads: {blas}")
         try:
             limit_compute_threads(ServingSettings(torch_threads=1, blas_threads=1))
             assert all(pool["num_threads"] == 1 for pool in threadpool_info() if pool["user_api"] == "blas")
