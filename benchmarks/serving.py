@@ -568,6 +568,8 @@ def run_scaled(args: argparse.Namespace) -> None:
         base = report.index
         figures["real_refresh"] = {"products": report.products, "seconds": report.seconds,
                                    "ann_recall_at_100": report.checks["ann_recall_at_100"]}
+
+    # 2. N products (real + synthetic) through the real publish path.
     world = benchmark_catalogue(settings, args.products, args.recall_queries, args.noise)
     products, frame, vectors = world.products, world.frame, world.vectors
     query_texts, queries, tower_seconds = world.query_texts, world.queries, world.tower_seconds
