@@ -115,9 +115,9 @@ class ServingSettings(BaseModel):
     torch_threads: int = Field(1, ge=1)
     # numpy's BLAS (OpenBLAS) threads in the API process: the query projection and boosting columns are
     # matrix products of a few rows. OpenBLAS splits even those over every core and its threads spin while
-    # they wait for one another: with the other core busy (Milvus), a 16-row float64 projection took 8.8 ms of
-    # CPU instead of 0.2 (ad hoc, timeit under two CPU hogs), and the API's CPU at 200 requests/s on the
-    # default world fell from 1.28 to 0.87 cores with one thread (p99 113 → 69 ms, cold user-state cache).
+    # they wait for one another: with every core busy, a 16-row float64 projection cost 0.96 ms of CPU on two
+    # threads against 0.22 on one (benchmarks/results/api_costs.json), and at 1M products, 200 requests/s, the
+    # API used 1.06 cores with two against 0.64 with one (serving_blas_threads_2.json vs serving.json).
     blas_threads: int = Field(1, ge=1)
     # One log line per request (BentoML's access log). Off by default: it was ~5% of the API process's GIL
     # time at 25 requests/s (py-spy, ad hoc), and a proxy in front usually logs requests anyway.

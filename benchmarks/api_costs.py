@@ -1,0 +1,128 @@
+"""What the retrieval API's own steps cost in CPU, in process (no HTTP, no Milvus): the numbers behind
+``serving.blas_threads`` and the per-request costs quoted in the README's serving section.
+
+* the query projection (``training.boosting.project_queries``, float64, 768 → 256) for batches of 1–16
+  rows with numpy's BLAS on one and on two threads, on an idle machine and with every core busy (two
+  spinning processes stand in for Milvus and the HTTP workers);
+* the query tower for one signed-out query, and the share of its text encoders (lexical, semantic);
+* a user-state cache miss: the ``query_tower_v1`` lookup in the Feast online store, then the tower's
+  user state (``ModelBundle.user_states``), for 1 and 8 users.
+
+CPU is this process's (all its threads: a spinning BLAS thread counts) per call. Needs ``make demo``.
+Writes benchmarks/results/api_costs.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import write_result  # noqa: E402
+from benchmarks.serving import invocation  # noqa: E402
+from retrieval_core.settings import get_settings  # noqa: E402
+
+
+def cost(call: Callable[[], object], seconds: float) -> dict[str, float]:
+    """Wall and process-CPU milliseconds per call, over at least ``seconds`` of calls (after one warm-up)."""
+    call()
+    calls, wall, cpu = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - wall < seconds:
+        call()
+        calls += 1
+    return {"wall_ms": round((time.perf_counter() - wall) * 1000 / calls, 3),
+            "cpu_ms": round((time.process_time() - cpu) * 1000 / calls, 3), "calls": calls}
+
+
+def busy_cores(n: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=2.0, help="least seconds of calls per figure")
+    parser.add_argument("--result", default="api_costs", help="result file name (benchmarks/results/NAME.json)")
+    args = parser.parse_args()
+    command = invocation()
+
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from feature_repo.warehouse import read_published
+    from serving.bundle import ModelBundle
+    from serving.refresh import production_model_version
+    from serving.retriever import Retriever
+    from serving.service import limit_compute_threads
+    from training.batching import query_batch
+    from training.boosting import project_queries
+
+    settings = get_settings()
+    cores = os.cpu_count() or 1
+    rng = np.random.default_rng(settings.seed)
+    projection = rng.standard_normal((768, 256))  # the shape and dtype the API projects queries with
+
+    projection_rows = []
+    for load in ("idle", "all cores busy"):
+        hogs = busy_cores(cores) if load != "idle" else []
+        try:
+            for threads in (1, 2):
+                with threadpool_limits(limits=threads, user_api="blas"):
+                    for rows in (1, 2, 4, 16):
+                        queries = rng.standard_normal((rows, 768)).astype(np.float32)
+                        row = {"load": load, "blas_threads": threads, "rows": rows,
+                               **cost(lambda q=queries: project_queries(q, projection), args.seconds)}
+                        print(row, flush=True)
+                        projection_rows.append(row)
+        finally:
+            for hog in hogs:
+                hog.kill()
+
+    limit_compute_threads(settings.serving)  # as in the API process from here on
+    bundle = ModelBundle.load(settings, production_model_version(settings))
+    tower = bundle.model.query_tower
+    signed_out = bundle.user_states([{}])
+    text = [{"query": "linen dress for summer"}]
+    terms = query_batch(text, bundle.model.config).terms
+    with torch.inference_mode():
+        query_tower = {"one_query_ms": cost(lambda: bundle.query_vectors(text, signed_out), args.seconds),
+                       **{f"{type(encoder).__name__}_ms": cost(lambda e=encoder: e(terms), args.seconds)
+                          for encoder, _ in tower._text_channels()}}
+    print(query_tower, flush=True)
+
+    retriever = Retriever(settings)
+    users = read_published(settings, "user_history")["user_id"].unique()[:2000].tolist()
+    rows = list(retriever.histories(users[:8]).values())
+    picks = iter(range(10**9))  # a different user per lookup: the online store's own caches stay cold
+
+    def lookup(n: int) -> Callable[[], object]:
+        return lambda: retriever.histories([users[(next(picks) * n + i) % len(users)] for i in range(n)])
+
+    miss = {"feast_lookup_1_user": cost(lookup(1), args.seconds),
+            "feast_lookup_8_users": cost(lookup(8), args.seconds),
+            "user_state_1_user": cost(lambda: bundle.user_states(rows[:1]), args.seconds),
+            "user_state_8_users": cost(lambda: bundle.user_states(rows), args.seconds)}
+    print(miss, flush=True)
+
+    write_result(args.result, {
+        "model_version": bundle.model_version, "online_store": settings.online_store,
+        "torch_threads": torch.get_num_threads(), "query_projection": projection_rows,
+        "query_tower": query_tower, "user_state_miss": miss,
+        "note": "Milliseconds per call in this process (cpu_ms counts every thread of it). query_projection: "
+                "project_queries of `rows` float32 queries with a 768x256 float64 projection, numpy's BLAS "
+                "limited to `blas_threads` (threadpoolctl), with and without one spinning process per core. "
+                "query_tower and user_state_miss run as the API does (serving.torch_threads, "
+                "serving.blas_threads): one signed-out query's vector (tower + projection + boosting columns) "
+                "and the tower's text encoders on its terms; a cache miss reads query_tower_v1 from the Feast "
+                "online store (Retriever.histories) and computes the users' state (ModelBundle.user_states).",
+    }, command=command)
+
+
+if __name__ == "__main__":
+    main()
