@@ -44,7 +44,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import write_result  # noqa: E402
-from retrieval_core.settings import PROJECT_ROOT, get_settings  # noqa: E402
+from retrieval_core.settings import PROJECT_ROOT, Settings, get_settings  # noqa: E402
 from training.boosting import augment  # noqa: E402
 
 # Synthetic product ids start here: far above every real id (the simulator's and Home Depot's are < 1e9).
@@ -519,15 +519,16 @@ class BenchmarkCatalogue:
     tower_seconds: float  # the real catalogue's features and product tower
 
 
-def benchmark_catalogue(settings: object, total: int, n_queries: int, noise: float = 0.5, texts: int = 500,
-                        full_width: bool = False) -> BenchmarkCatalogue:
-    """``total`` rows of the production model's vectors — narrowed as it serves them, or at the towers'
-    full width with ``full_width`` — and query vectors made the same way. Needs ``make demo``."""
+def benchmark_catalogue(settings: Settings, total: int, n_queries: int, noise: float = 0.5, texts: int = 500,
+                        full_width: bool = False, version: str | None = None) -> BenchmarkCatalogue:
+    """``total`` rows of model ``version``'s vectors (default: the production model) — narrowed as it serves
+    them, or at the towers' full width with ``full_width`` — and query vectors made the same way. Needs
+    ``make demo``."""
     from feature_repo.warehouse import read_published
     from serving.bundle import ModelBundle
     from serving.refresh import catalogue_with_encodings, production_model_version
 
-    bundle = ModelBundle.load(settings, production_model_version(settings))
+    bundle = ModelBundle.load(settings, version or production_model_version(settings))
     full = dataclasses.replace(bundle, projection=None)  # synthesized at full width (``synthetic_catalogue``)
     mark = time.perf_counter()
     products, _ = catalogue_with_encodings(settings, bundle, dt.datetime.now(dt.UTC))
@@ -570,7 +571,7 @@ def run_scaled(args: argparse.Namespace) -> None:
                                    "ann_recall_at_100": report.checks["ann_recall_at_100"]}
 
     # 2. N products (real + synthetic) through the real publish path.
-    world = benchmark_catalogue(settings, args.products, args.recall_queries, args.noise)
+    world = benchmark_catalogue(settings, args.products, args.recall_queries, args.noise, version=version)
     products, frame, vectors = world.products, world.frame, world.vectors
     query_texts, queries, tower_seconds = world.query_texts, world.queries, world.tower_seconds
     users = read_published(settings, "user_history")["user_id"].unique()[:2000].tolist()
