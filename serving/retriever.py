@@ -133,6 +133,22 @@ class Retriever:
         pair = self._pair
         return pair is not None and pair.bundle.model_version == pair.index.model_version
 
+    def warm_up(self) -> None:
+        """One signed-in request (a user id that cannot exist) through the whole path, when a pair is
+        loaded, so that what the path builds on first use (the online store's reader, the search stub) is
+        ready before the first real request. Unobserved: it is not traffic, so it counts in no stage
+        latency and no cache miss. A failure (Milvus or the online store down) is logged, not raised."""
+        if not self.ready():
+            return
+        observers = self._on_stage, self._on_cache
+        self._on_stage, self._on_cache = (lambda stage, seconds: None), (lambda hit: None)
+        try:
+            self.retrieve_rows([RetrievalRequest(query="warm up", user_id=2**62, k=10)])
+        except Exception as exc:  # noqa: BLE001 - start anyway: requests get 503s until it recovers
+            log.warning("warm-up request failed: %s", exc)
+        finally:
+            self._on_stage, self._on_cache = observers
+
     # -- per request -----------------------------------------------------------------------------------
 
     def _feature_store(self):  # noqa: ANN202 - (feast.FeatureStore, its query_tower_v1 FeatureService)

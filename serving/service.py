@@ -95,23 +95,16 @@ class RetrievalService:
         # GC's full collections. Each took 216-279 ms over that heap at 200 requests/s, the API's p99 (ad hoc,
         # timed with gc.callbacks); after the freeze they took 7-120 ms. One request first, so what the request
         # path imports and builds on first use (the online store's reader, the search stub) is frozen too.
-        self._warm_up()
-        # After the warm-up: by now every library of the request path has loaded its BLAS.
+        limit_compute_threads(self.settings.serving)
+        self.retriever.warm_up()
+        # Again after the warm-up: a BLAS limit holds only for the libraries loaded by then, and the request
+        # path loads some on first use.
         limit_compute_threads(self.settings.serving)
         gc.collect()
         gc.freeze()
         pause_of = functools.cache(gc_pause.labels)
         gc.callbacks.append(_gc_timer(lambda generation, seconds: pause_of(generation).observe(seconds)))
         threading.Thread(target=self._follow_alias, daemon=True, name="follow-alias").start()
-
-    def _warm_up(self) -> None:
-        """One signed-in request (a user id that cannot exist) through the whole path, when a pair is loaded."""
-        if not self.retriever.ready():
-            return
-        try:
-            self.retriever.retrieve_rows([RetrievalRequest(query="warm up", user_id=2**62, k=10)])
-        except Exception as exc:  # noqa: BLE001 - e.g. Milvus or the online store is down: start anyway (503s)
-            log.warning("warm-up request failed: %s", exc)
 
     def _follow_alias(self) -> None:
         while not self._stop.wait(self.settings.serving.reload_interval_s):

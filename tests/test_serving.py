@@ -236,6 +236,21 @@ def test_service_and_training_code_give_the_same_query_vector(served: Settings) 
                                atol=1e-6)
 
 
+def test_the_start_up_warm_up_is_not_counted_as_traffic(served: Settings) -> None:
+    """The operator reads the cache and stage metrics as what real requests cost: the service's own
+    warm-up request (an unknown user, so a cache miss) must not show up in them, and must not turn them off."""
+    from serving.retriever import RetrievalRequest, Retriever
+
+    stages: list[str] = []
+    lookups: list[bool] = []
+    retriever = Retriever(served, on_stage=lambda stage, seconds: stages.append(stage), on_cache=lookups.append)
+    assert retriever.reload() and retriever.ready()
+    retriever.warm_up()
+    assert stages == [] and lookups == []
+    retriever.retrieve_rows([RetrievalRequest(query="wooden bowl", user_id=1, k=5)] * 2)
+    assert lookups == [False] and {"history", "query_tower", "ann_search"} <= set(stages)
+
+
 def test_a_bundle_whose_files_do_not_fit_its_model_is_refused_by_name(served: Settings, tmp_path: Path) -> None:
     """A damaged or foreign projection.npy / boost.json: BundleInvalid (a ModelNotFound, so the service keeps
     its pair and a refresh stops) naming the file, not a numpy error at the first matmul."""
