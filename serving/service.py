@@ -10,6 +10,7 @@ swap or a new model version is picked up without a restart.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import gc
 import hmac
@@ -103,11 +104,13 @@ class RetrievalService:
         gc.collect()
         gc.freeze()
         pause_of = functools.cache(gc_pause.labels)
-        gc.callbacks.append(_gc_timer(lambda generation, seconds: pause_of(generation).observe(seconds)))
+        self._gc_pauses = GcPauses(lambda generation, seconds: pause_of(generation).observe(seconds))
+        gc.callbacks.append(self._gc_pauses.hook)
         threading.Thread(target=self._follow_alias, daemon=True, name="follow-alias").start()
 
     def _follow_alias(self) -> None:
         while not self._stop.wait(self.settings.serving.reload_interval_s):
+            self._gc_pauses.flush()  # the pauses of an idle service reach /metrics too
             try:
                 self.retriever.reload()
             except Exception:  # never let the watcher die: the next tick retries
@@ -118,6 +121,7 @@ class RetrievalService:
 
     def _run(self, requests: list[RetrievalRequest]) -> list[dict]:
         """Responses as plain dicts of RetrievalResponse's shape (``Retriever.retrieve_rows``)."""
+        self._gc_pauses.flush()
         if self.retriever.pair is None:
             self.retriever.reload()  # e.g. the first index was published after start-up
         try:
@@ -159,17 +163,36 @@ def limit_compute_threads(serving: ServingSettings) -> None:
     threadpool_limits(limits=serving.blas_threads, user_api="blas")
 
 
-def _gc_timer(observe: Callable[[str, float], None]) -> Callable[[str, dict], None]:
-    """A ``gc.callbacks`` hook: ``observe(generation, seconds)`` after each collection."""
-    started = [0.0]
+class GcPauses:
+    """Times the cyclic collector's pauses (``hook`` goes in ``gc.callbacks``) and hands them to
+    ``observe(generation, seconds)`` later, in ``flush``, never from the hook itself.
 
-    def hook(phase: str, info: dict) -> None:
+    Why deferred: a collection starts wherever an allocation triggers it, also inside prometheus_client's
+    multiprocess lock (a plain ``Lock``, held while a metric creates or writes its value, e.g. BentoML's
+    middleware making a labelled gauge). Observing a metric from the hook there takes that lock again on
+    the same thread: the whole API hung under load (py-spy: hook → ``Histogram.observe`` → ``inc`` inside
+    ``labels()`` → ``MmapedValue.__init__``). The hook only appends to a deque, which takes no lock."""
+
+    def __init__(self, observe: Callable[[str, float], None], keep: int = 10_000):
+        self._observe = observe
+        self._pending: collections.deque[tuple[str, float]] = collections.deque(maxlen=keep)
+        self._started = 0.0
+
+    def hook(self, phase: str, info: dict) -> None:
         if phase == "start":
-            started[0] = time.perf_counter()
+            self._started = time.perf_counter()
         else:
-            observe(str(info["generation"]), time.perf_counter() - started[0])
+            self._pending.append((str(info["generation"]), time.perf_counter() - self._started))
 
-    return hook
+    def flush(self) -> None:
+        """Observe the pauses recorded before the call (any thread; each pause once). Those that observing
+        itself causes wait for the next flush, so that a flush always ends."""
+        for _ in range(len(self._pending)):
+            try:
+                generation, seconds = self._pending.popleft()
+            except IndexError:  # another thread's flush took the rest
+                return
+            self._observe(generation, seconds)
 
 
 def _explain(exc: ValidationError) -> str:

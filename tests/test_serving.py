@@ -99,6 +99,40 @@ def test_the_api_process_runs_numpy_blas_and_torch_on_the_configured_threads() -
             torch.set_num_threads(before)
 
 
+GC_UNDER_METRICS_LOCK = """
+import gc
+from prometheus_client import Gauge, Histogram
+from serving.service import GcPauses
+
+pauses = Histogram("gc_pauses", "pauses", ["generation"])
+observed = []
+recorder = GcPauses(lambda generation, seconds: (pauses.labels(generation).observe(seconds), observed.append(1)))
+gc.callbacks.append(recorder.hook)
+gauge = Gauge("last_request", "like BentoML's middleware gauges", ["endpoint"], multiprocess_mode="liveall")
+gc.freeze()  # what the imports built: keeps each forced collection short
+gc.set_threshold(1)  # a collection on (nearly) every allocation: also inside the metrics lock
+for i in range(50):
+    gauge.labels(str(i)).set(i)  # a new labelled child: its mmap key is built under the lock
+    recorder.flush()
+gc.set_threshold(700)
+print("observed", len(observed))
+"""
+
+
+def test_gc_pauses_reach_the_metrics_without_deadlocking_the_process(tmp_path: Path) -> None:
+    """The API hung under load: a collection started inside prometheus_client's multiprocess lock and the
+    GC hook observed a histogram, taking the same lock on the same thread. Pauses are recorded by the
+    hook and observed later (``GcPauses.flush``); with collections forced inside the lock, this finishes."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    try:
+        run = subprocess.run([sys.executable, "-c", GC_UNDER_METRICS_LOCK], cwd=PROJECT_ROOT, env=env,
+                             capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("deadlock: observing a metric from gc.callbacks re-entered prometheus_client's lock")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert int(run.stdout.split()[-1]) > 0, run.stdout  # the pauses were observed, not dropped
+
+
 def test_hnsw_search_asks_for_at_least_k_candidates() -> None:
     """A Milvus server refuses an HNSW search whose ef is below its limit: k up to 1000 must still work."""
     settings = Settings(milvus=MilvusSettings(index_type="HNSW", search_ef=100))
