@@ -102,7 +102,7 @@ milvus-status:  ## is the standalone Milvus server up, and where does it listen
 
 # The options of the committed benchmarks/results/serving.json; BENCH_1M_OPTIONS= (empty) also rebuilds the
 # 1M collection under load and sweeps IVF_FLAT (~25 min more).
-BENCH_1M_OPTIONS ?= --swap refresh --no-other-index --ef 100,200,400
+BENCH_1M_OPTIONS ?= --swap refresh --no-other-index --ef 100,200,400 --repeats 3
 
 bench-serve-1m: milvus-start  ## serving benchmark on 1M products (real + synthetic) on the standalone server (after make demo)
 	$(VENV)/bin/python benchmarks/serving.py --products $(BENCH_PRODUCTS) --milvus-uri http://127.0.0.1:$(MILVUS_PORT) \

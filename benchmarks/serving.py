@@ -116,7 +116,7 @@ async def drive(url: str, rps: float, seconds: float, queries: list[str], users:
             body = {"query": queries[i % len(queries)], "k": 100, **({"user_id": user} if user else {})}
             tasks.append(asyncio.create_task(one(session, body, scheduled)))
         await asyncio.gather(*tasks)
-    return {"rps": rps, **percentiles(latencies), "errors": errors, "requests": n}
+    return {"rps": rps, **percentiles(latencies), "errors": errors, "requests": n, "latencies_ms": latencies}
 
 
 def run_load(url: str, rps: float, seconds: float, queries: list[str], users: list[int]) -> dict:
@@ -199,23 +199,51 @@ def service_counters(url: str) -> dict[str, float]:
 
 
 def measured_load(url: str, rates: list[float], seconds: float, queries: list[str], users: list[int],
-                  meter: CpuMeter) -> list[dict]:
+                  meter: CpuMeter, repeats: int = 1) -> list[dict]:
     """Each rate in turn on the same running API: latency, CPU per process group, the share of signed-in
     requests whose user state was cached (the API keeps its cache from rate to rate), the mean coalescer
-    batch, and the API's garbage-collector pauses (they hold the GIL: every request in flight waits)."""
-    out = []
-    for rps in rates:
-        meter.start()
-        before = service_counters(url)
-        out.append(run_load(url, rps, seconds, queries, users))
-        out[-1]["cpu_cores_used"] = meter.stop()
-        delta = {k: v - before.get(k, 0.0) for k, v in service_counters(url).items()}
-        hits, misses = delta.get("cache_hit", 0.0), delta.get("cache_miss", 0.0)
-        out[-1]["user_cache_hit_ratio"] = round(hits / max(hits + misses, 1), 3)
-        out[-1]["mean_batch_size"] = round(delta.get("batch_sum", 0.0) / max(delta.get("batch_count", 0.0), 1), 2)
-        out[-1]["gc_pauses"] = {k: round(v, 4) for k, v in delta.items() if k.startswith("gen") or k == "over_10ms"}
-        print("rate", out[-1], flush=True)
+    batch, and the API's garbage-collector pauses (they hold the GIL: every request in flight waits).
+
+    ``repeats`` > 1 runs the rates in that many rounds (50, 100, 200, 50, 100, 200, …), so that a drift in
+    the shared VM's speed falls on every rate alike. A rate's percentiles are then over all its requests,
+    and ``runs`` keeps each round's own figures: their spread is how far a single run can be trusted."""
+    runs: dict[float, list[dict]] = {rps: [] for rps in rates}
+    for _ in range(repeats):
+        for rps in rates:
+            runs[rps].append(_one_rate(url, rps, seconds, queries, users, meter))
+            print("rate", {k: v for k, v in runs[rps][-1].items() if k != "latencies_ms"}, flush=True)
+    return [_pooled(runs[rps]) for rps in rates]
+
+
+def _one_rate(url: str, rps: float, seconds: float, queries: list[str], users: list[int], meter: CpuMeter) -> dict:
+    meter.start()
+    before = service_counters(url)
+    out = run_load(url, rps, seconds, queries, users)
+    out["cpu_cores_used"] = meter.stop()
+    delta = {k: v - before.get(k, 0.0) for k, v in service_counters(url).items()}
+    hits, misses = delta.get("cache_hit", 0.0), delta.get("cache_miss", 0.0)
+    out["user_cache_hit_ratio"] = round(hits / max(hits + misses, 1), 3)
+    out["mean_batch_size"] = round(delta.get("batch_sum", 0.0) / max(delta.get("batch_count", 0.0), 1), 2)
+    out["gc_pauses"] = {k: round(v, 4) for k, v in delta.items() if k.startswith("gen") or k == "over_10ms"}
     return out
+
+
+def _pooled(runs: list[dict]) -> dict:
+    """One rate's rounds as one figure: percentiles over every request, sums of counts, means of the rest."""
+    rounds = [{k: v for k, v in run.items() if k != "latencies_ms"} for run in runs]
+    if len(rounds) == 1:
+        return rounds[0]
+    latencies = [ms for run in runs for ms in run["latencies_ms"]]
+
+    def mean(values: list[float]) -> float:
+        return round(float(np.mean(values)), 3)
+
+    return {"rps": rounds[0]["rps"], **percentiles(latencies),
+            "errors": sum(r["errors"] for r in rounds), "requests": sum(r["requests"] for r in rounds),
+            "cpu_cores_used": {k: mean([r["cpu_cores_used"][k] for r in rounds]) for k in rounds[0]["cpu_cores_used"]},
+            "user_cache_hit_ratio": mean([r["user_cache_hit_ratio"] for r in rounds]),
+            "mean_batch_size": mean([r["mean_batch_size"] for r in rounds]),
+            "p99_ms_per_round": [r["p99_ms"] for r in rounds], "runs": rounds}
 
 
 def stage_breakdown(url: str) -> dict[str, float]:
@@ -601,7 +629,7 @@ def run_scaled(args: argparse.Namespace) -> None:
         api = start_api(port)
         run_load(url, 20, 5, query_texts, users)  # warm-up
         rates = measured_load(url, [float(r) for r in args.rates.split(",")], args.seconds, query_texts, users,
-                              CpuMeter(api.pid))
+                              CpuMeter(api.pid), args.repeats)
         stages = stage_breakdown(url)
 
         # 4. Recall of the served index: unfiltered at the serving ef, filtered, then the sweep.
@@ -724,7 +752,7 @@ def run_published(args: argparse.Namespace) -> None:
     try:
         run_load(url, 5, 4, queries, users)  # warm-up
         rates = measured_load(url, [float(r) for r in args.rates.split(",")], args.seconds, queries, users,
-                              CpuMeter(api.pid))
+                              CpuMeter(api.pid), args.repeats)
         stages = stage_breakdown(url)
         # A refresh (new collection, check, alias swap) while a client keeps querying.
         report, swap = under_load(url, queries, args.swap_rps, lambda: refresh_index(settings))
@@ -747,6 +775,8 @@ def main() -> None:
     parser.add_argument("--rates", default=None, help="requests per second, comma separated "
                         "(default 5,10,20,50; with --products 50,100,200)")
     parser.add_argument("--seconds", type=float, default=20.0, help="duration of each rate")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of the rates: each rate's percentiles "
+                        "over all its rounds' requests, every round's own figures beside them")
     parser.add_argument("--milvus-uri", default=None, help="a running Milvus server (sets UER_MILVUS__URI and "
                         "UER_MILVUS__EMBEDDED_SERVER=false for this run and its API)")
     parser.add_argument("--products", type=int, default=0,
