@@ -135,8 +135,8 @@ def _server(data_dir: Path, overrides: list[str]) -> None:
     # segments into one of 710k rows and indexed it again while the benchmark's rates ran (Milvus 1.05-1.27
     # cores at 100-200 rps; an interrupted run, no result file). Compaction treats segments under half of
     # maxSize as small and merges them up to maxSize, so the seal size stays at half of maxSize, as in the
-    # measured 774-d setup: 0.5 x 346 MB seals 262-d rows at ~150k, 6 segments per 1M as before (serving.json:
-    # 145k-225k rows, index wait 317 s vs 508 s at 774-d, recall@100 0.992 at ef 100), each walk
+    # measured 774-d setup: 0.5 x 346 MB seals 262-d rows at ~150k, 6 segments per 1M as before (serving.json of
+    # 2026-12-06: 150k-240k rows, index wait 274 s, recall@100 0.992 at ef 100; 508 s at 774-d on 2026-12-04), each walk
     # over 262-d rows (index_types.json: 0.45 vs 0.70 ms of Milvus CPU per query per 165k-row segment).
     config.set("dataCoord.segment.maxSize", 346)
     config.set("dataCoord.segment.sealProportion", 0.5)

@@ -66,8 +66,8 @@ class MilvusSettings(BaseModel):
     index_type: Literal["HNSW", "IVF_FLAT", "SCANN", "FLAT"] = "HNSW"
     hnsw_m: int = 16
     hnsw_ef_construction: int = 200
-    # HNSW ef at query time (raised to k for larger k). serving.json's sweep at 1M: recall@100 0.982 at 100,
-    # 0.992 at 200, with most of a search's CPU in Milvus's per-call overhead and the graph walk.
+    # HNSW ef at query time (raised to k for larger k). serving.json's sweep at 1M (2026-12-06): recall@100
+    # 0.992 at 100, 0.997 at 200, with most of a search's CPU in Milvus's per-call overhead and the graph walk.
     search_ef: int = 100
     # IVF_FLAT probes per search (nlist ≈ 4·√rows): measured at 1M rows, 32 → recall@100 0.886, 64 → 0.975.
     search_nprobe: int = 64
@@ -117,7 +117,8 @@ class ServingSettings(BaseModel):
     # matrix products of a few rows. OpenBLAS splits even those over every core and its threads spin while
     # they wait for one another: with every core busy, a 16-row float64 projection cost 0.96 ms of CPU on two
     # threads against 0.22 on one (benchmarks/results/api_costs.json), and at 1M products, 200 requests/s, the
-    # API used 1.06 cores with two against 0.64 with one (serving_blas_threads_2.json vs serving.json).
+    # API used 1.06 cores with two against 0.64 with one (serving_blas_threads_2.json vs serving.json at 407eb7b,
+    # one AMD EPYC VM).
     blas_threads: int = Field(1, ge=1)
     # One log line per request (BentoML's access log). Off by default: it was ~5% of the API process's GIL
     # time at 25 requests/s (py-spy, ad hoc), and a proxy in front usually logs requests anyway.
