@@ -137,7 +137,8 @@ class Retriever:
         """One signed-in request (a user id that cannot exist) through the whole path, when a pair is
         loaded, so that what the path builds on first use (the online store's reader, the search stub) is
         ready before the first real request. Unobserved: it is not traffic, so it counts in no stage
-        latency and no cache miss. A failure (Milvus or the online store down) is logged, not raised."""
+        latency and no cache miss (call it before traffic: its observers are off meanwhile). A failure (Milvus
+        or the online store down) is logged, not raised."""
         if not self.ready():
             return
         observers = self._on_stage, self._on_cache

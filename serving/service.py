@@ -171,7 +171,8 @@ class GcPauses:
     multiprocess lock (a plain ``Lock``, held while a metric creates or writes its value, e.g. BentoML's
     middleware making a labelled gauge). Observing a metric from the hook there takes that lock again on
     the same thread: the whole API hung under load (py-spy: hook → ``Histogram.observe`` → ``inc`` inside
-    ``labels()`` → ``MmapedValue.__init__``). The hook only appends to a deque, which takes no lock."""
+    ``labels()`` → ``MmapedValue.__init__``). The hook only appends to a deque, which takes no lock; it holds
+    the last ``keep`` pauses between flushes."""
 
     def __init__(self, observe: Callable[[str, float], None], keep: int = 10_000):
         self._observe = observe
