@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import write_result  # noqa: E402
-from benchmarks.serving import invocation  # noqa: E402
+from benchmarks.serving import benchmark_users, invocation  # noqa: E402
 from retrieval_core.settings import get_settings  # noqa: E402
 
 
@@ -55,7 +55,6 @@ def main() -> None:
     import torch
     from threadpoolctl import threadpool_limits
 
-    from feature_repo.warehouse import read_published
     from serving.bundle import ModelBundle
     from serving.refresh import production_model_version
     from serving.retriever import Retriever
@@ -97,7 +96,7 @@ def main() -> None:
     print(query_tower, flush=True)
 
     retriever = Retriever(settings)
-    users = read_published(settings, "user_history")["user_id"].unique()[:2000].tolist()
+    users = benchmark_users(settings)
     rows = list(retriever.histories(users[:8]).values())
     picks = iter(range(10**9))  # a different user per lookup: the online store's own caches stay cold
 

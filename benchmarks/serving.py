@@ -119,6 +119,13 @@ async def drive(url: str, rps: float, seconds: float, queries: list[str], users:
     return {"rps": rps, **percentiles(latencies), "errors": errors, "requests": n, "latencies_ms": latencies}
 
 
+def benchmark_users(settings: Settings, n: int = 2000) -> list[int]:
+    """The signed-in users the load draws from: the first ``n`` with a published history."""
+    from feature_repo.warehouse import read_published
+
+    return read_published(settings, "user_history")["user_id"].unique()[:n].tolist()
+
+
 def run_load(url: str, rps: float, seconds: float, queries: list[str], users: list[int]) -> dict:
     import uvloop
 
@@ -207,33 +214,36 @@ def measured_load(url: str, rates: list[float], seconds: float, queries: list[st
     ``repeats`` > 1 runs the rates in that many rounds (50, 100, 200, 50, 100, 200, …), so that a drift in
     the shared VM's speed falls on every rate alike. A rate's percentiles are then over all its requests,
     and ``runs`` keeps each round's own figures: their spread is how far a single run can be trusted."""
-    runs: dict[float, list[dict]] = {rps: [] for rps in rates}
+    runs: dict[float, list[tuple[dict, list[float]]]] = {rps: [] for rps in rates}
     for _ in range(repeats):
         for rps in rates:
             runs[rps].append(_one_rate(url, rps, seconds, queries, users, meter))
-            print("rate", {k: v for k, v in runs[rps][-1].items() if k != "latencies_ms"}, flush=True)
+            print("rate", runs[rps][-1][0], flush=True)
     return [_pooled(runs[rps]) for rps in rates]
 
 
-def _one_rate(url: str, rps: float, seconds: float, queries: list[str], users: list[int], meter: CpuMeter) -> dict:
+def _one_rate(url: str, rps: float, seconds: float, queries: list[str], users: list[int],
+              meter: CpuMeter) -> tuple[dict, list[float]]:
+    """One rate's figures, and its requests' latencies (ms) for pooling rounds."""
     meter.start()
     before = service_counters(url)
     out = run_load(url, rps, seconds, queries, users)
+    latencies = out.pop("latencies_ms")
     out["cpu_cores_used"] = meter.stop()
     delta = {k: v - before.get(k, 0.0) for k, v in service_counters(url).items()}
     hits, misses = delta.get("cache_hit", 0.0), delta.get("cache_miss", 0.0)
     out["user_cache_hit_ratio"] = round(hits / max(hits + misses, 1), 3)
     out["mean_batch_size"] = round(delta.get("batch_sum", 0.0) / max(delta.get("batch_count", 0.0), 1), 2)
     out["gc_pauses"] = {k: round(v, 4) for k, v in delta.items() if k.startswith("gen") or k == "over_10ms"}
-    return out
+    return out, latencies
 
 
-def _pooled(runs: list[dict]) -> dict:
+def _pooled(runs: list[tuple[dict, list[float]]]) -> dict:
     """One rate's rounds as one figure: percentiles over every request, sums of counts, means of the rest."""
-    rounds = [{k: v for k, v in run.items() if k != "latencies_ms"} for run in runs]
+    rounds = [figures for figures, _ in runs]
     if len(rounds) == 1:
         return rounds[0]
-    latencies = [ms for run in runs for ms in run["latencies_ms"]]
+    latencies = [ms for _, round_latencies in runs for ms in round_latencies]
 
     def mean(values: list[float]) -> float:
         return round(float(np.mean(values)), 3)
@@ -571,7 +581,6 @@ def benchmark_catalogue(settings: Settings, total: int, n_queries: int, noise: f
 
 
 def run_scaled(args: argparse.Namespace) -> None:
-    from feature_repo.warehouse import read_published
     from serving.index import IndexCheckFailed, IndexLifecycle, IndexVersion
     from serving.refresh import production_model_version, refresh_index
 
@@ -602,7 +611,7 @@ def run_scaled(args: argparse.Namespace) -> None:
     world = benchmark_catalogue(settings, args.products, args.recall_queries, args.noise, version=version)
     products, frame, vectors = world.products, world.frame, world.vectors
     query_texts, queries, tower_seconds = world.query_texts, world.queries, world.tower_seconds
-    users = read_published(settings, "user_history")["user_id"].unique()[:2000].tolist()
+    users = benchmark_users(settings)
     print(f"{len(frame):,} products ({len(products):,} real), dim {vectors.shape[1]}; publishing", flush=True)
     timer = StepTimer(lifecycle)
     synthetic: list[str] = []
@@ -745,7 +754,7 @@ def run_published(args: argparse.Namespace) -> None:
     products = int(lifecycle.client.query(serving.collection, filter="", output_fields=["count(*)"])[0]["count(*)"])
     stats = read_published(settings, "query_stats").sort_values("sessions", ascending=False)
     queries = stats["query"].head(500).tolist()
-    users = read_published(settings, "user_history")["user_id"].unique()[:2000].tolist()
+    users = benchmark_users(settings)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     api = start_api(port)
@@ -797,6 +806,8 @@ def main() -> None:
     parser.add_argument("--result", default=None, help="result file name under benchmarks/results/ (default: "
                         "serving with --products, the issue's 1M record; serving_lite without)")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1 (got {args.repeats})")
     args.command = invocation()
     if args.milvus_uri:
         use_milvus(args.milvus_uri)
