@@ -75,9 +75,9 @@ def get_store(settings: Settings) -> Any:
 def apply(settings: Settings) -> list[str]:
     """Register every entity, view and service (idempotent)."""
     from feature_repo.definitions import definitions
-    from feature_repo.warehouse import ensure_embeddings_source
+    from feature_repo.warehouse import ensure_written_sources
 
-    ensure_embeddings_source(settings)
+    ensure_written_sources(settings)
     store = get_store(settings)
     objects = definitions(settings)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -149,6 +149,16 @@ def materialize_incremental(settings: Settings, end: dt.datetime, views: tuple[s
 
 def _utc(ts: dt.datetime) -> dt.datetime:
     return ts.replace(tzinfo=dt.UTC) if ts.tzinfo is None else ts.astimezone(dt.UTC)
+
+
+def online_rows(store: Any, service: Any, entity_rows: list[dict[str, Any]],
+                timestamps: bool = False) -> list[dict[str, Any]]:
+    """The features of ``service`` for each entity row, one dict per row, without the join keys (an
+    entity the store does not hold reads as None values). With ``timestamps``, each feature's event time
+    (epoch seconds) is there too, as ``<feature>__ts``."""
+    table = store.get_online_features(features=service, entity_rows=entity_rows).to_dict(timestamps)
+    keys = set(entity_rows[0]) if entity_rows else set()
+    return [{name: values[i] for name, values in table.items() if name not in keys} for i in range(len(entity_rows))]
 
 
 def online_user_history(settings: Settings, user_ids: list[int], service: str = "query_tower_v1") -> dict[str, list]:

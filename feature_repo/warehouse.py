@@ -340,19 +340,45 @@ EMBEDDINGS = "product_embeddings"
 EMBEDDINGS_SCHEMA = pa.schema([("product_id", pa.int64()), ("event_timestamp", pa.timestamp("us", "UTC")),
                                ("text_embedding", pa.list_(pa.float32())), ("graph_embedding", pa.list_(pa.float32())),
                                ("embedding_version", pa.string())])
+USER_STATES = "user_query_state"
+USER_STATES_SCHEMA = pa.schema([("user_id", pa.int64()), ("model_bundle", pa.string()),
+                                ("event_timestamp", pa.timestamp("us", "UTC")), ("state", pa.list_(pa.float32())),
+                                ("personalized", pa.bool_())])
+# Sources that no dbt mart builds: each model version writes its own rows (product text/graph embeddings
+# from training, precomputed user states from serving), keyed by the version column named here.
+WRITTEN_SOURCES = {EMBEDDINGS: (EMBEDDINGS_SCHEMA, "embedding_version"),
+                   USER_STATES: (USER_STATES_SCHEMA, "model_bundle")}
+_POSTGRES_TYPES = {pa.int64(): "bigint", pa.string(): "text", pa.bool_(): "boolean", pa.float32(): "real",
+                   pa.timestamp("us", "UTC"): "timestamptz", pa.list_(pa.float32()): "real[]"}
 
 
-def ensure_embeddings_source(settings: Settings) -> None:
-    """Training writes product embeddings; until it has, the source exists and is empty, so the
-    feature services that include it already work (the embeddings read as null)."""
+def ensure_written_sources(settings: Settings) -> None:
+    """Until a version has written one of ``WRITTEN_SOURCES``, the source exists and is empty, so the
+    feature services that include it already work (its features read as null)."""
+    for name, (schema, _) in WRITTEN_SOURCES.items():
+        if settings.offline_store == "duckdb":
+            base = features_dir(settings) / name
+            if not list(base.glob("*/*.parquet")):
+                write_atomic(schema.empty_table(), base / "version=none" / "part-0.parquet")
+            continue
+        columns = ", ".join(f"{field.name} {_POSTGRES_TYPES[field.type]}" for field in schema)
+        with postgres(settings) as conn:
+            conn.execute(f"create schema if not exists {FEATURES_SCHEMA}")
+            conn.execute(f"create table if not exists {FEATURES_SCHEMA}.{name} ({columns})")
+            conn.commit()
+
+
+def write_version(settings: Settings, name: str, table: pa.Table, version: str) -> int:
+    """Replace ``version``'s rows of the written source ``name`` with ``table`` (its schema); returns the rows."""
+    schema, version_column = WRITTEN_SOURCES[name]
+    table = table.cast(schema)
     if settings.offline_store == "duckdb":
-        base = features_dir(settings) / EMBEDDINGS
-        if not list(base.glob("*/*.parquet")):
-            write_atomic(EMBEDDINGS_SCHEMA.empty_table(), base / "version=none" / "part-0.parquet")
-        return
+        write_atomic(table, features_dir(settings) / name / f"version={version}" / "part-0.parquet")
+        return table.num_rows
     with postgres(settings) as conn:
-        conn.execute(f"create schema if not exists {FEATURES_SCHEMA}")
-        conn.execute(f"create table if not exists {FEATURES_SCHEMA}.{EMBEDDINGS} (product_id bigint, "
-                     "event_timestamp timestamptz, text_embedding real[], graph_embedding real[], "
-                     "embedding_version text)")
+        conn.execute(f"delete from {FEATURES_SCHEMA}.{name} where {version_column} = %s", (version,))
+        with conn.cursor().copy(f"copy {FEATURES_SCHEMA}.{name} ({', '.join(schema.names)}) from stdin") as copy:
+            for row in table.to_pylist():
+                copy.write_row(list(row.values()))
         conn.commit()
+    return table.num_rows

@@ -25,8 +25,7 @@ import pyarrow as pa
 import torch
 from pydantic import BaseModel, Field
 
-from feature_repo.warehouse import EMBEDDINGS, EMBEDDINGS_SCHEMA, features_dir, postgres, read_published
-from retrieval_core.contract import write_atomic
+from feature_repo.warehouse import EMBEDDINGS, EMBEDDINGS_SCHEMA, read_published, write_version
 from retrieval_core.settings import Settings
 from training.batching import product_batch, product_text, query_batch
 from training.boosting import (
@@ -398,16 +397,7 @@ def publish_product_embeddings(settings: Settings, products: pd.DataFrame, versi
                       "text_embedding": pa.array(column("text_embedding"), pa.list_(pa.float32())),
                       "graph_embedding": pa.array(column("graph_embedding"), pa.list_(pa.float32())),
                       "embedding_version": [version] * len(products)}, schema=EMBEDDINGS_SCHEMA)
-    if settings.offline_store == "duckdb":
-        write_atomic(table, features_dir(settings) / EMBEDDINGS / f"version={version}" / "part-0.parquet")
-        return table.num_rows
-    with postgres(settings) as conn:
-        conn.execute(f"delete from uer_features.{EMBEDDINGS} where embedding_version = %s", (version,))
-        with conn.cursor().copy(f"copy uer_features.{EMBEDDINGS} from stdin") as copy:
-            for row in table.to_pylist():
-                copy.write_row(list(row.values()))
-        conn.commit()
-    return table.num_rows
+    return write_version(settings, EMBEDDINGS, table, version)
 
 
 # --------------------------------------------------------------------------------------------------
