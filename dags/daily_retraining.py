@@ -1,5 +1,6 @@
-"""The daily DAG: land → features (dbt → GX gate → Feast) → training pipeline (KFP) → gate branch →
-index publish (check + alias swap) → smoke query. Every task is idempotent for its logical date."""
+"""The daily DAG: land → features (dbt → GX gate → Feast) → the production model's user states, and
+training pipeline (KFP) → gate branch → the new model's user states + index publish (check + alias swap) →
+smoke query. Every task is idempotent for its logical date."""
 
 from __future__ import annotations
 
@@ -32,6 +33,19 @@ def uer_daily_retraining() -> None:
         return {"ds": str(report.ds), "rows": report.rows, "seconds": report.seconds}
 
     @task
+    def refresh_user_states(features: dict) -> dict:
+        """The production model's user states from the day's features (the API reads them on a cache miss)."""
+        from retrieval_core.settings import get_settings
+        from serving.bundle import ModelNotFound
+        from serving.user_states import publish_user_states
+
+        try:
+            report = publish_user_states(get_settings())
+        except ModelNotFound as exc:  # before the first model there is nothing to compute them with
+            return {"skipped": str(exc)}
+        return {"bundle": report.bundle_id, "users": report.users, "seconds": report.seconds}
+
+    @task
     def train_and_validate(features: dict, ds: str | None = None) -> dict:
         """The KFP training pipeline; its validation gate decides promotion."""
         from retrieval_core.settings import get_settings
@@ -51,12 +65,16 @@ def uer_daily_retraining() -> None:
 
     @task
     def publish_index(outcome: dict) -> dict:
-        """Embed the catalogue with the new version, check the collection, swap the alias."""
+        """The new version's user states, then its catalogue embedded, the collection checked, the alias swapped
+        (states first: the API serves them from its first request on the new version)."""
         from retrieval_core.settings import get_settings
         from serving.refresh import refresh_index
+        from serving.user_states import publish_user_states
 
+        states = publish_user_states(get_settings(), outcome["version"])
         report = refresh_index(get_settings(), outcome["version"])
-        return {"collection": report.index.collection, "checks": report.checks, "seconds": report.seconds}
+        return {"collection": report.index.collection, "checks": report.checks, "seconds": report.seconds,
+                "user_states": states.users}
 
     @task
     def keep_serving_index() -> str:
@@ -74,7 +92,9 @@ def uer_daily_retraining() -> None:
             return {"skipped": f"nothing is published under {settings.milvus.alias!r} yet"}
         return run_smoke(settings)
 
-    outcome = train_and_validate(build_features(land_raw_partitions()))
+    features = build_features(land_raw_partitions())
+    refresh_user_states(features)
+    outcome = train_and_validate(features)
     branch = promoted(outcome)
     branch >> [publish_index(outcome), keep_serving_index()] >> smoke_query()
 

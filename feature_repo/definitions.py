@@ -6,6 +6,8 @@ production); everything else is the same object graph, so both profiles serve id
 Feature services (the contract other parts and other teams use):
 
 * ``query_tower_v1``   — what the retrieval API reads online per request: a user's recent history.
+* ``query_tower_state_v1`` — what the API reads first: a user's query-tower state precomputed from
+  ``query_tower_v1`` by a model bundle (``serving.user_states``), keyed by (user, model bundle).
 * ``product_tower_v1`` — what indexing reads for every product: profile, quality, embeddings.
 * ``user_engagement_v1``  — for other teams: a user's country and 30-day activity counts.
 * ``product_insights_v1`` — for other teams: a product's category, price and 30-day engagement rates.
@@ -18,13 +20,16 @@ from typing import Any
 
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
 from feast.data_format import ParquetFormat
-from feast.types import Array, Float32, Float64, Int64, String
+from feast.types import Array, Bool, Float32, Float64, Int64, String
 
-from feature_repo.warehouse import FEATURES_SCHEMA, features_dir
+from feature_repo.warehouse import FEATURES_SCHEMA, USER_STATES, features_dir
 from retrieval_core.settings import Settings
 
 user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64,
               description="A signed-in buyer (signed-out traffic has no user).")
+model_bundle = Entity(name="model_bundle", join_keys=["model_bundle"], value_type=ValueType.STRING,
+                      description="One registration of a model version (serving.bundle.ModelBundle.bundle_id): "
+                                  "a day retrained under the same version name is another bundle.")
 product = Entity(name="product", join_keys=["product_id"], value_type=ValueType.INT64,
                  description="A listed product.")
 
@@ -57,6 +62,11 @@ PRODUCT_EMBEDDING_FIELDS = [
     Field(name="graph_embedding", dtype=Array(Float32), description="query-product graph embedding"),
     Field(name="embedding_version", dtype=String, description="the model version that wrote them"),
 ]
+USER_STATE_FIELDS = [
+    Field(name="state", dtype=Array(Float32),
+          description="the query tower's user state, packed (training.model.PackedUserState.flat)"),
+    Field(name="personalized", dtype=Bool, description="the user had a history when it was computed"),
+]
 
 
 def _source(settings: Settings, name: str) -> Any:
@@ -73,8 +83,10 @@ def _source(settings: Settings, name: str) -> Any:
 
 def definitions(settings: Settings) -> list[Any]:
     """Every Feast object of the repository, for ``FeatureStore.apply``."""
-    def view(name: str, entity: Entity, ttl_days: int, schema: list[Field], description: str) -> FeatureView:
-        return FeatureView(name=name, entities=[entity], ttl=timedelta(days=ttl_days), schema=schema,
+    def view(name: str, entity: Entity | list[Entity], ttl_days: int, schema: list[Field],
+             description: str) -> FeatureView:
+        return FeatureView(name=name, entities=entity if isinstance(entity, list) else [entity],
+                           ttl=timedelta(days=ttl_days), schema=schema,
                            source=_source(settings, name), online=True, description=description)
 
     user_history = view("user_history", user, 30, USER_HISTORY_FIELDS,
@@ -85,9 +97,13 @@ def definitions(settings: Settings) -> list[Any]:
                            "Trailing 30-day engagement rates and quality, with quantile buckets.")
     product_embeddings = view("product_embeddings", product, 3650, PRODUCT_EMBEDDING_FIELDS,
                               "Precomputed product-side encodings written by training (text, graph).")
+    user_states = view(USER_STATES, [user, model_bundle], 30, USER_STATE_FIELDS,
+                       "Each user's query-tower state under a model bundle, from its query_tower_v1 features.")
     services = [
         FeatureService(name="query_tower_v1", features=[user_history],
                        description="Read online by the retrieval API for every personalized request."),
+        FeatureService(name="query_tower_state_v1", features=[user_states],
+                       description="Read online by the retrieval API first: the precomputed user state."),
         FeatureService(name="product_tower_v1", features=[product_profile, product_quality, product_embeddings],
                        description="Read by indexing to embed every product."),
         FeatureService(name="user_engagement_v1",
@@ -98,4 +114,5 @@ def definitions(settings: Settings) -> list[Any]:
                                  product_quality[["impressions_30d", "ctr", "purchase_rate", "rating"]]],
                        description="For other teams: a product's category, price and engagement rates."),
     ]
-    return [user, product, user_history, product_profile, product_quality, product_embeddings, *services]
+    return [user, model_bundle, product, user_history, product_profile, product_quality, product_embeddings,
+            user_states, *services]

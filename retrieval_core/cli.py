@@ -286,6 +286,19 @@ def index_rollback() -> None:
     console.print(f"alias {get_settings().milvus.alias} → {target.collection} (model {target.model_version})")
 
 
+@app.command("user-states")
+def user_states_command(
+    model_version: Annotated[str | None, typer.Option(help="model version (default: production)")] = None,
+) -> None:
+    """Precompute every materialised user's query-tower state with a model version, into the online store
+    (what the API reads first on a cache miss); run after each materialisation and before each alias swap."""
+    from serving.user_states import publish_user_states
+
+    report = publish_user_states(get_settings(), model_version)
+    console.print(f"{report.users} user states of {report.bundle_id} ({report.personalized} with a history) "
+                  f"in {report.seconds:.1f} s")
+
+
 @app.command("serve")
 def serve_command(
     port: Annotated[int | None, typer.Option(help="port on the settings' host (default: serving.port)")] = None,

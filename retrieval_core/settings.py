@@ -95,6 +95,12 @@ class ServingSettings(BaseModel):
     # with yesterday's history; a new model version never reuses another's states (the cache is keyed by it).
     history_cache_ttl_s: float = 300.0
     history_cache_size: int = 100_000
+    # On a cache miss the API first looks up the user's state precomputed by the serving model version
+    # (serving.user_states, written by the daily DAG after each materialisation and before each alias swap):
+    # one online-store read instead of the read + featuriser + history encoders. Older states than this (a
+    # day's DAG failed) are not used: the state is computed from query_tower_v1 as without them.
+    precomputed_user_states: bool = True
+    user_state_max_age_s: float = Field(36 * 3600.0, gt=0)
     max_k: int = 1000
     # How often a running service looks for a new alias target / model version.
     reload_interval_s: float = 10.0

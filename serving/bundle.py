@@ -23,7 +23,7 @@ from retrieval_core.settings import Settings
 from training.batching import product_batch, query_batch
 from training.boosting import PROJECTION_FILE, augment, quality_vectors
 from training.export import BENTO_MODEL_NAME, bentoml_home, model_store
-from training.model import UnifiedModel, UserState
+from training.model import PackedUserState, UnifiedModel, UserState
 from training.stages import load_model, load_projection
 from training.text_encoder import TextEncoderConfig, encode
 
@@ -105,6 +105,17 @@ class ModelBundle:
                                 f"{projection.shape}, expected ({width}, n) with 0 < n < {width}, finite; "
                                 f"it is not this model's projection — re-export the version")
         return cls(model_version, path, model, weights, projection)
+
+    @property
+    def bundle_id(self) -> str:
+        """This registration of the version: a day retrained under the same version name is registered
+        again, in another directory, and must never reuse what the first registration computed."""
+        return f"{self.model_version}@{self.path.name}"
+
+    @cached_property
+    def signed_out_state(self) -> PackedUserState:
+        """The state of a user without history; also the layout of every packed state of this model."""
+        return self.user_states([{}]).row(0)
 
     @property
     def dim(self) -> int:

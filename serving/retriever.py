@@ -21,6 +21,7 @@ import numpy as np
 from cachetools import TTLCache
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from feature_repo.store import online_rows
 from retrieval_core.settings import Settings
 from serving.bundle import ModelBundle, ModelNotFound
 from serving.engine import EngineUnavailable
@@ -69,7 +70,10 @@ StageTimer = Callable[[str, float], None]
 
 class Retriever:
     def __init__(self, settings: Settings, on_stage: StageTimer | None = None,
-                 on_cache: Callable[[bool], None] | None = None):
+                 on_cache: Callable[[bool], None] | None = None, on_miss: Callable[[str], None] | None = None):
+        """``on_stage(stage, seconds)`` per stage of each call, ``on_cache(hit)`` per signed-in user looked up
+        in the user-state cache, ``on_miss(source)`` per signed-in miss: ``stored`` (a precomputed state was
+        read) or ``computed`` (from its ``query_tower_v1`` row)."""
         self.settings = settings
         self._pair: ServingPair | None = None
         self._lifecycle: IndexLifecycle | None = None
@@ -81,6 +85,7 @@ class Retriever:
         self.last_refusal: str | None = None
         self._on_stage = on_stage or (lambda stage, seconds: None)
         self._on_cache = on_cache or (lambda hit: None)
+        self._on_miss = on_miss or (lambda source: None)
 
     # -- state -----------------------------------------------------------------------------------------
 
@@ -141,49 +146,76 @@ class Retriever:
         or the online store down) is logged, not raised."""
         if not self.ready():
             return
-        observers = self._on_stage, self._on_cache
-        self._on_stage, self._on_cache = (lambda stage, seconds: None), (lambda hit: None)
+        observers = self._on_stage, self._on_cache, self._on_miss
+        self._on_stage = self._on_cache = self._on_miss = lambda *_: None
         try:
             self.retrieve_rows([RetrievalRequest(query="warm up", user_id=2**62, k=10)])
         except Exception as exc:  # noqa: BLE001 - start anyway: requests get 503s until it recovers
             log.warning("warm-up request failed: %s", exc)
         finally:
-            self._on_stage, self._on_cache = observers
+            self._on_stage, self._on_cache, self._on_miss = observers
 
     # -- per request -----------------------------------------------------------------------------------
 
-    def _feature_store(self):  # noqa: ANN202 - (feast.FeatureStore, its query_tower_v1 FeatureService)
-        """The online store and the feature service, resolved once: a feature service is versioned by its
-        name (a changed one is ``query_tower_v2``), and Feast turns a registry lookup into a new object
-        on every call. ``allow_cache``: without it Feast re-reads its registry on every lookup, which also
-        throws away its resolved-features cache (seen in a py-spy profile: most of a lookup's time)."""
+    def _feature_store(self):  # noqa: ANN202 - (feast.FeatureStore, {name: FeatureService})
+        """The online store and the feature services the API reads, resolved once: a feature service is
+        versioned by its name (a changed one is ``query_tower_v2``), and Feast turns a registry lookup into a
+        new object on every call. ``allow_cache``: without it Feast re-reads its registry on every lookup,
+        which also throws away its resolved-features cache (seen in a py-spy profile: most of a lookup's time)."""
         if self._store is None:
             from feature_repo.store import get_store
 
             store = get_store(self.settings)
-            self._store = store, store.get_feature_service("query_tower_v1", allow_cache=True)
+            services = {"query_tower_v1": store.get_feature_service("query_tower_v1", allow_cache=True)}
+            try:
+                services["query_tower_state_v1"] = store.get_feature_service("query_tower_state_v1", allow_cache=True)
+            except Exception as exc:  # noqa: BLE001 - a registry applied before it existed: compute every state
+                log.warning("no precomputed user states: %s", exc)
+            self._store = store, services
         return self._store
 
     def histories(self, user_ids: Sequence[int]) -> dict[int, dict]:
         """``query_tower_v1`` features per user from the online store (a row of None values for unknown
         users), uncached."""
-        if not user_ids:
+        rows = self._online("query_tower_v1", [{"user_id": u} for u in user_ids])
+        return dict(zip(user_ids, rows, strict=True))
+
+    def stored_states(self, bundle: ModelBundle, user_ids: Sequence[int]) -> dict[int, tuple[PackedUserState, bool]]:
+        """The users' states precomputed by ``bundle`` (``serving.user_states``) and younger than
+        ``user_state_max_age_s``, with whether each user had a history; users without one are left out."""
+        if "query_tower_state_v1" not in self._feature_store()[1]:
             return {}
+        rows = self._online("query_tower_state_v1",
+                            [{"user_id": u, "model_bundle": bundle.bundle_id} for u in user_ids], timestamps=True)
+        oldest = time.time() - self.settings.serving.user_state_max_age_s
+        found = {}
+        for user, row in zip(user_ids, rows, strict=True):
+            if row["state"] is None or row["state__ts"] < oldest:
+                continue
+            try:
+                state = PackedUserState.from_flat(row["state"], bundle.signed_out_state)
+            except ValueError as exc:  # not this model's layout: compute the state instead
+                log.warning("user %s: ignoring the state stored for %s: %s", user, bundle.bundle_id, exc)
+                continue
+            found[user] = state, bool(row["personalized"])
+        return found
+
+    def _online(self, service_name: str, entity_rows: list[dict], timestamps: bool = False) -> list[dict]:
+        if not entity_rows:
+            return []
         try:
-            store, service = self._feature_store()
+            store, services = self._feature_store()
             with self._store_lock:  # one lookup at a time: the local profile shares one SQLite connection
-                table = store.get_online_features(features=service,
-                                                  entity_rows=[{"user_id": u} for u in user_ids]).to_dict()
+                return online_rows(store, services[service_name], entity_rows, timestamps)
         except Exception as exc:
             raise Unavailable(f"the online feature store ({self.settings.online_store}) failed: {exc}") from exc
-        return {user: {name: values[i] for name, values in table.items() if name != "user_id"}
-                for i, user in enumerate(user_ids)}
 
     def user_states(self, bundle: ModelBundle, user_ids: Sequence[int | None]) -> tuple[UserState, list[bool]]:
         """The query tower's state of each user (None = signed out) under ``bundle``, one row per id, and
-        whether the user has a history. Cached for ``history_cache_ttl_s`` per (bundle, user):
-        a user's later requests skip the online store, the featuriser and the history encoders."""
-        version = str(bundle.path)
+        whether the user has a history. On a miss, the state ``bundle`` precomputed (``stored_states``) when
+        there is one, else computed from the user's ``query_tower_v1`` row. Cached for ``history_cache_ttl_s``
+        per (bundle, user): a user's later requests skip the online store, the featuriser and the encoders."""
+        version = bundle.bundle_id
         keys = [(version, user) for user in user_ids]
         found: dict[tuple[str, int | None], tuple[PackedUserState, bool]] = {}
         with self._history_lock:  # the service runs requests on several threads; TTLCache is not thread-safe
@@ -194,15 +226,20 @@ class Retriever:
                 if entry is not None:
                     found[key] = entry
         missing = [user for _, user in dict.fromkeys(k for k in keys if k not in found)]
-        if missing:
-            online = self.histories([u for u in missing if u is not None])
-            rows = [online.get(user, {}) if user is not None else {} for user in missing]
-            states = bundle.user_states(rows)
-            with self._history_lock:
-                for i, (user, row) in enumerate(zip(missing, rows, strict=True)):
-                    known = any(v not in (None, []) for v in row.values())
-                    self._history[(version, user)] = found[(version, user)] = (
-                        states.row(i), known)
+        signed_in = [u for u in missing if u is not None]
+        stored = self.stored_states(bundle, signed_in) if signed_in and self.settings.serving.precomputed_user_states \
+            else {}
+        computed = [user for user in missing if user not in stored]
+        online = self.histories([u for u in computed if u is not None])
+        rows = [online.get(user, {}) if user is not None else {} for user in computed]
+        states = bundle.user_states(rows) if computed else None
+        with self._history_lock:
+            for user, entry in stored.items():
+                self._history[(version, user)] = found[(version, user)] = entry
+            for i, (user, row) in enumerate(zip(computed, rows, strict=True)):
+                self._history[(version, user)] = found[(version, user)] = (states.row(i), has_history(row))
+        for user in signed_in:
+            self._on_miss("stored" if user in stored else "computed")
         return UserState.stack([found[key][0] for key in keys]), [found[key][1] for key in keys]
 
     def query_vectors(self, bundle: ModelBundle, requests: Sequence[RetrievalRequest]) -> tuple[np.ndarray, list[bool]]:
@@ -251,6 +288,11 @@ class Retriever:
         return [{"model_version": pair.bundle.model_version, "index_version": pair.index.index_version,
                  "personalized": p, "results": [{"product_id": pid, "score": score} for pid, score in row]}
                 for p, row in zip(personalized, results, strict=True)]
+
+
+def has_history(row: dict) -> bool:
+    """Whether a ``query_tower_v1`` row holds anything (an unknown user's row is all None)."""
+    return any(v not in (None, []) for v in row.values())
 
 
 def smoke_query(settings: Settings, query: str = "gift", k: int = 10) -> dict:

@@ -78,6 +78,8 @@ class RetrievalService:
         stage = Histogram("uer_retrieval_stage_seconds", "Time per retrieval stage", ["stage"],
                           buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))
         cache = Counter("uer_history_cache_total", "User-history cache lookups", ["result"])
+        misses = Counter("uer_user_state_misses_total", "User-state cache misses by the state's source: stored "
+                         "(precomputed by `uer user-states`) or computed from query_tower_v1", ["source"])
         batch = Histogram("uer_retrieve_batch_size", "Requests of /retrieve served together",
                           buckets=(1, 2, 4, 8, 16, 32, 64))
         gc_pause = Histogram("uer_gc_pause_seconds", "Pauses of Python's cyclic garbage collector (it holds "
@@ -85,8 +87,10 @@ class RetrievalService:
                              buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25))
         # Labelled children resolved once each: ``labels()`` per observation was ~2% of the GIL time under load.
         stage_of, cache_of = functools.cache(stage.labels), functools.cache(cache.labels)
+        miss_of = functools.cache(misses.labels)
         self.retriever = Retriever(self.settings, on_stage=lambda s, t: stage_of(s).observe(t),
-                                   on_cache=lambda found: cache_of("hit" if found else "miss").inc())
+                                   on_cache=lambda found: cache_of("hit" if found else "miss").inc(),
+                                   on_miss=lambda source: miss_of(source).inc())
         self.retriever.reload()
         serving = self.settings.serving
         self._coalescer = Coalescer(self._run, max_batch=serving.batch_max, workers=serving.batch_workers,

@@ -43,8 +43,8 @@ def test_every_dag_imports_without_errors(tmp_path: Path) -> None:
     for dag in report["dags"].values():
         assert dag["max_active_runs"] == 1
         assert all(retries >= 1 and backoff and callback for retries, backoff, callback in dag["tasks"].values())
-    assert {"land_raw_partitions", "build_features", "train_and_validate", "promoted", "publish_index",
-            "keep_serving_index", "smoke_query"} == set(report["dags"][DAILY]["tasks"])
+    assert {"land_raw_partitions", "build_features", "refresh_user_states", "train_and_validate", "promoted",
+            "publish_index", "keep_serving_index", "smoke_query"} == set(report["dags"][DAILY]["tasks"])
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +87,12 @@ def test_three_day_backfill_runs(world: Settings) -> None:
 
 
 def test_daily_dag_end_to_end_then_failed_gate_and_rerun_keep_serving(world: Settings) -> None:
+    import pandas as pd
+
+    from feature_repo.warehouse import USER_STATES, features_dir
+    from serving.bundle import ModelBundle
     from serving.index import IndexLifecycle
-    from serving.retriever import smoke_query
+    from serving.retriever import Retriever, smoke_query
 
     done = dags_test(world, NEXT_DAY, {"run_config": TINY_RUN})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -96,6 +100,10 @@ def test_daily_dag_end_to_end_then_failed_gate_and_rerun_keep_serving(world: Set
     first = lifecycle.serving()
     assert first is not None and first.model_version == f"daily-{NEXT_DAY:%Y%m%d}"
     assert smoke_query(world)["model_version"] == first.model_version
+    # the new model's user states were written before its alias swap, for the users the API looks up
+    bundle = ModelBundle.load(world, first.model_version)
+    users = pd.read_parquet(features_dir(world) / USER_STATES / f"version={bundle.bundle_id}")["user_id"].tolist()
+    assert len(users) > 20 and set(Retriever(world).stored_states(bundle, users[:20])) == set(users[:20])
 
     # A model that cannot pass the gate (one optimiser step, and no lexical channel, which is a fair
     # tf-idf matcher before any training): the branch keeps the previous pair.

@@ -85,3 +85,38 @@ def test_historical_join_reads_postgres(production: Settings) -> None:
     service = feast.get_feature_service("query_tower_v1")
     joined = feast.get_historical_features(entity_df=entity, features=service).to_df()
     assert len(joined) == 3 and "recent_queries" in joined.columns
+
+
+def test_written_sources_are_replaced_per_version_in_postgres_and_read_per_bundle_from_redis(
+        production: Settings) -> None:
+    """What ``uer user-states`` writes in production: a bundle's rows replace its own earlier rows in Postgres
+    (never another bundle's), and the online store (Redis) answers per (user, model bundle), with timestamps."""
+    import pyarrow as pa
+
+    from feature_repo.warehouse import USER_STATES, USER_STATES_SCHEMA, write_version
+
+    now = pd.Timestamp.now(tz="UTC").floor("s")
+
+    def states(bundle: str, users: list[int]) -> pa.Table:
+        return pa.table({"user_id": users, "model_bundle": [bundle] * len(users), "event_timestamp": [now] * len(users),
+                         "state": [[float(u), 0.5, -1.0] for u in users], "personalized": [u % 2 == 1 for u in users]},
+                        schema=USER_STATES_SCHEMA)
+
+    assert write_version(production, USER_STATES, states("v@a", [1, 2, 3]), "v@a") == 3
+    assert write_version(production, USER_STATES, states("v@b", [1]), "v@b") == 1
+    assert write_version(production, USER_STATES, states("v@a", [1, 2]), "v@a") == 2  # a rerun replaces its rows
+    with postgres(production) as conn:
+        counts = dict(conn.execute(f"select model_bundle, count(*) from {FEATURES_SCHEMA}.{USER_STATES} "
+                                   "group by model_bundle").fetchall())
+    assert counts == {"v@a": 2, "v@b": 1}
+
+    feast = store.get_store(production)
+    feast.write_to_online_store(USER_STATES, states("v@a", [1, 2]).to_pandas(types_mapper=pd.ArrowDtype))
+    rows = store.online_rows(feast, feast.get_feature_service("query_tower_state_v1"),
+                             [{"user_id": 1, "model_bundle": "v@a"}, {"user_id": 2, "model_bundle": "v@a"},
+                              {"user_id": 1, "model_bundle": "v@c"}], timestamps=True)
+    assert rows[0]["state"] == pytest.approx([1.0, 0.5, -1.0]) and rows[0]["personalized"] is True
+    assert rows[1]["state"] == pytest.approx([2.0, 0.5, -1.0]) and rows[1]["personalized"] is False
+    assert rows[0]["state__ts"] == int(now.timestamp())
+    assert rows[2]["state"] is None  # another bundle's states are never read
+

@@ -160,7 +160,7 @@ def test_hashed_tables_get_the_sparse_optimiser_and_dense_gradients_turn_it_off(
 def test_cached_user_states_give_the_training_vector(change: dict) -> None:
     """The service's path — each user's state computed alone, stacked in the batch's order — equals
     the tower run on the whole rows, for histories, shop-only histories, unknown and signed-out users."""
-    from training.model import UserState
+    from training.model import PackedUserState, UserState
 
     config = CONFIG.model_copy(update=change)
     torch.manual_seed(0)
@@ -174,4 +174,12 @@ def test_cached_user_states_give_the_training_vector(change: dict) -> None:
                   for r in rows]
         served = model.query_tower(query_batch([{"query": r["query"]} for r in rows], config),
                                    UserState.stack([s.row(0) for s in states]))
+        # as a feature store keeps them: one flat vector per user, unpacked with the signed-out layout
+        layout = model.query_tower.user_state(query_batch([{}], config)).row(0)
+        stored = model.query_tower(query_batch([{"query": r["query"]} for r in rows], config),
+                                   UserState.stack([PackedUserState.from_flat(s.row(0).flat(), layout)
+                                                    for s in states]))
     assert torch.allclose(served, trained, atol=1e-6)
+    assert torch.allclose(stored, trained, atol=1e-6)
+    with pytest.raises(ValueError, match="does not fit this model's layout"):
+        PackedUserState.from_flat([*layout.flat(), 0.0], layout)

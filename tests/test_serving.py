@@ -270,6 +270,44 @@ def test_service_and_training_code_give_the_same_query_vector(served: Settings) 
                                atol=1e-6)
 
 
+def test_precomputed_user_states_are_what_the_service_would_compute(served: Settings) -> None:
+    """``uer user-states`` writes each materialised user's state; on a cache miss the service reads it
+    instead of computing it (same vector, same personalized flag) — but never one of another registration
+    of the version, nor one older than user_state_max_age_s: those users are computed as before."""
+    import dataclasses
+
+    from feature_repo.warehouse import USER_STATES, features_dir
+    from serving.bundle import ModelBundle
+    from serving.retriever import RetrievalRequest, Retriever
+    from serving.user_states import publish_user_states
+
+    report = publish_user_states(served)
+    bundle = ModelBundle.load(served, FIRST)
+    assert report.bundle_id == bundle.bundle_id and 0 < report.personalized <= report.users
+    written = pd.read_parquet(features_dir(served) / USER_STATES / f"version={bundle.bundle_id}")
+    assert len(written) == report.users
+    users = [*written["user_id"].head(6).tolist(), 10**9]  # 10**9 is no user: nothing stored
+    requests = [RetrievalRequest(query="rustic oak side table", user_id=u) for u in users]
+    computing = Retriever(served.model_copy(update={"serving": ServingSettings(precomputed_user_states=False)}))
+    expected, expected_personalized = computing.query_vectors(bundle, requests)
+
+    misses: list[str] = []
+    reading = Retriever(served, on_miss=misses.append)
+    assert set(reading.stored_states(bundle, users)) == set(users[:-1])
+    looked_up: list[int] = []
+    reading.histories = lambda ids: looked_up.extend(ids) or {}  # only the user without a stored state
+    vectors, personalized = reading.query_vectors(bundle, requests)
+    assert looked_up == [10**9] and misses == ["stored"] * 6 + ["computed"]
+    np.testing.assert_allclose(vectors, expected, rtol=1e-5, atol=1e-6)
+    assert personalized == expected_personalized and any(personalized)
+
+    again = dataclasses.replace(bundle, path=bundle.path.with_name("registered-again"))
+    assert reading.stored_states(again, users) == {}
+    stale = Retriever(served.model_copy(update={"serving": ServingSettings(user_state_max_age_s=1e-3)}))
+    time.sleep(0.01)
+    assert stale.stored_states(bundle, users) == {}
+
+
 def test_the_start_up_warm_up_is_not_counted_as_traffic(served: Settings) -> None:
     """The operator reads the cache and stage metrics as what real requests cost: the service's own
     warm-up request (an unknown user, so a cache miss) must not show up in them, and must not turn them off."""
@@ -277,12 +315,14 @@ def test_the_start_up_warm_up_is_not_counted_as_traffic(served: Settings) -> Non
 
     stages: list[str] = []
     lookups: list[bool] = []
-    retriever = Retriever(served, on_stage=lambda stage, seconds: stages.append(stage), on_cache=lookups.append)
+    misses: list[str] = []
+    retriever = Retriever(served, on_stage=lambda stage, seconds: stages.append(stage), on_cache=lookups.append,
+                          on_miss=misses.append)
     assert retriever.reload() and retriever.ready()
     retriever.warm_up()
-    assert stages == [] and lookups == []
+    assert stages == [] and lookups == [] and misses == []
     retriever.retrieve_rows([RetrievalRequest(query="wooden bowl", user_id=1, k=5)] * 2)
-    assert lookups == [False] and {"history", "query_tower", "ann_search"} <= set(stages)
+    assert lookups == [False] and len(misses) == 1 and {"history", "query_tower", "ann_search"} <= set(stages)
 
 
 def test_a_bundle_whose_files_do_not_fit_its_model_is_refused_by_name(served: Settings, tmp_path: Path) -> None:
@@ -373,6 +413,8 @@ def test_api_happy_path_signed_out_and_unknown_user(api: str) -> None:
     unknown = post(api, "/retrieve", {"query": "wooden bowl", "user_id": 10**12, "k": 5}).json()
     assert unknown["personalized"] is False and [r["product_id"] for r in unknown["results"]] == [
         r["product_id"] for r in signed_out["results"]]
+    # no state is stored for an unknown user: the miss was computed, and /metrics says so
+    assert (_metric(api, "uer_user_state_misses_total", 'source="computed"') or 0) >= 1
     batch = post(api, "/retrieve_batch", {"requests": [{"query": "wooden bowl", "k": 3},
                                                        {"query": "silver ring", "user_id": 2, "k": 4}]})
     assert batch.status_code == 200, batch.text

@@ -131,6 +131,29 @@ class PackedUserState(NamedTuple):
     history: np.ndarray | None
     expansions: tuple[np.ndarray | None, ...]
 
+    def flat(self) -> np.ndarray:
+        """The row as one float32 vector: ``[country, history, expansions...]`` (absent parts left out),
+        the form a feature store keeps. Country ids are small integers (< 2**24), exact in float32."""
+        parts = [self.country.astype(np.float32), *(p for p in (self.history, *self.expansions) if p is not None)]
+        return np.concatenate([p.reshape(-1) for p in parts]).astype(np.float32, copy=False)
+
+    @staticmethod
+    def from_flat(flat: Sequence[float] | np.ndarray, like: PackedUserState) -> PackedUserState:
+        """The inverse of :meth:`flat`, with the layout of ``like`` (any row of the same model: which
+        parts exist and their widths depend on the model's config only). A vector of another length is
+        a ValueError: it was written by another model."""
+        flat = np.asarray(flat, np.float32)
+        widths = [None if p is None else p.shape[1] for p in (like.history, *like.expansions)]
+        if len(flat) != 1 + sum(w or 0 for w in widths):
+            raise ValueError(f"a packed user state of {len(flat)} values does not fit this model's layout "
+                             f"(1 + {[w for w in widths if w]})")
+        parts, start = [], 1
+        for width in widths:
+            parts.append(None if width is None else flat[start:start + width].reshape(1, width).copy())
+            start += width or 0
+        country = np.array([int(flat[0])], like.country.dtype)
+        return PackedUserState(country, parts[0], tuple(parts[1:]))
+
 
 class HashedBag(nn.Module):
     """Mean of the embeddings of each row's hashed term ids (0 = padding), with a sparse gradient over

@@ -1,0 +1,96 @@
+"""Precomputed user states: each signed-in user's query-tower state under a model bundle, written to the
+Feast online store (feature service ``query_tower_state_v1``, keyed by user and model bundle).
+
+A state depends only on the user's daily ``query_tower_v1`` features and the model, so it is computed once
+per day and bundle instead of on each of the API's cache misses: a miss is then one online-store read
+instead of the read, the featuriser and the history encoders (``user_state_miss`` in
+benchmarks/results/api_costs.json). The daily DAG writes the production bundle's states after each
+materialisation and a newly promoted bundle's before its alias swap.
+
+The states are computed from the rows the API itself reads (the online store, through
+``Retriever.histories``) by the API's own code (``ModelBundle.user_states``): a stored state is the state the
+API would have computed, and a test holds the two equal.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pandas as pd
+import pyarrow as pa
+
+from feature_repo.store import get_store
+from feature_repo.warehouse import USER_STATES, USER_STATES_SCHEMA, latest_rows, write_version
+from retrieval_core.settings import Settings
+from serving.bundle import ModelBundle
+from serving.refresh import production_model_version
+from serving.retriever import Retriever, has_history
+
+log = logging.getLogger(__name__)
+
+
+class UserStatesNotRegistered(LookupError):
+    """The registry predates the ``user_query_state`` view: nothing can be written until it is applied."""
+
+
+@dataclass
+class UserStatesReport:
+    model_version: str
+    bundle_id: str
+    users: int
+    personalized: int
+    seconds: float
+
+
+def materialised_user_ids(settings: Settings, chunk_users: int) -> Iterator[list[int]]:
+    """The users with a ``user_history`` row in the view's TTL window up to its last materialisation,
+    ``chunk_users`` at a time. Users outside it are still served: their state is computed on a miss."""
+    view = get_store(settings).get_feature_view("user_history")
+    end = view.most_recent_end_time
+    if end is None:  # never materialised: the online store holds no history
+        return
+    for chunk in latest_rows(settings, "user_history", "user_id", ["user_id"], end - view.ttl, end, chunk_users):
+        yield chunk.column("user_id").to_pylist()
+
+
+def publish_user_states(settings: Settings, model_version: str | None = None,
+                        chunk_users: int = 256) -> UserStatesReport:
+    """Compute every materialised user's state with ``model_version`` (default: production) and write them
+    to the online store and to the ``user_query_state`` source (replacing that bundle's earlier rows)."""
+    start = time.perf_counter()
+    bundle = ModelBundle.load(settings, model_version or production_model_version(settings))
+    store = get_store(settings)
+    try:
+        store.get_feature_view(USER_STATES)
+    except Exception as exc:
+        raise UserStatesNotRegistered(f"the feature view {USER_STATES!r} is not in the Feast registry ({exc}); "
+                                      f"register it with `uer features apply` (the daily DAG's build_features "
+                                      f"does) and run this again") from exc
+    reader = Retriever(settings)  # the API's own online-store reader
+    now = pd.Timestamp(dt.datetime.now(dt.UTC))
+    tables, personalized = [], 0
+    for user_ids in materialised_user_ids(settings, chunk_users):
+        histories = reader.histories(user_ids)
+        rows = [histories[u] for u in user_ids]
+        states = bundle.user_states(rows)
+        known = [has_history(row) for row in rows]
+        table = pa.table({"user_id": pa.array(user_ids, pa.int64()),
+                          "model_bundle": [bundle.bundle_id] * len(user_ids),
+                          "event_timestamp": pa.array([now] * len(user_ids), pa.timestamp("us", "UTC")),
+                          "state": pa.array([states.row(i).flat() for i in range(len(user_ids))],
+                                            pa.list_(pa.float32())),
+                          "personalized": known}, schema=USER_STATES_SCHEMA)
+        store.write_to_online_store(USER_STATES, table.to_pandas(types_mapper=pd.ArrowDtype))
+        tables.append(table)
+        personalized += sum(known)
+    users = write_version(settings, USER_STATES, pa.concat_tables(tables) if tables
+                          else USER_STATES_SCHEMA.empty_table(), bundle.bundle_id)
+    report = UserStatesReport(bundle.model_version, bundle.bundle_id, users, personalized,
+                              round(time.perf_counter() - start, 3))
+    log.info("wrote %d user states of %s (%d with a history) in %.1f s", users, bundle.bundle_id, personalized,
+             report.seconds)
+    return report
