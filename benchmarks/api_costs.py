@@ -6,7 +6,8 @@
   spinning processes stand in for Milvus and the HTTP workers);
 * the query tower for one signed-out query, and the share of its text encoders (lexical, semantic);
 * a user-state cache miss: the ``query_tower_v1`` lookup in the Feast online store, then the tower's
-  user state (``ModelBundle.user_states``), for 1 and 8 users.
+  user state (``ModelBundle.user_states``), for 1 and 8 users; and the same miss with the states
+  precomputed (``uer user-states``, timed here too): the ``query_tower_state_v1`` lookup and unpacking.
 
 CPU is this process's (all its threads: a spinning BLAS thread counts) per call. Needs ``make demo``.
 Writes benchmarks/results/api_costs.json.
@@ -59,6 +60,7 @@ def main() -> None:
     from serving.refresh import production_model_version
     from serving.retriever import Retriever
     from serving.service import limit_compute_threads
+    from serving.user_states import publish_user_states
     from training.batching import query_batch
     from training.boosting import project_queries
 
@@ -103,23 +105,34 @@ def main() -> None:
     def lookup(n: int) -> Callable[[], object]:
         return lambda: retriever.histories([users[(next(picks) * n + i) % len(users)] for i in range(n)])
 
+    def stored(n: int) -> Callable[[], object]:
+        return lambda: retriever.stored_states(bundle, [users[(next(picks) * n + i) % len(users)] for i in range(n)])
+
+    published = publish_user_states(settings, bundle.model_version)
+    assert len(retriever.stored_states(bundle, users[:8])) == 8, "the benchmark users have no stored state"
     miss = {"feast_lookup_1_user": cost(lookup(1), args.seconds),
             "feast_lookup_8_users": cost(lookup(8), args.seconds),
             "user_state_1_user": cost(lambda: bundle.user_states(rows[:1]), args.seconds),
-            "user_state_8_users": cost(lambda: bundle.user_states(rows), args.seconds)}
+            "user_state_8_users": cost(lambda: bundle.user_states(rows), args.seconds),
+            "precomputed_state_1_user": cost(stored(1), args.seconds),
+            "precomputed_state_8_users": cost(stored(8), args.seconds)}
     print(miss, flush=True)
 
     write_result(args.result, {
         "model_version": bundle.model_version, "online_store": settings.online_store,
         "torch_threads": torch.get_num_threads(), "query_projection": projection_rows,
         "query_tower": query_tower, "user_state_miss": miss,
+        "user_states_publish": {"users": published.users, "with_history": published.personalized,
+                                "seconds": published.seconds},
         "note": "Milliseconds per call in this process (cpu_ms counts every thread of it). query_projection: "
                 "project_queries of `rows` float32 queries with a 768x256 float64 projection, numpy's BLAS "
                 "limited to `blas_threads` (threadpoolctl), with and without one spinning process per core. "
                 "query_tower and user_state_miss run as the API does (serving.torch_threads, "
                 "serving.blas_threads): one signed-out query's vector (tower + projection + boosting columns) "
                 "and the tower's text encoders on its terms; a cache miss reads query_tower_v1 from the Feast "
-                "online store (Retriever.histories) and computes the users' state (ModelBundle.user_states).",
+                "online store (Retriever.histories) and computes the users' state (ModelBundle.user_states); "
+                "with precomputed states it reads query_tower_state_v1 and unpacks them instead "
+                "(Retriever.stored_states). user_states_publish: `uer user-states` for every materialised user.",
     }, command=command)
 
 

@@ -126,6 +126,19 @@ def benchmark_users(settings: Settings, n: int = 2000) -> list[int]:
     return read_published(settings, "user_history")["user_id"].unique()[:n].tolist()
 
 
+def stored_state_share(settings: Settings, users: list[int]) -> float:
+    """The share of ``users`` whose state the production model has precomputed (``uer user-states``; the
+    daily DAG writes them) and the API would read on a cache miss instead of computing it."""
+    from serving.bundle import ModelBundle
+    from serving.refresh import production_model_version
+    from serving.retriever import Retriever
+
+    if not settings.serving.precomputed_user_states:
+        return 0.0
+    bundle = ModelBundle.load(settings, production_model_version(settings))
+    return round(len(Retriever(settings).stored_states(bundle, users)) / max(len(users), 1), 3)
+
+
 def run_load(url: str, rps: float, seconds: float, queries: list[str], users: list[int]) -> dict:
     import uvloop
 
@@ -188,12 +201,15 @@ class CpuMeter:
 
 def service_counters(url: str) -> dict[str, float]:
     """The service's cumulative Prometheus counters that a rate's figures are deltas of, from one scrape:
-    user-state cache hits and misses, /retrieve requests and coalescer batches, and garbage-collector
+    user-state cache hits and misses (and where each miss's state came from: stored or computed), /retrieve
+    requests and coalescer batches, and garbage-collector
     collections and seconds per generation plus collections of any generation that paused ≥ 10 ms."""
     text = httpx.get(url + "/metrics", timeout=10).text
     number = r"([0-9.e+-]+)"
     out = {f"cache_{result}": float(value) for result, value in
            re.findall(rf'uer_history_cache_total\{{result="(\w+)"\}} {number}', text)}
+    out |= {f"state_{source}": float(value) for source, value in
+            re.findall(rf'uer_user_state_misses_total\{{source="(\w+)"\}} {number}', text)}
     out |= {f"batch_{kind}": float(value) for kind, value in
             re.findall(rf"^uer_retrieve_batch_size_(sum|count) {number}$", text, re.M)}
     pauses = rf'uer_gc_pause_seconds_(sum|count)\{{generation="(\d)"\}} {number}'
@@ -233,6 +249,7 @@ def _one_rate(url: str, rps: float, seconds: float, queries: list[str], users: l
     delta = {k: v - before.get(k, 0.0) for k, v in service_counters(url).items()}
     hits, misses = delta.get("cache_hit", 0.0), delta.get("cache_miss", 0.0)
     out["user_cache_hit_ratio"] = round(hits / max(hits + misses, 1), 3)
+    out["user_state_misses"] = {source: int(delta.get(f"state_{source}", 0.0)) for source in ("stored", "computed")}
     out["mean_batch_size"] = round(delta.get("batch_sum", 0.0) / max(delta.get("batch_count", 0.0), 1), 2)
     out["gc_pauses"] = {k: round(v, 4) for k, v in delta.items() if k.startswith("gen") or k == "over_10ms"}
     return out, latencies
@@ -252,6 +269,8 @@ def _pooled(runs: list[tuple[dict, list[float]]]) -> dict:
             "errors": sum(r["errors"] for r in rounds), "requests": sum(r["requests"] for r in rounds),
             "cpu_cores_used": {k: mean([r["cpu_cores_used"][k] for r in rounds]) for k in rounds[0]["cpu_cores_used"]},
             "user_cache_hit_ratio": mean([r["user_cache_hit_ratio"] for r in rounds]),
+            "user_state_misses": {k: sum(r["user_state_misses"][k] for r in rounds)
+                                  for k in rounds[0]["user_state_misses"]},
             "mean_batch_size": mean([r["mean_batch_size"] for r in rounds]),
             "p99_ms_per_round": [r["p99_ms"] for r in rounds], "runs": rounds}
 
@@ -612,7 +631,9 @@ def run_scaled(args: argparse.Namespace) -> None:
     products, frame, vectors = world.products, world.frame, world.vectors
     query_texts, queries, tower_seconds = world.query_texts, world.queries, world.tower_seconds
     users = benchmark_users(settings)
-    print(f"{len(frame):,} products ({len(products):,} real), dim {vectors.shape[1]}; publishing", flush=True)
+    stored_states = stored_state_share(settings, users)
+    print(f"{len(frame):,} products ({len(products):,} real), dim {vectors.shape[1]}; {stored_states:.0%} of the "
+          f"benchmark users have a stored state; publishing", flush=True)
     timer = StepTimer(lifecycle)
     synthetic: list[str] = []
     api = None
@@ -701,7 +722,7 @@ def run_scaled(args: argparse.Namespace) -> None:
         "env_overrides": {k: v for k, v in os.environ.items() if k.startswith("UER_") and "TOKEN" not in k
                           and "PASSWORD" not in k and "KEY" not in k},
         "products": len(frame), "real_products": len(products), "dim": int(vectors.shape[1]),
-        "rates": rates, "stage_mean_ms": stages,
+        "stored_user_state_share": stored_states, "rates": rates, "stage_mean_ms": stages,
         "refresh_seconds": refresh_seconds, "refresh_breakdown_s": breakdown,
         "product_tower_seconds_real_catalogue": round(tower_seconds, 1),
         "swap_failed_requests": swap["swap_failed_requests"], "swap_requests": swap["swap_requests"],
@@ -770,7 +791,8 @@ def run_published(args: argparse.Namespace) -> None:
     write_result(args.result, {
         "engine": f"Milvus at {settings.milvus.uri} (embedded Milvus Lite server: {settings.milvus.embedded_server}), "
                   f"index {settings.milvus.index_type}",
-        "products": products, "rates": rates, "stage_mean_ms": stages,
+        "products": products, "stored_user_state_share": stored_state_share(settings, users), "rates": rates,
+        "stage_mean_ms": stages,
         "refresh_seconds": report.seconds["total"], "refresh_breakdown_s": report.seconds,
         "swap_failed_requests": swap["swap_failed_requests"], "swap_requests": swap["swap_requests"],
         "swap_under_load": swap,
