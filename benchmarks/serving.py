@@ -133,8 +133,6 @@ def stored_state_share(settings: Settings, users: list[int]) -> float:
     from serving.refresh import production_model_version
     from serving.retriever import Retriever
 
-    if not settings.serving.precomputed_user_states:
-        return 0.0
     bundle = ModelBundle.load(settings, production_model_version(settings))
     return round(len(Retriever(settings).stored_states(bundle, users)) / max(len(users), 1), 3)
 

@@ -161,12 +161,16 @@ class Retriever:
         """The online store and the feature services the API reads, resolved once: a feature service is
         versioned by its name (a changed one is ``query_tower_v2``), and Feast turns a registry lookup into a
         new object on every call. ``allow_cache``: without it Feast re-reads its registry on every lookup,
-        which also throws away its resolved-features cache (seen in a py-spy profile: most of a lookup's time)."""
+        which also throws away its resolved-features cache (seen in a py-spy profile: most of a lookup's time).
+        A store or registry that cannot be reached is ``Unavailable``."""
         if self._store is None:
             from feature_repo.store import get_store
 
-            store = get_store(self.settings)
-            services = {"query_tower_v1": store.get_feature_service("query_tower_v1", allow_cache=True)}
+            try:
+                store = get_store(self.settings)
+                services = {"query_tower_v1": store.get_feature_service("query_tower_v1", allow_cache=True)}
+            except Exception as exc:
+                raise self._store_failed(exc) from exc
             try:
                 services["query_tower_state_v1"] = store.get_feature_service("query_tower_state_v1", allow_cache=True)
             except Exception as exc:  # noqa: BLE001 - a registry applied before it existed: compute every state
@@ -182,8 +186,10 @@ class Retriever:
 
     def stored_states(self, bundle: ModelBundle, user_ids: Sequence[int]) -> dict[int, tuple[PackedUserState, bool]]:
         """The users' states precomputed by ``bundle`` (``serving.user_states``) and younger than
-        ``user_state_max_age_s``, with whether each user had a history; users without one are left out."""
-        if "query_tower_state_v1" not in self._feature_store()[1]:
+        ``user_state_max_age_s``, with whether each user had a history; users without one are left out. None
+        at all when ``serving.precomputed_user_states`` is off or the registry predates the feature service."""
+        if not user_ids or not self.settings.serving.precomputed_user_states \
+                or "query_tower_state_v1" not in self._feature_store()[1]:
             return {}
         rows = self._online("query_tower_state_v1",
                             [{"user_id": u, "model_bundle": bundle.bundle_id} for u in user_ids], timestamps=True)
@@ -203,12 +209,15 @@ class Retriever:
     def _online(self, service_name: str, entity_rows: list[dict], timestamps: bool = False) -> list[dict]:
         if not entity_rows:
             return []
+        store, services = self._feature_store()
         try:
-            store, services = self._feature_store()
             with self._store_lock:  # one lookup at a time: the local profile shares one SQLite connection
                 return online_rows(store, services[service_name], entity_rows, timestamps)
         except Exception as exc:
-            raise Unavailable(f"the online feature store ({self.settings.online_store}) failed: {exc}") from exc
+            raise self._store_failed(exc) from exc
+
+    def _store_failed(self, exc: Exception) -> Unavailable:
+        return Unavailable(f"the online feature store ({self.settings.online_store}) failed: {exc}")
 
     def user_states(self, bundle: ModelBundle, user_ids: Sequence[int | None]) -> tuple[UserState, list[bool]]:
         """The query tower's state of each user (None = signed out) under ``bundle``, one row per id, and
@@ -227,8 +236,7 @@ class Retriever:
                     found[key] = entry
         missing = [user for _, user in dict.fromkeys(k for k in keys if k not in found)]
         signed_in = [u for u in missing if u is not None]
-        stored = self.stored_states(bundle, signed_in) if signed_in and self.settings.serving.precomputed_user_states \
-            else {}
+        stored = self.stored_states(bundle, signed_in)
         computed = [user for user in missing if user not in stored]
         online = self.histories([u for u in computed if u is not None])
         rows = [online.get(user, {}) if user is not None else {} for user in computed]

@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import pyarrow as pa
@@ -29,6 +30,9 @@ from retrieval_core.settings import Settings
 from serving.bundle import ModelBundle
 from serving.refresh import production_model_version
 from serving.retriever import Retriever, has_history
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +50,10 @@ class UserStatesReport:
     seconds: float
 
 
-def materialised_user_ids(settings: Settings, chunk_users: int) -> Iterator[list[int]]:
-    """The users with a ``user_history`` row in the view's TTL window up to its last materialisation,
-    ``chunk_users`` at a time. Users outside it are still served: their state is computed on a miss."""
-    view = get_store(settings).get_feature_view("user_history")
+def materialised_user_ids(settings: Settings, store: FeatureStore, chunk_users: int) -> Iterator[list[int]]:
+    """The users with a ``user_history`` row in the view's TTL window up to its last materialisation in
+    ``store``, ``chunk_users`` at a time. Users outside it are still served: their state is computed on a miss."""
+    view = store.get_feature_view("user_history")
     end = view.most_recent_end_time
     if end is None:  # never materialised: the online store holds no history
         return
@@ -73,7 +77,7 @@ def publish_user_states(settings: Settings, model_version: str | None = None,
     reader = Retriever(settings)  # the API's own online-store reader
     now = pd.Timestamp(dt.datetime.now(dt.UTC))
     tables, personalized = [], 0
-    for user_ids in materialised_user_ids(settings, chunk_users):
+    for user_ids in materialised_user_ids(settings, store, chunk_users):
         histories = reader.histories(user_ids)
         rows = [histories[u] for u in user_ids]
         states = bundle.user_states(rows)

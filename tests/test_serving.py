@@ -290,6 +290,7 @@ def test_precomputed_user_states_are_what_the_service_would_compute(served: Sett
     requests = [RetrievalRequest(query="rustic oak side table", user_id=u) for u in users]
     computing = Retriever(served.model_copy(update={"serving": ServingSettings(precomputed_user_states=False)}))
     expected, expected_personalized = computing.query_vectors(bundle, requests)
+    assert computing.stored_states(bundle, users) == {}  # the setting turns the lookup itself off
 
     misses: list[str] = []
     reading = Retriever(served, on_miss=misses.append)
@@ -306,6 +307,23 @@ def test_precomputed_user_states_are_what_the_service_would_compute(served: Sett
     stale = Retriever(served.model_copy(update={"serving": ServingSettings(user_state_max_age_s=1e-3)}))
     time.sleep(0.01)
     assert stale.stored_states(bundle, users) == {}
+
+
+def test_an_unreachable_feature_store_is_unavailable_for_a_signed_in_miss(served: Settings, tmp_path: Path) -> None:
+    """The API answers 503 (``Unavailable``) when it cannot reach the feature store's registry or online store,
+    for the stored-state lookup as for the history lookup: never a raw Feast error (a 500)."""
+    from serving.bundle import ModelBundle
+    from serving.retriever import Retriever, Unavailable
+
+    bundle = ModelBundle.load(served, FIRST)
+    nowhere = served.model_copy(update={"data_dir": tmp_path / "no-feature-store"})  # an empty registry
+    for precomputed in (True, False):
+        retriever = Retriever(nowhere.model_copy(
+            update={"serving": ServingSettings(precomputed_user_states=precomputed)}))
+        with pytest.raises(Unavailable, match="online feature store"):
+            retriever.user_states(bundle, [1])
+    states, personalized = Retriever(nowhere).user_states(bundle, [None])  # signed out: no lookup at all
+    assert personalized == [False] and states.country.shape == (1,)
 
 
 def test_the_start_up_warm_up_is_not_counted_as_traffic(served: Settings) -> None:
