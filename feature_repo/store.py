@@ -165,3 +165,53 @@ def online_user_history(settings: Settings, user_ids: list[int], service: str = 
     store = get_store(settings)
     return store.get_online_features(features=store.get_feature_service(service),
                                      entity_rows=[{"user_id": u} for u in user_ids]).to_dict()
+
+
+# Redis pipelines and SQLite statements delete this many entities at a time.
+_DELETE_CHUNK = 5000
+
+
+def delete_online_rows(store: Any, view_name: str, entity_rows: list[dict[str, Any]]) -> int:
+    """Delete ``view_name``'s online rows of these entities; returns how many entities were asked for.
+
+    Feast has no API to delete single rows (only whole tables), so this encodes each entity key as the
+    online store's own writer does (``serialize_entity_key``, the store's table or hash-field names) for
+    the two online stores of the settings: SQLite (embedded) and Redis (production)."""
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    from feast.infra.online_stores.helpers import _mmh3, _redis_key, compute_table_id
+    from feast.infra.online_stores.redis import RedisOnlineStore, _versioned_fv_name
+    from feast.infra.online_stores.sqlite import SqliteOnlineStore
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.type_map import python_values_to_proto_values
+
+    view = store.get_feature_view(view_name)
+    config = store.config
+    columns = {field.name: field.dtype.to_value_type() for field in view.entity_columns}
+    values = {name: python_values_to_proto_values([row[name] for row in entity_rows], value_type)
+              for name, value_type in columns.items()}
+    keys = [EntityKey(join_keys=list(columns), entity_values=[values[name][i] for name in columns])
+            for i in range(len(entity_rows))]
+    online = store._get_provider().online_store  # noqa: SLF001 - the configured online store instance
+    versioning = config.registry.enable_online_feature_view_versioning
+    if isinstance(online, SqliteOnlineStore):
+        conn = online._get_conn(config)  # noqa: SLF001
+        table = compute_table_id(config.project, view, versioning)
+        with conn:
+            for start in range(0, len(keys), _DELETE_CHUNK):
+                conn.executemany(f'delete from "{table}" where entity_key = ?',
+                                 [(serialize_entity_key(key, config.entity_key_serialization_version),)
+                                  for key in keys[start:start + _DELETE_CHUNK]])
+    elif isinstance(online, RedisOnlineStore):
+        client = online._get_client(config.online_store)  # noqa: SLF001
+        name = _versioned_fv_name(view, config)
+        fields = [_mmh3(f"{name}:{feature.name}") for feature in view.features] + [f"_ts:{name}".encode()]
+        for start in range(0, len(keys), _DELETE_CHUNK):
+            with client.pipeline(transaction=False) as pipe:
+                for key in keys[start:start + _DELETE_CHUNK]:
+                    # Only this view's fields: other views with the same entities share the hash.
+                    pipe.hdel(_redis_key(config.project, key, config.entity_key_serialization_version), *fields)
+                pipe.execute()
+    else:
+        raise NotImplementedError(f"deleting online rows is written for the SQLite and Redis online stores, "
+                                  f"not {type(online).__name__}")
+    return len(keys)

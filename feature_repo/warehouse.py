@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -373,7 +374,7 @@ def write_version(settings: Settings, name: str, table: pa.Table, version: str) 
     schema, version_column = WRITTEN_SOURCES[name]
     table = table.cast(schema)
     if settings.offline_store == "duckdb":
-        write_atomic(table, features_dir(settings) / name / f"version={version}" / "part-0.parquet")
+        write_atomic(table, _version_dir(settings, name, version) / "part-0.parquet")
         return table.num_rows
     with postgres(settings) as conn:
         conn.execute(f"delete from {FEATURES_SCHEMA}.{name} where {version_column} = %s", (version,))
@@ -382,3 +383,44 @@ def write_version(settings: Settings, name: str, table: pa.Table, version: str) 
                 copy.write_row(list(row.values()))
         conn.commit()
     return table.num_rows
+
+
+def _version_dir(settings: Settings, name: str, version: str) -> Path:
+    return features_dir(settings) / name / f"version={version}"
+
+
+def written_versions(settings: Settings, name: str) -> list[str]:
+    """The versions holding rows of the written source ``name``, sorted."""
+    _, version_column = WRITTEN_SOURCES[name]
+    if settings.offline_store == "duckdb":  # version=none: the empty placeholder of ensure_written_sources
+        return sorted(path.parent.name.removeprefix("version=")
+                      for path in (features_dir(settings) / name).glob("version=*/part-0.parquet")
+                      if path.parent.name != "version=none")
+    with postgres(settings) as conn:
+        return [row[0] for row in conn.execute(f"select distinct {version_column} from {FEATURES_SCHEMA}.{name} "
+                                               f"order by 1").fetchall()]
+
+
+def version_keys(settings: Settings, name: str, version: str, key: str) -> list:
+    """The ``key`` column of ``version``'s rows of the written source ``name``."""
+    _, version_column = WRITTEN_SOURCES[name]
+    if settings.offline_store == "duckdb":
+        path = _version_dir(settings, name, version) / "part-0.parquet"
+        return pq.read_table(path, columns=[key]).column(key).to_pylist() if path.exists() else []
+    with postgres(settings) as conn:
+        return [row[0] for row in conn.execute(f'select "{key}" from {FEATURES_SCHEMA}.{name} '
+                                               f"where {version_column} = %s", (version,)).fetchall()]
+
+
+def delete_version(settings: Settings, name: str, version: str) -> None:
+    """Remove ``version``'s rows of the written source ``name``; the source itself stays readable."""
+    _, version_column = WRITTEN_SOURCES[name]
+    if settings.offline_store == "duckdb":
+        directory = _version_dir(settings, name, version)
+        if directory.exists():
+            shutil.rmtree(directory)
+        ensure_written_sources(settings)  # a source directory without any parquet file would not read at all
+        return
+    with postgres(settings) as conn:
+        conn.execute(f"delete from {FEATURES_SCHEMA}.{name} where {version_column} = %s", (version,))
+        conn.commit()

@@ -120,3 +120,20 @@ def test_written_sources_are_replaced_per_version_in_postgres_and_read_per_bundl
     assert rows[0]["state__ts"] == int(now.timestamp())
     assert rows[2]["state"] is None  # another bundle's states are never read
 
+    # Pruning a bundle deletes exactly its rows: in Redis the entity's hash fields, in Postgres its rows.
+    from feature_repo.warehouse import delete_version, version_keys, written_versions
+
+    feast.write_to_online_store(USER_STATES, states("v@b", [1]).to_pandas(types_mapper=pd.ArrowDtype))
+    assert written_versions(production, USER_STATES) == ["v@a", "v@b"]
+    assert sorted(version_keys(production, USER_STATES, "v@a", "user_id")) == [1, 2]
+    assert store.delete_online_rows(feast, USER_STATES, [{"user_id": 1, "model_bundle": "v@a"}]) == 1
+    delete_version(production, USER_STATES, "v@a")
+    rows = store.online_rows(feast, feast.get_feature_service("query_tower_state_v1"),
+                             [{"user_id": 1, "model_bundle": "v@a"}, {"user_id": 2, "model_bundle": "v@a"},
+                              {"user_id": 1, "model_bundle": "v@b"}])
+    assert rows[0]["state"] is None and rows[0]["personalized"] is None
+    assert rows[1]["state"] == pytest.approx([2.0, 0.5, -1.0])  # not asked for: kept
+    assert rows[2]["state"] == pytest.approx([1.0, 0.5, -1.0])  # the same user under another bundle: kept
+    assert written_versions(production, USER_STATES) == ["v@b"] and version_keys(production, USER_STATES, "v@a",
+                                                                                   "user_id") == []
+
