@@ -66,15 +66,16 @@ def uer_daily_retraining() -> None:
     @task
     def publish_index(outcome: dict) -> dict:
         """The new version's user states, then its catalogue embedded, the collection checked, the alias swapped
-        (states first: the API serves them from its first request on the new version)."""
+        (states first: the API serves them from its first request on the new version); then the states of
+        bundles that no kept collection serves any more are pruned."""
         from retrieval_core.settings import get_settings
         from serving.refresh import refresh_index
-        from serving.user_states import publish_user_states
+        from serving.user_states import prune_user_states, publish_user_states
 
         states = publish_user_states(get_settings(), outcome["version"])
         report = refresh_index(get_settings(), outcome["version"])
         return {"collection": report.index.collection, "checks": report.checks, "seconds": report.seconds,
-                "user_states": states.users}
+                "user_states": states.users, "pruned_user_states": prune_user_states(get_settings())}
 
     @task
     def keep_serving_index() -> str:

@@ -15,10 +15,12 @@ def uer_nightly_index_refresh() -> None:
     def refresh_index() -> dict:
         from retrieval_core.settings import get_settings
         from serving.refresh import refresh_index as refresh
+        from serving.user_states import prune_user_states
 
         report = refresh(get_settings())
         return {"collection": report.index.collection, "newly_encoded": report.newly_encoded,
-                "checks": report.checks, "seconds": report.seconds}
+                "checks": report.checks, "seconds": report.seconds,
+                "pruned_user_states": prune_user_states(get_settings())}  # after the index pruned its collections
 
     @task
     def smoke_query(published: dict) -> dict:

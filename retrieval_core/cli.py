@@ -299,6 +299,16 @@ def user_states_command(
                   f"in {report.seconds:.1f} s")
 
 
+@app.command("prune-user-states")
+def prune_user_states_command() -> None:
+    """Delete the user states of model bundles that can no longer serve (neither production nor the model of a
+    kept collection), from the online store and the offline source; the DAGs do it after each alias swap."""
+    from serving.user_states import prune_user_states
+
+    pruned = prune_user_states(get_settings())
+    console.print(f"pruned the user states of {len(pruned)} bundle(s){': ' + ', '.join(pruned) if pruned else ''}")
+
+
 @app.command("serve")
 def serve_command(
     port: Annotated[int | None, typer.Option(help="port on the settings' host (default: serving.port)")] = None,

@@ -61,6 +61,12 @@ def registered_versions(settings: Settings) -> dict[str, Path]:
     return {version: path for version, (_, path) in found.items()}
 
 
+def bundle_id_of(model_version: str, path: Path) -> str:
+    """One registration of a model version (its bundle directory ``path``): a day retrained under the same
+    version name is registered again, in another directory, and must never reuse what the first one computed."""
+    return f"{model_version}@{path.name}"
+
+
 @dataclass
 class ModelBundle:
     model_version: str
@@ -108,9 +114,7 @@ class ModelBundle:
 
     @property
     def bundle_id(self) -> str:
-        """This registration of the version: a day retrained under the same version name is registered
-        again, in another directory, and must never reuse what the first registration computed."""
-        return f"{self.model_version}@{self.path.name}"
+        return bundle_id_of(self.model_version, self.path)
 
     @cached_property
     def signed_out_state(self) -> PackedUserState:

@@ -89,11 +89,14 @@ def test_three_day_backfill_runs(world: Settings) -> None:
 def test_daily_dag_end_to_end_then_failed_gate_and_rerun_keep_serving(world: Settings) -> None:
     import pandas as pd
 
-    from feature_repo.warehouse import USER_STATES, features_dir
+    from feature_repo.warehouse import USER_STATES, USER_STATES_SCHEMA, features_dir, write_version, written_versions
     from serving.bundle import ModelBundle
     from serving.index import IndexLifecycle
     from serving.retriever import Retriever, smoke_query
 
+    # the states of a bundle that serves nowhere (e.g. a registration since retrained) are pruned after the swap
+    write_version(world, USER_STATES, USER_STATES_SCHEMA.empty_table(), "retired@bundle")
+    assert "retired@bundle" in written_versions(world, USER_STATES)
     done = dags_test(world, NEXT_DAY, {"run_config": TINY_RUN})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lifecycle = IndexLifecycle(world)
@@ -104,6 +107,7 @@ def test_daily_dag_end_to_end_then_failed_gate_and_rerun_keep_serving(world: Set
     bundle = ModelBundle.load(world, first.model_version)
     users = pd.read_parquet(features_dir(world) / USER_STATES / f"version={bundle.bundle_id}")["user_id"].tolist()
     assert len(users) > 20 and set(Retriever(world).stored_states(bundle, users[:20])) == set(users[:20])
+    assert written_versions(world, USER_STATES) == [bundle.bundle_id]
 
     # A model that cannot pass the gate (one optimiser step, and no lexical channel, which is a fair
     # tf-idf matcher before any training): the branch keeps the previous pair.

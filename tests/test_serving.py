@@ -309,6 +309,65 @@ def test_precomputed_user_states_are_what_the_service_would_compute(served: Sett
     assert stale.stored_states(bundle, users) == {}
 
 
+def test_states_of_bundles_that_no_longer_serve_are_pruned_online_and_offline(served: Settings) -> None:
+    """A bundle's states stay while the API may serve it: the production version's, and those of a model
+    version with a collection in Milvus (what a rollback returns to). A registered version without a
+    collection, and an older registration of a version, lose theirs: online (SQLite) and offline (parquet);
+    so does a user who left the materialised window, when their bundle's states are written again."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from feature_repo.store import get_store
+    from feature_repo.warehouse import USER_STATES, USER_STATES_SCHEMA, features_dir, write_version, written_versions
+    from serving.bundle import ModelBundle
+    from serving.refresh import catalogue_with_encodings
+    from serving.retriever import Retriever
+    from serving.user_states import prune_user_states, publish_user_states
+    from training.export import register_model
+
+    production = ModelBundle.load(served, FIRST)
+    publish_user_states(served)
+    reader = Retriever(served)
+    # A user whose history left the materialised window since the last run: the rerun deletes their state.
+    partition = features_dir(served) / USER_STATES / f"version={production.bundle_id}"
+    gone = pa.Table.from_pandas(pd.read_parquet(partition).head(1).assign(user_id=10**9), preserve_index=False)
+    write_version(served, USER_STATES, pa.concat_tables([pq.read_table(partition), gone.cast(
+        USER_STATES_SCHEMA)]), production.bundle_id)
+    get_store(served).write_to_online_store(USER_STATES, gone.to_pandas(types_mapper=pd.ArrowDtype))
+    assert set(reader.stored_states(production, [10**9])) == {10**9}
+    publish_user_states(served)
+    assert reader.stored_states(production, [10**9]) == {}
+
+    run = served.artifacts_dir / "models" / FIRST
+    register_model(served, "serve-pruned", run, run / "text_encoder")  # same weights, a version of its own
+    unpublished = ModelBundle.load(served, "serve-pruned")
+    publish_user_states(served, "serve-pruned")
+    users = pd.read_parquet(partition)["user_id"].head(5).tolist()
+    assert set(reader.stored_states(unpublished, users)) == set(users)
+
+    assert prune_user_states(served) == [unpublished.bundle_id]  # no collection, not production
+    assert reader.stored_states(unpublished, users) == {}
+    assert set(reader.stored_states(production, users)) == set(users)
+    assert written_versions(served, USER_STATES) == [production.bundle_id]
+
+    index = lifecycle(served)
+    products, _ = catalogue_with_encodings(served, unpublished, dt.datetime.now(dt.UTC))
+    collection = index.build("serve-pruned", products, unpublished.product_vectors(products)).collection
+    try:
+        publish_user_states(served, "serve-pruned")
+        register_model(served, "serve-pruned", run, run / "text_encoder")  # registered again: a new bundle
+        again = ModelBundle.load(served, "serve-pruned")
+        publish_user_states(served, "serve-pruned")
+        assert prune_user_states(served) == [unpublished.bundle_id]  # only the older registration goes
+        assert set(reader.stored_states(again, users)) == set(users)
+        assert reader.stored_states(unpublished, users) == {}
+        assert written_versions(served, USER_STATES) == sorted([production.bundle_id, again.bundle_id])
+    finally:
+        index.drop(collection)
+    assert prune_user_states(served) == [again.bundle_id]
+    assert set(reader.stored_states(production, users)) == set(users)
+
+
 def test_an_unreachable_feature_store_is_unavailable_for_a_signed_in_miss(served: Settings, tmp_path: Path) -> None:
     """The API answers 503 (``Unavailable``) when it cannot reach the feature store's registry or online store,
     for the stored-state lookup as for the history lookup: never a raw Feast error (a 500)."""
