@@ -1,6 +1,6 @@
 """The daily DAG: land → features (dbt → GX gate → Feast) → the production model's user states, and
 training pipeline (KFP) → gate branch → the new model's user states + index publish (check + alias swap) →
-smoke query. Every task is idempotent for its logical date."""
+smoke query, and the states of bundles that no longer serve pruned. Every task is idempotent for its logical date."""
 
 from __future__ import annotations
 
@@ -66,16 +66,24 @@ def uer_daily_retraining() -> None:
     @task
     def publish_index(outcome: dict) -> dict:
         """The new version's user states, then its catalogue embedded, the collection checked, the alias swapped
-        (states first: the API serves them from its first request on the new version); then the states of
-        bundles that no kept collection serves any more are pruned."""
+        (states first: the API serves them from its first request on the new version)."""
         from retrieval_core.settings import get_settings
         from serving.refresh import refresh_index
-        from serving.user_states import prune_user_states, publish_user_states
+        from serving.user_states import publish_user_states
 
         states = publish_user_states(get_settings(), outcome["version"])
         report = refresh_index(get_settings(), outcome["version"])
         return {"collection": report.index.collection, "checks": report.checks, "seconds": report.seconds,
-                "user_states": states.users, "pruned_user_states": prune_user_states(get_settings())}
+                "user_states": states.users}
+
+    @task
+    def prune_user_states(published: dict) -> list[str]:
+        """The states of bundles that no kept collection serves any more (its own task: a failure here must not
+        fail, and on retry re-run, the publish before it)."""
+        from retrieval_core.settings import get_settings
+        from serving.user_states import prune_user_states as prune
+
+        return prune(get_settings())
 
     @task
     def keep_serving_index() -> str:
@@ -97,7 +105,9 @@ def uer_daily_retraining() -> None:
     refresh_user_states(features)
     outcome = train_and_validate(features)
     branch = promoted(outcome)
-    branch >> [publish_index(outcome), keep_serving_index()] >> smoke_query()
+    published = publish_index(outcome)
+    branch >> [published, keep_serving_index()] >> smoke_query()
+    prune_user_states(published)
 
 
 uer_daily_retraining()

@@ -1,5 +1,6 @@
 """The nightly refresh: re-embed new and changed products with the production model (no retraining),
-check the new collection and swap the alias; then a smoke query."""
+check the new collection and swap the alias; then a smoke query, and the user states of bundles that no
+longer serve pruned."""
 
 from __future__ import annotations
 
@@ -15,12 +16,18 @@ def uer_nightly_index_refresh() -> None:
     def refresh_index() -> dict:
         from retrieval_core.settings import get_settings
         from serving.refresh import refresh_index as refresh
-        from serving.user_states import prune_user_states
 
         report = refresh(get_settings())
         return {"collection": report.index.collection, "newly_encoded": report.newly_encoded,
-                "checks": report.checks, "seconds": report.seconds,
-                "pruned_user_states": prune_user_states(get_settings())}  # after the index pruned its collections
+                "checks": report.checks, "seconds": report.seconds}
+
+    @task
+    def prune_user_states(published: dict) -> list[str]:
+        """The states of bundles whose last collection the refresh just pruned."""
+        from retrieval_core.settings import get_settings
+        from serving.user_states import prune_user_states as prune
+
+        return prune(get_settings())
 
     @task
     def smoke_query(published: dict) -> dict:
@@ -29,7 +36,9 @@ def uer_nightly_index_refresh() -> None:
 
         return run_smoke(get_settings())
 
-    smoke_query(refresh_index())
+    published = refresh_index()
+    smoke_query(published)
+    prune_user_states(published)
 
 
 uer_nightly_index_refresh()

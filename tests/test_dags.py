@@ -44,7 +44,10 @@ def test_every_dag_imports_without_errors(tmp_path: Path) -> None:
         assert dag["max_active_runs"] == 1
         assert all(retries >= 1 and backoff and callback for retries, backoff, callback in dag["tasks"].values())
     assert {"land_raw_partitions", "build_features", "refresh_user_states", "train_and_validate", "promoted",
-            "publish_index", "keep_serving_index", "smoke_query"} == set(report["dags"][DAILY]["tasks"])
+            "publish_index", "keep_serving_index", "smoke_query", "prune_user_states"} == set(
+        report["dags"][DAILY]["tasks"])
+    assert {"refresh_index", "smoke_query", "prune_user_states"} == set(
+        report["dags"]["uer_nightly_index_refresh"]["tasks"])
 
 
 @pytest.fixture(scope="module")
