@@ -7,7 +7,8 @@
 * the query tower for one signed-out query, and the share of its text encoders (lexical, semantic);
 * a user-state cache miss: the ``query_tower_v1`` lookup in the Feast online store, then the tower's
   user state (``ModelBundle.user_states``), for 1 and 8 users; and the same miss with the states
-  precomputed (``uer user-states``, timed here too): the ``query_tower_state_v1`` lookup and unpacking.
+  precomputed (``uer user-states``, timed here too): the ``query_tower_state_v1`` lookup and unpacking;
+* pruning one bundle's states (``uer prune-user-states``) from the online store and the offline source.
 
 CPU is this process's (all its threads: a spinning BLAS thread counts) per call. Needs ``make demo``.
 Writes benchmarks/results/api_costs.json.
@@ -53,14 +54,19 @@ def main() -> None:
     args = parser.parse_args()
     command = invocation()
 
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     import torch
     from threadpoolctl import threadpool_limits
 
+    from feature_repo.store import get_store
+    from feature_repo.warehouse import USER_STATES, features_dir, write_version
     from serving.bundle import ModelBundle
     from serving.refresh import production_model_version
     from serving.retriever import Retriever
     from serving.service import limit_compute_threads
-    from serving.user_states import publish_user_states
+    from serving.user_states import prune_user_states, publish_user_states
     from training.batching import query_batch
     from training.boosting import project_queries
 
@@ -118,12 +124,26 @@ def main() -> None:
             "precomputed_state_8_users": cost(stored(8), args.seconds)}
     print(miss, flush=True)
 
+    # Pruning one bundle's full set of states: the same states copied under a bundle that serves nowhere.
+    retired = f"{bundle.model_version}@retired"
+    copy = pq.read_table(features_dir(settings) / USER_STATES / f"version={bundle.bundle_id}")
+    copy = copy.set_column(copy.schema.get_field_index("model_bundle"), "model_bundle",
+                           pa.array([retired] * copy.num_rows))
+    write_version(settings, USER_STATES, copy, retired)
+    get_store(settings).write_to_online_store(USER_STATES, copy.to_pandas(types_mapper=pd.ArrowDtype))
+    mark = time.perf_counter()
+    pruned = prune_user_states(settings)
+    prune = {"bundles": len(pruned), "users": copy.num_rows, "seconds": round(time.perf_counter() - mark, 3)}
+    assert pruned == [retired], pruned
+    print(prune, flush=True)
+
     write_result(args.result, {
         "model_version": bundle.model_version, "online_store": settings.online_store,
         "torch_threads": torch.get_num_threads(), "query_projection": projection_rows,
         "query_tower": query_tower, "user_state_miss": miss,
         "user_states_publish": {"users": published.users, "with_history": published.personalized,
                                 "seconds": published.seconds},
+        "user_states_prune": prune,
         "note": "Milliseconds per call in this process (cpu_ms counts every thread of it). query_projection: "
                 "project_queries of `rows` float32 queries with a 768x256 float64 projection, numpy's BLAS "
                 "limited to `blas_threads` (threadpoolctl), with and without one spinning process per core. "
@@ -132,7 +152,9 @@ def main() -> None:
                 "and the tower's text encoders on its terms; a cache miss reads query_tower_v1 from the Feast "
                 "online store (Retriever.histories) and computes the users' state (ModelBundle.user_states); "
                 "with precomputed states it reads query_tower_state_v1 and unpacks them instead "
-                "(Retriever.stored_states). user_states_publish: `uer user-states` for every materialised user.",
+                "(Retriever.stored_states). user_states_publish: `uer user-states` for every materialised user. "
+                "user_states_prune: `uer prune-user-states` removing one bundle that serves nowhere (a copy of "
+                "those states under another bundle id), online and offline, its live-bundle lookup included.",
     }, command=command)
 
 
