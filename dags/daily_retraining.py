@@ -1,6 +1,7 @@
 """The daily DAG: land → features (dbt → GX gate → Feast) → the production model's user states, and
 training pipeline (KFP) → gate branch → the new model's user states + index publish (check + alias swap) →
-smoke query, and the states of bundles that no longer serve pruned. Every task is idempotent for its logical date."""
+smoke query; then what versions that no longer serve left behind (user states, product embeddings) is
+pruned. Every task is idempotent for its logical date."""
 
 from __future__ import annotations
 
@@ -77,11 +78,11 @@ def uer_daily_retraining() -> None:
                 "user_states": states.users}
 
     @task
-    def prune_user_states(published: dict) -> list[str]:
-        """The states of bundles that no kept collection serves any more (its own task: a failure here must not
-        fail, and on retry re-run, the publish before it)."""
+    def prune_retired_versions(published: dict) -> dict[str, list[str]]:
+        """The user states and product embeddings of versions no kept collection serves any more (its own task:
+        a failure here must not fail, and on retry re-run, the publish before it)."""
         from retrieval_core.settings import get_settings
-        from serving.user_states import prune_user_states as prune
+        from serving.retention import prune_retired_versions as prune
 
         return prune(get_settings())
 
@@ -107,7 +108,7 @@ def uer_daily_retraining() -> None:
     branch = promoted(outcome)
     published = publish_index(outcome)
     branch >> [published, keep_serving_index()] >> smoke_query()
-    prune_user_states(published)
+    prune_retired_versions(published)
 
 
 uer_daily_retraining()

@@ -1,6 +1,6 @@
 """The nightly refresh: re-embed new and changed products with the production model (no retraining),
-check the new collection and swap the alias; then a smoke query, and the user states of bundles that no
-longer serve pruned."""
+check the new collection and swap the alias; then a smoke query, and the user states and product embeddings
+of versions that no longer serve pruned."""
 
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ def uer_nightly_index_refresh() -> None:
                 "checks": report.checks, "seconds": report.seconds}
 
     @task
-    def prune_user_states(published: dict) -> list[str]:
-        """The states of bundles whose last collection the refresh just pruned."""
+    def prune_retired_versions(published: dict) -> dict[str, list[str]]:
+        """The user states and product embeddings of versions whose last collection the refresh just pruned."""
         from retrieval_core.settings import get_settings
-        from serving.user_states import prune_user_states as prune
+        from serving.retention import prune_retired_versions as prune
 
         return prune(get_settings())
 
@@ -38,7 +38,7 @@ def uer_nightly_index_refresh() -> None:
 
     published = refresh_index()
     smoke_query(published)
-    prune_user_states(published)
+    prune_retired_versions(published)
 
 
 uer_nightly_index_refresh()

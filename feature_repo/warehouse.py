@@ -401,15 +401,23 @@ def written_versions(settings: Settings, name: str) -> list[str]:
                                                f"order by 1").fetchall()]
 
 
-def version_keys(settings: Settings, name: str, version: str, key: str) -> list:
-    """The ``key`` column of ``version``'s rows of the written source ``name``."""
-    _, version_column = WRITTEN_SOURCES[name]
+def version_rows(settings: Settings, name: str, version: str, columns: list[str]) -> pa.Table:
+    """``columns`` of ``version``'s rows of the written source ``name`` (none: an empty table)."""
+    schema, version_column = WRITTEN_SOURCES[name]
+    schema = pa.schema([schema.field(c) for c in columns])
     if settings.offline_store == "duckdb":
         path = _version_dir(settings, name, version) / "part-0.parquet"
-        return pq.read_table(path, columns=[key]).column(key).to_pylist() if path.exists() else []
+        return pq.read_table(path, columns=columns).cast(schema) if path.exists() else schema.empty_table()
+    quoted = ", ".join(f'"{c}"' for c in columns)
     with postgres(settings) as conn:
-        return [row[0] for row in conn.execute(f'select "{key}" from {FEATURES_SCHEMA}.{name} '
-                                               f"where {version_column} = %s", (version,)).fetchall()]
+        rows = conn.execute(f"select {quoted} from {FEATURES_SCHEMA}.{name} where {version_column} = %s",
+                            (version,)).fetchall()
+    return pa.Table.from_pylist([dict(zip(columns, row, strict=True)) for row in rows], schema=schema)
+
+
+def version_keys(settings: Settings, name: str, version: str, key: str) -> list:
+    """The ``key`` column of ``version``'s rows of the written source ``name``."""
+    return version_rows(settings, name, version, [key]).column(key).to_pylist()
 
 
 def delete_version(settings: Settings, name: str, version: str) -> None:

@@ -299,14 +299,16 @@ def user_states_command(
                   f"in {report.seconds:.1f} s")
 
 
-@app.command("prune-user-states")
-def prune_user_states_command() -> None:
-    """Delete the user states of model bundles that can no longer serve (neither production nor the model of a
-    kept collection), from the online store and the offline source; the DAGs do it after each alias swap."""
-    from serving.user_states import prune_user_states
+@app.command("prune-retired")
+def prune_retired_command() -> None:
+    """Delete what model versions that can no longer serve (neither production nor the model of a kept
+    collection) left behind: their user states (online and offline) and product embeddings (offline); the DAGs
+    do it after each alias swap."""
+    from serving.retention import prune_retired_versions
 
-    pruned = prune_user_states(get_settings())
-    console.print(f"pruned the user states of {len(pruned)} bundle(s){': ' + ', '.join(pruned) if pruned else ''}")
+    pruned = prune_retired_versions(get_settings())
+    for what, names in pruned.items():
+        console.print(f"{what}: pruned {len(names)}{': ' + ', '.join(names) if names else ''}")
 
 
 @app.command("serve")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from feature_repo.warehouse import EMBEDDINGS, version_rows
 from retrieval_core.settings import Settings
 from serving.bundle import ModelBundle, ModelNotFound
 from serving.index import IndexLifecycle, IndexVersion
@@ -54,26 +55,33 @@ def encoding_cache(settings: Settings, model_version: str) -> EmbeddingCache:
 
 def with_version_encodings(settings: Settings, bundle: ModelBundle,
                            products: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, int]:
-    """``product_tower_v1`` rows with this version's encodings: rows whose Feast encodings were
-    written by another version (or by none: new products) get their text encoded through the
-    version's cache and the graph fallback (they have no engagement in this version's graph).
-    Returns the rows, which rows changed, and how many texts were newly encoded. Writes nothing."""
-    stale = (products["embedding_version"] != bundle.model_version).to_numpy()
-    if not stale.any():
-        return products, stale, 0
+    """``product_tower_v1`` rows with this version's encodings, whatever Feast's join picked: the graph
+    encoding from the version's own ``product_embeddings`` rows (none for a product its graph never saw: the
+    tower's fallback), and the text encoding of each product's *current* text through the version's cache, so
+    only new and changed texts are encoded (a product whose title changed since the version encoded it gets
+    its new text's encoding). Returns the rows, which rows' encodings differ from the ones Feast read, and how
+    many texts were newly encoded. Writes nothing."""
     products = products.copy()
-    products.loc[stale, "graph_embedding"] = None
+    changed = (products["embedding_version"] != bundle.model_version).to_numpy(dtype=bool, na_value=True)
+    own = version_rows(settings, EMBEDDINGS, bundle.model_version, ["product_id", "graph_embedding"])
+    graph = dict(zip(own.column("product_id").to_pylist(),
+                     own.column("graph_embedding").to_numpy(zero_copy_only=False), strict=True))
+    products["graph_embedding"] = [graph.get(product_id) for product_id in products["product_id"]]
     new = 0
     if bundle.model.config.text_dim:
-        texts = [product_text(r) for r in products.loc[stale].to_dict("records")]
+        texts = [product_text(row) for row in products.to_dict("records")]
         vectors, new = encoding_cache(settings, bundle.model_version).encode(texts, bundle.encode_texts)
-        products.loc[stale, "text_embedding"] = pd.Series(list(vectors), index=products.index[stale])
-    return products, stale, new
+        changed |= np.array([read is None or not np.array_equal(np.asarray(read, np.float32), vector)
+                             for read, vector in zip(products["text_embedding"], vectors, strict=True)], dtype=bool)
+        products["text_embedding"] = list(vectors)
+    products["embedding_version"] = bundle.model_version
+    return products, changed, new
 
 
 def catalogue_with_encodings(settings: Settings, bundle: ModelBundle, as_of: dt.datetime) -> tuple[pd.DataFrame, int]:
-    """The catalogue as of ``as_of`` with the version's encodings (``with_version_encodings``); the
-    completed encodings are written back to Feast. Returns the rows and how many texts were newly encoded."""
+    """The catalogue as of ``as_of`` with the version's encodings (``with_version_encodings``); where they
+    differ from what Feast read, the version's rows are written back to Feast. Returns the rows and how many
+    texts were newly encoded."""
     products, stale, new = with_version_encodings(settings, bundle, product_features(settings, as_of))
     if stale.any():
         publish_product_embeddings(settings, products[["product_id", "text_embedding", "graph_embedding"]],

@@ -5,8 +5,8 @@ A state depends only on the user's daily ``query_tower_v1`` features and the mod
 per day and bundle instead of on each of the API's cache misses: a miss is then one online-store read
 instead of the read, the featuriser and the history encoders (``user_state_miss`` in
 benchmarks/results/api_costs.json). The daily DAG writes the production bundle's states after each
-materialisation and a newly promoted bundle's before its alias swap; after each swap it prunes the states
-of bundles that no longer serve (``prune_user_states``), so the online store holds a few bundles, not one
+materialisation and a newly promoted bundle's before its alias swap; after each swap the states of bundles
+that no longer serve are pruned (``serving.retention``), so the online store holds a few bundles, not one
 per day ever trained.
 
 The states are computed from the rows the API itself reads (the online store, through
@@ -16,7 +16,6 @@ API would have computed, and a test holds the two equal.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 import time
@@ -31,15 +30,12 @@ from feature_repo.store import delete_online_rows, get_store
 from feature_repo.warehouse import (
     USER_STATES,
     USER_STATES_SCHEMA,
-    delete_version,
     latest_rows,
     version_keys,
     write_version,
-    written_versions,
 )
 from retrieval_core.settings import Settings
-from serving.bundle import ModelBundle, ModelNotFound, bundle_id_of, registered_versions
-from serving.index import IndexLifecycle
+from serving.bundle import ModelBundle
 from serving.refresh import production_model_version
 from serving.retriever import Retriever, has_history
 
@@ -101,13 +97,13 @@ def publish_user_states(settings: Settings, model_version: str | None = None,
                                                   pa.list_(pa.float32())),
                                 "personalized": known}, schema=USER_STATES_SCHEMA))
         personalized += sum(known)
-    # The offline rows are the record of what is online (prune_user_states deletes by them), so: first the
+    # The offline rows are the record of what is online (serving.retention prunes by them), so: first the
     # online rows of users who left the window, then the offline rows, then the online ones. A crash
     # anywhere leaves nothing online that the offline rows do not list.
     written = pa.concat_tables(tables) if tables else USER_STATES_SCHEMA.empty_table()
     left = set(version_keys(settings, USER_STATES, bundle.bundle_id, "user_id")) - set(
         written.column("user_id").to_pylist())
-    _delete_online(store, bundle.bundle_id, sorted(left))
+    delete_online_states(store, bundle.bundle_id, sorted(left))
     users = write_version(settings, USER_STATES, written, bundle.bundle_id)
     for table in tables:
         store.write_to_online_store(USER_STATES, table.to_pandas(types_mapper=pd.ArrowDtype))
@@ -118,36 +114,7 @@ def publish_user_states(settings: Settings, model_version: str | None = None,
     return report
 
 
-def _delete_online(store: FeatureStore, bundle_id: str, user_ids: list[int]) -> None:
+def delete_online_states(store: FeatureStore, bundle_id: str, user_ids: list[int]) -> None:
+    """Delete these users' states under ``bundle_id`` from the online store."""
     if user_ids:
         delete_online_rows(store, USER_STATES, [{"user_id": u, "model_bundle": bundle_id} for u in user_ids])
-
-
-def live_bundle_ids(settings: Settings) -> set[str]:
-    """The bundles whose states the API may still read: the production version's, and that of each model
-    version with a collection still in Milvus (the alias target, the ones a rollback can return to, a build
-    in progress). A version's bundle is its newest registration, the one ``ModelBundle.load`` serves."""
-    versions = {version.model_version for version in IndexLifecycle(settings).versions()}
-    with contextlib.suppress(ModelNotFound):  # no production model yet
-        versions.add(production_model_version(settings))
-    registered = registered_versions(settings)
-    return {bundle_id_of(version, registered[version]) for version in versions if version in registered}
-
-
-def prune_user_states(settings: Settings) -> list[str]:
-    """Delete the states of every bundle that is not live (``live_bundle_ids``) from the online store and
-    from the ``user_query_state`` source; returns the bundles pruned. Run after each alias swap, once the
-    index has pruned its collections. Online rows go first: the offline rows list them, so a crash in between
-    leaves them listed for the next run."""
-    live = live_bundle_ids(settings)
-    if not live:  # nothing registered and published: refuse rather than empty the store
-        log.warning("no live model bundle (no production model, no collection): not pruning user states")
-        return []
-    store = get_store(settings)
-    pruned = [bundle for bundle in written_versions(settings, USER_STATES) if bundle not in live]
-    for bundle in pruned:
-        _delete_online(store, bundle, version_keys(settings, USER_STATES, bundle, "user_id"))
-        delete_version(settings, USER_STATES, bundle)
-    if pruned:
-        log.info("pruned the user states of %s (kept %s)", ", ".join(pruned), ", ".join(sorted(live)))
-    return pruned

@@ -44,9 +44,9 @@ def test_every_dag_imports_without_errors(tmp_path: Path) -> None:
         assert dag["max_active_runs"] == 1
         assert all(retries >= 1 and backoff and callback for retries, backoff, callback in dag["tasks"].values())
     assert {"land_raw_partitions", "build_features", "refresh_user_states", "train_and_validate", "promoted",
-            "publish_index", "keep_serving_index", "smoke_query", "prune_user_states"} == set(
+            "publish_index", "keep_serving_index", "smoke_query", "prune_retired_versions"} == set(
         report["dags"][DAILY]["tasks"])
-    assert {"refresh_index", "smoke_query", "prune_user_states"} == set(
+    assert {"refresh_index", "smoke_query", "prune_retired_versions"} == set(
         report["dags"]["uer_nightly_index_refresh"]["tasks"])
 
 
@@ -92,14 +92,24 @@ def test_three_day_backfill_runs(world: Settings) -> None:
 def test_daily_dag_end_to_end_then_failed_gate_and_rerun_keep_serving(world: Settings) -> None:
     import pandas as pd
 
-    from feature_repo.warehouse import USER_STATES, USER_STATES_SCHEMA, features_dir, write_version, written_versions
+    from feature_repo.warehouse import (
+        EMBEDDINGS,
+        EMBEDDINGS_SCHEMA,
+        USER_STATES,
+        USER_STATES_SCHEMA,
+        features_dir,
+        write_version,
+        written_versions,
+    )
     from serving.bundle import ModelBundle
     from serving.index import IndexLifecycle
     from serving.retriever import Retriever, smoke_query
 
-    # the states of a bundle that serves nowhere (e.g. a registration since retrained) are pruned after the swap
+    # what a version that serves nowhere left behind (e.g. a registration since retrained, a version whose
+    # collections were dropped) is pruned after the swap
     write_version(world, USER_STATES, USER_STATES_SCHEMA.empty_table(), "retired@bundle")
-    assert "retired@bundle" in written_versions(world, USER_STATES)
+    write_version(world, EMBEDDINGS, EMBEDDINGS_SCHEMA.empty_table(), "retired")
+    assert "retired@bundle" in written_versions(world, USER_STATES) and "retired" in written_versions(world, EMBEDDINGS)
     done = dags_test(world, NEXT_DAY, {"run_config": TINY_RUN})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lifecycle = IndexLifecycle(world)
@@ -111,6 +121,7 @@ def test_daily_dag_end_to_end_then_failed_gate_and_rerun_keep_serving(world: Set
     users = pd.read_parquet(features_dir(world) / USER_STATES / f"version={bundle.bundle_id}")["user_id"].tolist()
     assert len(users) > 20 and set(Retriever(world).stored_states(bundle, users[:20])) == set(users[:20])
     assert written_versions(world, USER_STATES) == [bundle.bundle_id]
+    assert written_versions(world, EMBEDDINGS) == [first.model_version]
 
     # A model that cannot pass the gate (one optimiser step, and no lexical channel, which is a fair
     # tf-idf matcher before any training): the branch keeps the previous pair.

@@ -321,8 +321,9 @@ def test_states_of_bundles_that_no_longer_serve_are_pruned_online_and_offline(se
     from feature_repo.warehouse import USER_STATES, USER_STATES_SCHEMA, features_dir, write_version, written_versions
     from serving.bundle import ModelBundle
     from serving.refresh import catalogue_with_encodings
+    from serving.retention import prune_user_states
     from serving.retriever import Retriever
-    from serving.user_states import prune_user_states, publish_user_states
+    from serving.user_states import publish_user_states
     from training.export import register_model
 
     production = ModelBundle.load(served, FIRST)
@@ -366,6 +367,64 @@ def test_states_of_bundles_that_no_longer_serve_are_pruned_online_and_offline(se
         index.drop(collection)
     assert prune_user_states(served) == [again.bundle_id]
     assert set(reader.stored_states(production, users)) == set(users)
+
+
+def test_a_refresh_uses_its_versions_own_encodings_and_retired_versions_are_pruned(served: Settings) -> None:
+    """Feast's join of ``product_tower_v1`` gives each product its newest ``product_embeddings`` row, whoever
+    wrote it. A refresh still gets its own version's encodings: its graph rows, and its encoder's vector of each
+    product's current text (a changed title is encoded anew, nothing else). Pruning removes a retired version's
+    rows and only them; with nothing live, nothing."""
+    import numpy as np
+
+    from feature_repo.warehouse import EMBEDDINGS, written_versions
+    from serving.bundle import ModelBundle
+    from serving.refresh import with_version_encodings
+    from serving.retention import prune_product_embeddings
+    from training.batching import product_text
+    from training.dataset import product_features
+    from training.stages import publish_product_embeddings
+
+    def by_product(frame: pd.DataFrame) -> pd.DataFrame:
+        return frame.sort_values("product_id").reset_index(drop=True)
+
+    def assert_same_encodings(a: pd.DataFrame, b: pd.DataFrame) -> None:
+        a, b = by_product(a), by_product(b)
+        assert a["product_id"].tolist() == b["product_id"].tolist()
+        np.testing.assert_array_equal(np.stack(a["text_embedding"]), np.stack(b["text_embedding"]))
+        assert [None if g is None else list(g) for g in a["graph_embedding"]] == \
+            [None if g is None else list(g) for g in b["graph_embedding"]]
+
+    production = ModelBundle.load(served, FIRST)
+    mine, _, new = with_version_encodings(served, production, product_features(served, dt.datetime.now(dt.UTC)))
+    assert new == 0 and sum(g is not None for g in mine["graph_embedding"]) > 100  # products with engagement
+
+    # Newer rows of another version (blank encodings) shadow production's for 7 products.
+    columns = ["product_id", "text_embedding", "graph_embedding"]
+    blank = mine[columns].head(7).assign(text_embedding=[np.zeros(len(mine["text_embedding"][0]))] * 7,
+                                         graph_embedding=None)
+    publish_product_embeddings(served, blank, "retired-version")
+    shadowed = product_features(served, dt.datetime.now(dt.UTC))
+    assert (shadowed["embedding_version"] == "retired-version").sum() == 7
+    again, changed, new = with_version_encodings(served, production, shadowed)
+    assert new == 0 and changed.sum() >= 7
+    assert_same_encodings(again, mine)
+
+    # A seller changes a title: that product alone is encoded again, from its new text.
+    edited = shadowed.copy()
+    edited.loc[edited.index[0], "title"] = "hand thrown stoneware mug, speckled glaze"
+    after_edit, _, new = with_version_encodings(served, production, edited)
+    assert new == 1
+    expected = production.encode_texts([product_text(edited.iloc[0].to_dict())])[0]
+    np.testing.assert_allclose(after_edit["text_embedding"].iloc[0], expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(after_edit["text_embedding"].iloc[0], again["text_embedding"].iloc[0])
+
+    kept = set(written_versions(served, EMBEDDINGS)) - {"retired-version"}
+    assert FIRST in kept
+    assert prune_product_embeddings(served, set()) == []  # nothing live: refuse
+    assert "retired-version" in written_versions(served, EMBEDDINGS)
+    assert prune_product_embeddings(served, kept) == ["retired-version"]
+    assert set(written_versions(served, EMBEDDINGS)) == kept
+    assert not (product_features(served, dt.datetime.now(dt.UTC))["embedding_version"] == "retired-version").any()
 
 
 def test_an_unreachable_feature_store_is_unavailable_for_a_signed_in_miss(served: Settings, tmp_path: Path) -> None:

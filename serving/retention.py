@@ -1,0 +1,87 @@
+"""What each model version leaves behind, and its removal once the version can no longer serve.
+
+Beside its Milvus collection (pruned by ``serving.index``), every promoted version writes two sources of
+its own: its product encodings (``product_embeddings``, keyed by model version: training's export and each
+refresh) and its bundle's user states (``user_query_state``, keyed by bundle, online and offline). Each is a
+full copy per version, so without pruning the offline store grows by a catalogue's encodings and a window's
+states every day, and every point-in-time read of ``product_tower_v1`` (each refresh) scans them all.
+
+A version is *live* while the API may serve it: it is production, or it still has a collection (the alias
+target, the ones a rollback returns to, a build in progress). After each alias swap the DAGs'
+``prune_retired_versions`` task deletes the rows of every version that is not. What is live is looked up
+once and shared by both sources; with nothing live (no production model, no collection) nothing is deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from feature_repo.store import get_store
+from feature_repo.warehouse import EMBEDDINGS, USER_STATES, delete_version, version_keys, written_versions
+from retrieval_core.settings import Settings
+from serving.bundle import ModelNotFound, bundle_id_of, registered_versions
+from serving.index import IndexLifecycle
+from serving.refresh import production_model_version
+from serving.user_states import delete_online_states
+
+log = logging.getLogger(__name__)
+
+
+def live_model_versions(settings: Settings) -> set[str]:
+    """The production version and every version with a collection in Milvus (raises if Milvus cannot be
+    listed: nothing may be deleted on a guess)."""
+    versions = {version.model_version for version in IndexLifecycle(settings).versions()}
+    with contextlib.suppress(ModelNotFound):  # no production model yet
+        versions.add(production_model_version(settings))
+    return versions
+
+
+def live_bundle_ids(settings: Settings, live_versions: set[str] | None = None) -> set[str]:
+    """The bundles whose states the API may still read: each live version's newest registration, the one
+    ``ModelBundle.load`` serves."""
+    versions = live_model_versions(settings) if live_versions is None else live_versions
+    registered = registered_versions(settings)
+    return {bundle_id_of(version, registered[version]) for version in versions if version in registered}
+
+
+def prune_user_states(settings: Settings, live_versions: set[str] | None = None) -> list[str]:
+    """Delete the states of every bundle that is not live from the online store and from the
+    ``user_query_state`` source; returns the bundles pruned. Online rows go first: the offline rows list
+    them, so a crash in between leaves them listed for the next run."""
+    live = live_bundle_ids(settings, live_versions)
+    if not live:  # nothing registered and published: refuse rather than empty the store
+        log.warning("no live model bundle (no production model, no collection): not pruning user states")
+        return []
+    store = get_store(settings)
+    pruned = [bundle for bundle in written_versions(settings, USER_STATES) if bundle not in live]
+    for bundle in pruned:
+        delete_online_states(store, bundle, version_keys(settings, USER_STATES, bundle, "user_id"))
+        delete_version(settings, USER_STATES, bundle)
+    if pruned:
+        log.info("pruned the user states of %s (kept %s)", ", ".join(pruned), ", ".join(sorted(live)))
+    return pruned
+
+
+def prune_product_embeddings(settings: Settings, live_versions: set[str] | None = None) -> list[str]:
+    """Delete the ``product_embeddings`` rows of every model version that is not live; returns the versions
+    pruned. Only the serving version's rows are ever used as they are (a refresh re-encodes the rest), so a
+    retired version's rows are dead weight. The view is not materialised online: offline rows only."""
+    live = live_model_versions(settings) if live_versions is None else live_versions
+    if not live:
+        log.warning("no live model version (no production model, no collection): not pruning product embeddings")
+        return []
+    pruned = [version for version in written_versions(settings, EMBEDDINGS) if version not in live]
+    for version in pruned:
+        delete_version(settings, EMBEDDINGS, version)
+    if pruned:
+        log.info("pruned the product embeddings of %s (kept %s)", ", ".join(pruned), ", ".join(sorted(live)))
+    return pruned
+
+
+def prune_retired_versions(settings: Settings) -> dict[str, list[str]]:
+    """Both sources' rows of the versions that can no longer serve; run after each alias swap, once the index
+    has pruned its collections."""
+    live = live_model_versions(settings)
+    return {"user_states": prune_user_states(settings, live),
+            "product_embeddings": prune_product_embeddings(settings, live)}
