@@ -8,7 +8,9 @@
 * a user-state cache miss: the ``query_tower_v1`` lookup in the Feast online store, then the tower's
   user state (``ModelBundle.user_states``), for 1 and 8 users; and the same miss with the states
   precomputed (``uer user-states``, timed here too): the ``query_tower_state_v1`` lookup and unpacking;
-* pruning one bundle's states (``uer prune-user-states``) from the online store and the offline source.
+* pruning one bundle's states from the online store and the offline source (``uer prune-retired``);
+* a week of retired versions' product embeddings: what they add to a refresh's read of the catalogue
+  (``product_tower_v1``, Feast's point-in-time join) and to the disk, and pruning them.
 
 CPU is this process's (all its threads: a spinning BLAS thread counts) per call. Needs ``make demo``.
 Writes benchmarks/results/api_costs.json.
@@ -17,6 +19,7 @@ Writes benchmarks/results/api_costs.json.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import subprocess
 import sys
@@ -61,14 +64,16 @@ def main() -> None:
     from threadpoolctl import threadpool_limits
 
     from feature_repo.store import get_store
-    from feature_repo.warehouse import USER_STATES, features_dir, write_version
+    from feature_repo.warehouse import EMBEDDINGS, USER_STATES, features_dir, write_version
     from serving.bundle import ModelBundle
     from serving.refresh import production_model_version
+    from serving.retention import prune_product_embeddings, prune_user_states
     from serving.retriever import Retriever
     from serving.service import limit_compute_threads
-    from serving.user_states import prune_user_states, publish_user_states
+    from serving.user_states import publish_user_states
     from training.batching import query_batch
     from training.boosting import project_queries
+    from training.dataset import product_features
 
     settings = get_settings()
     cores = os.cpu_count() or 1
@@ -137,13 +142,43 @@ def main() -> None:
     assert pruned == [retired], pruned
     print(prune, flush=True)
 
+    # Seven retired versions' product embeddings (production's rows copied, a day older each, so production's
+    # still win the join) as a week of retraining without pruning would leave them.
+    source = features_dir(settings) / EMBEDDINGS
+    own = pq.read_table(source / f"version={bundle.model_version}").to_pandas()
+
+    def catalogue_read() -> float:  # the read every refresh starts with
+        mark = time.perf_counter()
+        product_features(settings, dt.datetime.now(dt.UTC))
+        return round(time.perf_counter() - mark, 3)
+
+    def source_mb() -> float:
+        return round(sum(f.stat().st_size for f in source.glob("*/*.parquet")) / 2**20, 1)
+
+    embeddings = {"products": len(own), "read_seconds_one_version": min(
+        catalogue_read() for _ in range(3)), "source_mb_one_version": source_mb()}
+    for day in range(1, 8):
+        version = f"{bundle.model_version}-retired-{day}"
+        write_version(settings, EMBEDDINGS, pa.Table.from_pandas(own.assign(
+            embedding_version=version, event_timestamp=own["event_timestamp"] - pd.Timedelta(days=day)),
+            preserve_index=False), version)
+    embeddings |= {"retired_versions": 7, "read_seconds_eight_versions": min(catalogue_read() for _ in range(3)),
+                   "source_mb_eight_versions": source_mb()}
+    mark = time.perf_counter()
+    pruned = prune_product_embeddings(settings)
+    embeddings |= {"prune_seconds": round(time.perf_counter() - mark, 3),
+                   "read_seconds_after_prune": min(catalogue_read() for _ in range(3)),
+                   "source_mb_after_prune": source_mb()}
+    assert len(pruned) == 7, pruned
+    print(embeddings, flush=True)
+
     write_result(args.result, {
         "model_version": bundle.model_version, "online_store": settings.online_store,
         "torch_threads": torch.get_num_threads(), "query_projection": projection_rows,
         "query_tower": query_tower, "user_state_miss": miss,
         "user_states_publish": {"users": published.users, "with_history": published.personalized,
                                 "seconds": published.seconds},
-        "user_states_prune": prune,
+        "user_states_prune": prune, "product_embeddings_retention": embeddings,
         "note": "Milliseconds per call in this process (cpu_ms counts every thread of it). query_projection: "
                 "project_queries of `rows` float32 queries with a 768x256 float64 projection, numpy's BLAS "
                 "limited to `blas_threads` (threadpoolctl), with and without one spinning process per core. "
@@ -153,8 +188,12 @@ def main() -> None:
                 "online store (Retriever.histories) and computes the users' state (ModelBundle.user_states); "
                 "with precomputed states it reads query_tower_state_v1 and unpacks them instead "
                 "(Retriever.stored_states). user_states_publish: `uer user-states` for every materialised user. "
-                "user_states_prune: `uer prune-user-states` removing one bundle that serves nowhere (a copy of "
-                "those states under another bundle id), online and offline, its live-bundle lookup included.",
+                "user_states_prune: serving.retention.prune_user_states (part of `uer prune-retired`) removing one "
+                "bundle that serves nowhere (a copy of those states under another bundle id), online and offline, "
+                "its live-bundle lookup included. product_embeddings_retention: training.dataset.product_features "
+                "(the catalogue's product_tower_v1 as every refresh reads it; best of 3) with production's "
+                "embeddings alone, with 7 retired versions' copies beside them (a day older each), and after "
+                "serving.retention.prune_product_embeddings removed them; source_mb: the source's parquet files.",
     }, command=command)
 
 

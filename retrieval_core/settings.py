@@ -121,8 +121,8 @@ class ServingSettings(BaseModel):
     torch_threads: int = Field(1, ge=1)
     # numpy's BLAS (OpenBLAS) threads in the API process: the query projection and boosting columns are
     # matrix products of a few rows. OpenBLAS splits even those over every core and its threads spin while
-    # they wait for one another: with every core busy, a 16-row float64 projection cost 0.70 ms of CPU on two
-    # threads against 0.18 on one (benchmarks/results/api_costs.json), and at 1M products, 200 requests/s, the
+    # they wait for one another: with every core busy, a 16-row float64 projection cost 0.50 ms of CPU on two
+    # threads against 0.17 on one (benchmarks/results/api_costs.json), and at 1M products, 200 requests/s, the
     # API used 1.06 cores with two against 0.64 with one (serving_blas_threads_2.json vs serving.json at 407eb7b,
     # one AMD EPYC VM).
     blas_threads: int = Field(1, ge=1)
