@@ -1,4 +1,4 @@
-"""The daily DAG: land → features (dbt → GX gate → Feast) → the production model's user states, and
+"""The daily DAG: land → features (dbt → GX gate → Feast) → the serving model's user states, and
 training pipeline (KFP) → gate branch → the new model's user states + index publish (check + alias swap) →
 smoke query; then what versions that no longer serve left behind (user states, product embeddings) is
 pruned. Every task is idempotent for its logical date."""
@@ -35,7 +35,7 @@ def uer_daily_retraining() -> None:
 
     @task
     def refresh_user_states(features: dict) -> dict:
-        """The production model's user states from the day's features (the API reads them on a cache miss)."""
+        """The serving model's user states from the day's features (the API reads them on a cache miss)."""
         from retrieval_core.settings import get_settings
         from serving.bundle import ModelNotFound
         from serving.user_states import publish_user_states

@@ -1,4 +1,4 @@
-"""The nightly refresh: re-embed new and changed products with the production model (no retraining),
+"""The nightly refresh: re-embed new and changed products with the serving model (no retraining),
 check the new collection and swap the alias; then a smoke query, and the user states and product embeddings
 of versions that no longer serve pruned."""
 

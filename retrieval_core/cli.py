@@ -254,7 +254,7 @@ app.add_typer(index, name="index")
 
 @index.command("publish")
 def index_publish(
-    model_version: Annotated[str | None, typer.Option(help="model version (default: production)")] = None,
+    model_version: Annotated[str | None, typer.Option(help="model version (default: the one serving)")] = None,
 ) -> None:
     """Embed the catalogue with a model version, check the new collection, swap the alias (nightly refresh)."""
     from serving.refresh import refresh_index
@@ -288,7 +288,7 @@ def index_rollback() -> None:
 
 @app.command("user-states")
 def user_states_command(
-    model_version: Annotated[str | None, typer.Option(help="model version (default: production)")] = None,
+    model_version: Annotated[str | None, typer.Option(help="model version (default: the one serving)")] = None,
 ) -> None:
     """Precompute every materialised user's query-tower state with a model version, into the online store
     (what the API reads first on a cache miss); run after each materialisation and before each alias swap."""

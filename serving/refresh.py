@@ -20,7 +20,7 @@ import pandas as pd
 
 from feature_repo.warehouse import EMBEDDINGS, version_rows
 from retrieval_core.settings import Settings
-from serving.bundle import ModelBundle, ModelNotFound
+from serving.bundle import ModelBundle, ModelNotFound, registered_versions
 from serving.index import IndexLifecycle, IndexVersion
 from training.batching import product_text
 from training.dataset import product_features
@@ -48,6 +48,16 @@ def production_model_version(settings: Settings) -> str:
     return json.loads(pointer.read_text())["version"]
 
 
+def serving_model_version(settings: Settings) -> str:
+    """The version the nightly work (refresh, user states) keeps up to date: the model of the collection the
+    alias points to — so an ``uer index rollback`` stays rolled back until a promotion publishes a new version —
+    or production's when nothing serves yet or the served model is not registered (an index the API refuses)."""
+    served = IndexLifecycle(settings).serving()
+    if served is not None and served.model_version in registered_versions(settings):
+        return served.model_version
+    return production_model_version(settings)
+
+
 def encoding_cache(settings: Settings, model_version: str) -> EmbeddingCache:
     """The version's text encodings by content hash (the same file training's text step fills)."""
     return EmbeddingCache(settings.artifacts_dir / "encoder_cache" / f"minilm-{model_version}.parquet", model_version)
@@ -71,7 +81,7 @@ def with_version_encodings(settings: Settings, bundle: ModelBundle,
     if bundle.model.config.text_dim:
         texts = [product_text(row) for row in products.to_dict("records")]
         vectors, new = encoding_cache(settings, bundle.model_version).encode(texts, bundle.encode_texts)
-        changed |= np.array([read is None or not np.array_equal(np.asarray(read, np.float32), vector)
+        changed |= np.array([not isinstance(read, list | np.ndarray) or not np.array_equal(read, vector)
                              for read, vector in zip(products["text_embedding"], vectors, strict=True)], dtype=bool)
         products["text_embedding"] = list(vectors)
     products["embedding_version"] = bundle.model_version
@@ -91,10 +101,11 @@ def catalogue_with_encodings(settings: Settings, bundle: ModelBundle, as_of: dt.
 
 def refresh_index(settings: Settings, model_version: str | None = None,
                   as_of: dt.datetime | None = None) -> RefreshReport:
-    """Embed the catalogue with ``model_version`` (default: production) and publish a new collection."""
+    """Embed the catalogue with ``model_version`` (default: the one serving, ``serving_model_version``) and
+    publish a new collection."""
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    version = model_version or production_model_version(settings)
+    version = model_version or serving_model_version(settings)
     bundle = ModelBundle.load(settings, version)
     products, new = catalogue_with_encodings(settings, bundle, as_of or dt.datetime.now(dt.UTC))
     seconds["features_and_text"] = round(time.perf_counter() - start, 3)

@@ -4,7 +4,7 @@ Feast online store (feature service ``query_tower_state_v1``, keyed by user and 
 A state depends only on the user's daily ``query_tower_v1`` features and the model, so it is computed once
 per day and bundle instead of on each of the API's cache misses: a miss is then one online-store read
 instead of the read, the featuriser and the history encoders (``user_state_miss`` in
-benchmarks/results/api_costs.json). The daily DAG writes the production bundle's states after each
+benchmarks/results/api_costs.json). The daily DAG writes the serving bundle's states after each
 materialisation and a newly promoted bundle's before its alias swap; after each swap the states of bundles
 that no longer serve are pruned (``serving.retention``), so the online store holds a few bundles, not one
 per day ever trained.
@@ -36,7 +36,7 @@ from feature_repo.warehouse import (
 )
 from retrieval_core.settings import Settings
 from serving.bundle import ModelBundle
-from serving.refresh import production_model_version
+from serving.refresh import serving_model_version
 from serving.retriever import Retriever, has_history
 
 if TYPE_CHECKING:
@@ -71,10 +71,10 @@ def materialised_user_ids(settings: Settings, store: FeatureStore, chunk_users: 
 
 def publish_user_states(settings: Settings, model_version: str | None = None,
                         chunk_users: int = 256) -> UserStatesReport:
-    """Compute every materialised user's state with ``model_version`` (default: production) and write them
+    """Compute every materialised user's state with ``model_version`` (default: the one serving) and write them
     to the online store and to the ``user_query_state`` source (replacing that bundle's earlier rows)."""
     start = time.perf_counter()
-    bundle = ModelBundle.load(settings, model_version or production_model_version(settings))
+    bundle = ModelBundle.load(settings, model_version or serving_model_version(settings))
     store = get_store(settings)
     try:
         store.get_feature_view(USER_STATES)
