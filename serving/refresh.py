@@ -79,7 +79,7 @@ def with_version_encodings(settings: Settings, bundle: ModelBundle,
     products["graph_embedding"] = [graph.get(product_id) for product_id in products["product_id"]]
     new = 0
     if bundle.model.config.text_dim:
-        texts = [product_text(row) for row in products.to_dict("records")]
+        texts = [product_text(row) for row in products[["title", "tags"]].to_dict("records")]  # what it reads
         vectors, new = encoding_cache(settings, bundle.model_version).encode(texts, bundle.encode_texts)
         changed |= np.array([not isinstance(read, list | np.ndarray) or not np.array_equal(read, vector)
                              for read, vector in zip(products["text_embedding"], vectors, strict=True)], dtype=bool)
@@ -92,8 +92,8 @@ def catalogue_with_encodings(settings: Settings, bundle: ModelBundle, as_of: dt.
     """The catalogue as of ``as_of`` with the version's encodings (``with_version_encodings``); where they
     differ from what Feast read, the version's rows are written back to Feast. Returns the rows and how many
     texts were newly encoded."""
-    products, stale, new = with_version_encodings(settings, bundle, product_features(settings, as_of))
-    if stale.any():
+    products, changed, new = with_version_encodings(settings, bundle, product_features(settings, as_of))
+    if changed.any():
         publish_product_embeddings(settings, products[["product_id", "text_embedding", "graph_embedding"]],
                                    bundle.model_version)
     return products, new
