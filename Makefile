@@ -41,9 +41,9 @@ api-start: setup  ## start the retrieval API in the background on 127.0.0.1:3000
 	@for i in $$(seq 1 120); do curl -sf $(API_URL)/readyz >/dev/null && echo "API ready on $(API_URL)" && exit 0; \
 		sleep 1; done; echo "API not ready after 120 s: see data/api.log"; tail -20 data/api.log; exit 1
 
-api-stop:  ## stop the retrieval API and the embedded Milvus Lite server
+api-stop:  ## stop the retrieval API and this checkout's embedded Milvus Lite server
 	@if [ -f data/api.pid ]; then kill -- -$$(cat data/api.pid) 2>/dev/null || true; rm -f data/api.pid; fi
-	@pkill -f "[m]ilvus-lite server --host 127.0.0.1" 2>/dev/null || true
+	@pkill -f "[m]ilvus-lite server --host 127.0.0.1 --port [0-9]* --data-dir $(CURDIR)/data/milvus$$" 2>/dev/null || true
 	@echo "stopped"
 
 airflow-ui: setup  ## Airflow UI on http://127.0.0.1:8080 (airflow standalone; Ctrl-C stops it)

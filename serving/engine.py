@@ -2,7 +2,8 @@
 
 In the local profile Milvus Lite runs as a gRPC server bound to 127.0.0.1 (its own default host is
 0.0.0.0: we always pass the host), so the retrieval API and the refresh job can share one data
-directory; ``ensure_server`` starts it when nothing answers on the configured port.
+directory; ``ensure_server`` starts it when nothing answers on the configured port, and refuses one that
+serves another data directory.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from retrieval_core.settings import Settings
 
 class EngineUnavailable(RuntimeError):
     """Milvus cannot be reached: the caller answers 503 and retries later."""
+
+
+_LOOPBACK = ("127.0.0.1", "localhost")
 
 
 def _host_port(uri: str) -> tuple[str, int] | None:
@@ -38,17 +42,46 @@ def server_data_dir(settings: Settings) -> Path:
     return settings.data_dir / "milvus"
 
 
+def _served_data_dir(port: int) -> Path | None:
+    """The data directory of the Milvus Lite server listening on ``port``; None when the listener is not one
+    (another Milvus the settings point at) or cannot be seen."""
+    import psutil
+
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status != psutil.CONN_LISTEN or conn.laddr.port != port or not conn.pid:
+            continue
+        try:
+            command = psutil.Process(conn.pid).cmdline()
+        except psutil.Error:
+            return None
+        if "--data-dir" in command and any(part.endswith("milvus-lite") for part in command):
+            return Path(command[command.index("--data-dir") + 1]).resolve()
+        return None
+    return None
+
+
 def ensure_server(settings: Settings, wait_s: float = 30.0) -> subprocess.Popen | None:
     """Start the embedded Milvus Lite server if the settings ask for one and it is down.
 
-    Returns the process when this call started it (the caller may stop it), else None."""
+    A Milvus Lite server already on the port is used only if it serves this settings' data directory: the
+    server outlives the command that started it, and another checkout's would silently take this one's
+    collections (raises :class:`EngineUnavailable` saying whose it is). Returns the process when this call
+    started it (the caller may stop it), else None."""
     address = _host_port(settings.milvus.uri)
-    if not settings.milvus.embedded_server or address is None or _listening(*address):
+    if not settings.milvus.embedded_server or address is None:
         return None
     host, port = address
-    if host not in ("127.0.0.1", "localhost"):
-        raise ValueError(f"the embedded Milvus server only binds loopback; milvus.uri host is {host!r}")
     data_dir = server_data_dir(settings)
+    if _listening(*address):
+        served = _served_data_dir(port) if host in _LOOPBACK else None
+        if served is not None and served != data_dir.resolve():
+            raise EngineUnavailable(
+                f"{settings.milvus.uri} is a Milvus Lite server of another data directory ({served}), not this "
+                f"one's ({data_dir}): stop it (`make api-stop` in its checkout) or give this one a free port "
+                f"(UER_MILVUS__URI=http://127.0.0.1:<port>)")
+        return None
+    if host not in _LOOPBACK:
+        raise ValueError(f"the embedded Milvus server only binds loopback; milvus.uri host is {host!r}")
     data_dir.mkdir(parents=True, exist_ok=True)
     log = (data_dir / "server.log").open("ab")
     process = subprocess.Popen(

@@ -230,6 +230,22 @@ def test_swap_rollback_prune_and_never_drop_the_aliased(served: Settings) -> Non
     assert first.collection not in names
 
 
+def test_a_milvus_lite_server_of_another_data_directory_is_refused(served: Settings, tmp_path: Path) -> None:
+    """The embedded server outlives the command that started it: another checkout configured for the same port
+    must be told whose server it is, not quietly publish into (and serve from) this one's data directory."""
+    from serving.engine import EngineUnavailable, connect, ensure_server
+
+    assert ensure_server(served) is None  # its own server, already up: used as it is
+    other = served.model_copy(update={"data_dir": tmp_path / "other-checkout"})
+    whose = re.escape(str(served.data_dir / "milvus"))
+    with pytest.raises(EngineUnavailable, match=f"another data directory \\({whose}\\)"):
+        ensure_server(other)
+    with pytest.raises(EngineUnavailable, match=whose):
+        connect(other)
+    assert not (tmp_path / "other-checkout").exists()  # nothing started or written for it
+    assert lifecycle(served).serving() is not None  # and the first one's server still serves
+
+
 def test_the_nightly_work_follows_what_serves_so_a_rollback_stays_rolled_back(served: Settings) -> None:
     """The nightly refresh and the user states maintain the model the alias serves, not the gate's production
     pointer: after ``rollback`` the next refresh re-publishes the rolled-back-to model (it used to publish
