@@ -279,11 +279,13 @@ def index_status() -> None:
 
 @index.command("rollback")
 def index_rollback() -> None:
-    """Point the alias back at the previous ready collection."""
-    from serving.index import IndexLifecycle
+    """Point the alias back at the previous ready collection, and production at its model (what the next
+    training run is gated against)."""
+    from serving.refresh import roll_back
 
-    target = IndexLifecycle(get_settings()).rollback()
-    console.print(f"alias {get_settings().milvus.alias} → {target.collection} (model {target.model_version})")
+    target, production = roll_back(get_settings())
+    console.print(f"alias {get_settings().milvus.alias} → {target.collection} (model {target.model_version}); "
+                  f"{production}")
 
 
 @app.command("user-states")

@@ -24,7 +24,7 @@ from serving.bundle import ModelBundle, ModelNotFound, registered_versions
 from serving.index import IndexLifecycle, IndexVersion
 from training.batching import product_text
 from training.dataset import product_features
-from training.gate import production_pointer
+from training.gate import production_pointer, promote
 from training.stages import publish_product_embeddings
 from training.text_encoder import EmbeddingCache
 
@@ -56,6 +56,30 @@ def serving_model_version(settings: Settings) -> str:
     if served is not None and served.model_version in registered_versions(settings):
         return served.model_version
     return production_model_version(settings)
+
+
+def roll_back(settings: Settings) -> tuple[IndexVersion, str]:
+    """Point the alias at the previous ready collection (``IndexLifecycle.rollback``) and production at its
+    model, so the next training run is gated against the model that serves, not the one just taken out of
+    service (and ``production_retriever`` evaluates the serving one). Production stays where it is when the
+    model is the same or has no registered bundle and metrics. Returns the collection now serving and what
+    became of production, in words."""
+    index = IndexLifecycle(settings)
+    current = index.serving()
+    target = index.rollback()
+    models_dir = settings.artifacts_dir / "models"
+    pointer = production_pointer(models_dir)
+    production = json.loads(pointer.read_text())["version"] if pointer.exists() else None
+    if target.model_version == production:
+        return target, f"production stays {production}"
+    metrics = models_dir / target.model_version / "metrics.json"
+    if target.model_version not in registered_versions(settings) or not metrics.exists():
+        return target, (f"production stays {production}: {target.model_version} has no registered bundle or no "
+                        f"{metrics}; the next training run is still gated against {production}")
+    promote(models_dir, target.model_version, metrics,
+            {"rolled_back_from": current.model_version if current else "", "at": dt.datetime.now(dt.UTC).isoformat()})
+    log.warning("rollback: production %s → %s", production, target.model_version)
+    return target, f"production {production} → {target.model_version}: the next training run is gated against it"
 
 
 def encoding_cache(settings: Settings, model_version: str) -> EmbeddingCache:

@@ -280,6 +280,54 @@ def test_the_nightly_work_follows_what_serves_so_a_rollback_stays_rolled_back(se
     assert index.serving().model_version == FIRST
 
 
+def test_a_rollback_makes_the_served_model_production_so_the_next_gate_compares_with_it(served: Settings) -> None:
+    """``uer index rollback`` used to move only the alias: the gate's production pointer kept naming the model
+    taken out of service, so the next training run was gated against (and evaluated beside) that one. Now
+    production follows the rollback when the rolled-back-to model is registered with its metrics, and stays
+    (saying why) when it is not."""
+    import json
+
+    from serving.bundle import ModelBundle
+    from serving.refresh import catalogue_with_encodings, refresh_index, roll_back
+    from training.export import register_model
+    from training.gate import production_metrics, production_pointer, promote
+
+    models = served.artifacts_dir / "models"
+    pointer = production_pointer(models)
+    saved = pointer.read_text()
+    run, later = models / FIRST, models / "serve-later"
+    register_model(served, "serve-later", run, run / "text_encoder")
+    later.mkdir(exist_ok=True)
+    later_metrics = json.loads((run / "metrics.json").read_text()) | {"run": "serve-later"}
+    (later / "metrics.json").write_text(json.dumps(later_metrics))
+    try:
+        refresh_index(served, FIRST)
+        refresh_index(served, "serve-later")
+        promote(models, "serve-later", later / "metrics.json")  # as the gate does
+        assert production_metrics(models) == later_metrics
+
+        target, said = roll_back(served)
+        assert target.model_version == lifecycle(served).serving().model_version == FIRST
+        assert json.loads(pointer.read_text())["version"] == FIRST
+        assert json.loads(pointer.read_text())["rolled_back_from"] == "serve-later"
+        assert production_metrics(models) == json.loads((run / "metrics.json").read_text())
+        assert "serve-later → " + FIRST in said
+
+        bundle = ModelBundle.load(served, FIRST)  # back to an index whose model has no bundle: production stays
+        products, _ = catalogue_with_encodings(served, bundle, dt.datetime.now(dt.UTC))
+        lifecycle(served).publish("never-exported", products, bundle.product_vectors(products))
+        refresh_index(served, "serve-later")
+        promote(models, "serve-later", later / "metrics.json")
+        target, said = roll_back(served)
+        assert target.model_version == "never-exported"
+        assert json.loads(pointer.read_text())["version"] == "serve-later"
+        assert said.startswith("production stays serve-later: never-exported has no registered bundle")
+    finally:
+        pointer.write_text(saved)
+        refresh_index(served)  # the alias back on production's (FIRST's) model for the tests after this one
+    assert lifecycle(served).serving().model_version == FIRST
+
+
 # -- train/serve consistency ----------------------------------------------------------------------------
 
 

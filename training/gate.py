@@ -128,10 +128,11 @@ def production_metrics(models_dir: Path) -> dict | None:
     return json.loads(Path(json.loads(pointer.read_text())["metrics"]).read_text())
 
 
-def promote(models_dir: Path, version: str, metrics_path: Path) -> None:
-    """Point production at ``version`` (written atomically)."""
+def promote(models_dir: Path, version: str, metrics_path: Path, record: dict[str, str] | None = None) -> None:
+    """Point production at ``version`` (written atomically); ``record`` says why when it is not the gate
+    (e.g. a rollback)."""
     pointer = production_pointer(models_dir)
     pointer.parent.mkdir(parents=True, exist_ok=True)
     tmp = pointer.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"version": version, "metrics": str(metrics_path)}))
+    tmp.write_text(json.dumps({"version": version, "metrics": str(metrics_path), **(record or {})}))
     tmp.replace(pointer)
