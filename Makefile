@@ -9,7 +9,7 @@ WORLD ?= default
 
 .PHONY: setup demo test lint bench bench-simulate bench-setup bench-features bench-serve features feature-server \
 	api-start api-stop airflow-ui clean services help bench-demo bench-training milvus-start milvus-stop milvus-status bench-serve-1m \
-	bench-index-types bench-hnsw-scale bench-api-costs
+	bench-index-types bench-hnsw-scale bench-api-costs bench-encoding-cache
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -77,6 +77,9 @@ bench-features: setup services  ## feature pipeline seconds per day and online l
 
 bench-training: setup  ## training examples/s and seconds, default world and a 1M-product catalogue (after make demo)
 	$(VENV)/bin/python benchmarks/train_throughput.py
+
+bench-encoding-cache: setup  ## the text-encoding cache at 20k/200k/1M products: open, look up, one changed title, peak memory
+	$(VENV)/bin/python benchmarks/encoding_cache.py
 
 bench-api-costs: setup  ## the API's own steps in process: query projection on 1 vs 2 BLAS threads, query tower, user-state miss (after make demo)
 	$(VENV)/bin/python benchmarks/api_costs.py

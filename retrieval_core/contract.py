@@ -276,11 +276,11 @@ def land_day(day: dt.date, raw_dir: Path, landing_dir: Path, quarantine_dir: Pat
     return landed
 
 
-def write_atomic(table: pa.Table, dest: Path) -> None:
+def write_atomic(table: pa.Table, dest: Path, compression: str = "zstd", use_dictionary: bool = True) -> None:
     """Write parquet to a temporary sibling then rename, so readers never see half a file."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
+    pq.write_table(table, tmp, compression=compression, use_dictionary=use_dictionary)
     os.replace(tmp, dest)
 
 

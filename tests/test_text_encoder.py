@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -67,6 +69,30 @@ def test_cache_encodes_only_new_text(tmp_path, minilm) -> None:
     assert np.allclose(again[:4], first, atol=1e-6)
     _, new = EmbeddingCache(tmp_path / "cache.parquet", encoder_version="v2").encode(TITLES[:1], encode_fn)
     assert new == 1  # another encoder version never reuses old vectors
+
+
+def test_the_cache_opens_files_of_the_list_format_and_saves_every_row_exactly(tmp_path: Path) -> None:
+    """Caches written before the matrix layout (a list<float> column) open as they are; after a new text
+    the saved file holds every old row unchanged plus the new one, and a reopened cache returns them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    old = rng.standard_normal((3, 8), dtype=np.float32)
+    cache = EmbeddingCache(tmp_path / "cache.parquet", encoder_version="v1")
+    keys = [cache.key(t) for t in TITLES[:3]]
+    pq.write_table(pa.table({"key": keys, "vector": pa.array(old.tolist(), pa.list_(pa.float32()))}), cache.path)
+
+    def encode_fn(texts: list[str]) -> np.ndarray:
+        return np.full((len(texts), 8), 7.0)  # float64 on purpose: the cache stores float32
+
+    vectors, new = EmbeddingCache(cache.path, "v1").encode(TITLES[:4], encode_fn)
+    assert new == 1 and vectors.dtype == np.float32
+    assert np.array_equal(vectors[:3], old) and np.array_equal(vectors[3], np.full(8, 7.0, np.float32))
+    again, new = EmbeddingCache(cache.path, "v1").encode(TITLES[3::-1], encode_fn)
+    assert new == 0 and np.array_equal(again, vectors[::-1])
+    with pytest.raises(ValueError, match="8-d encodings"):
+        EmbeddingCache(cache.path, "v1").encode(TITLES[4:5], lambda texts: np.zeros((len(texts), 5)))
 
 
 def test_length_batches_cover_every_text_once_within_the_token_budget() -> None:
