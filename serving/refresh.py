@@ -24,7 +24,7 @@ from serving.bundle import ModelBundle, ModelNotFound, registered_versions
 from serving.index import IndexLifecycle, IndexVersion
 from training.batching import product_text
 from training.dataset import product_features
-from training.gate import production_pointer, promote
+from training.gate import kept_metrics, production_pointer, promote
 from training.stages import publish_product_embeddings
 from training.text_encoder import EmbeddingCache
 
@@ -62,8 +62,8 @@ def roll_back(settings: Settings) -> tuple[IndexVersion, str]:
     """Point the alias at the previous ready collection (``IndexLifecycle.rollback``) and production at its
     model, so the next training run is gated against the model that serves, not the one just taken out of
     service (and ``production_retriever`` evaluates the serving one). Production stays where it is when the
-    model is the same or has no registered bundle and metrics. Returns the collection now serving and what
-    became of production, in words."""
+    model is the same, has no registered bundle or was never promoted (no kept metrics). Returns the
+    collection now serving and what became of production, in words."""
     index = IndexLifecycle(settings)
     current = index.serving()
     target = index.rollback()
@@ -72,10 +72,10 @@ def roll_back(settings: Settings) -> tuple[IndexVersion, str]:
     production = json.loads(pointer.read_text())["version"] if pointer.exists() else None
     if target.model_version == production:
         return target, f"production stays {production}"
-    metrics = models_dir / target.model_version / "metrics.json"
+    metrics = kept_metrics(models_dir, target.model_version)
     if target.model_version not in registered_versions(settings) or not metrics.exists():
-        return target, (f"production stays {production}: {target.model_version} has no registered bundle or no "
-                        f"{metrics}; the next training run is still gated against {production}")
+        return target, (f"production stays {production}: {target.model_version} has no registered bundle or was "
+                        f"never promoted (no {metrics}); the next training run is still gated against {production}")
     promote(models_dir, target.model_version, metrics,
             {"rolled_back_from": current.model_version if current else "", "at": dt.datetime.now(dt.UTC).isoformat()})
     log.warning("rollback: production %s → %s", production, target.model_version)

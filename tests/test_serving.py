@@ -280,11 +280,13 @@ def test_the_nightly_work_follows_what_serves_so_a_rollback_stays_rolled_back(se
     assert index.serving().model_version == FIRST
 
 
-def test_a_rollback_makes_the_served_model_production_so_the_next_gate_compares_with_it(served: Settings) -> None:
+def test_a_rollback_makes_the_served_model_production_so_the_next_gate_compares_with_it(served: Settings,
+                                                                                      tmp_path: Path) -> None:
     """``uer index rollback`` used to move only the alias: the gate's production pointer kept naming the model
     taken out of service, so the next training run was gated against (and evaluated beside) that one. Now
-    production follows the rollback when the rolled-back-to model is registered with its metrics, and stays
-    (saying why) when it is not."""
+    production follows the rollback to a model that was promoted before (its metrics kept beside the version,
+    wherever the run left them: a KFP run's are under its pipeline root), and stays, saying why, for a model
+    without a bundle or never promoted."""
     import json
 
     from serving.bundle import ModelBundle
@@ -295,36 +297,47 @@ def test_a_rollback_makes_the_served_model_production_so_the_next_gate_compares_
     models = served.artifacts_dir / "models"
     pointer = production_pointer(models)
     saved = pointer.read_text()
-    run, later = models / FIRST, models / "serve-later"
-    register_model(served, "serve-later", run, run / "text_encoder")
-    later.mkdir(exist_ok=True)
+    run = models / FIRST
+    for version in ("serve-later", "serve-untried"):
+        register_model(served, version, run, run / "text_encoder")
     later_metrics = json.loads((run / "metrics.json").read_text()) | {"run": "serve-later"}
-    (later / "metrics.json").write_text(json.dumps(later_metrics))
+    kfp_metrics = tmp_path / "evaluate-op" / "metrics"  # as a KFP run leaves them
+    kfp_metrics.parent.mkdir()
+    kfp_metrics.write_text(json.dumps(later_metrics))
     try:
-        refresh_index(served, FIRST)
         refresh_index(served, "serve-later")
-        promote(models, "serve-later", later / "metrics.json")  # as the gate does
-        assert production_metrics(models) == later_metrics
+        promote(models, "serve-later", kfp_metrics)  # as the gate does
+        kfp_metrics.unlink()  # the pipeline root may be cleaned up: production keeps its own copy
+        refresh_index(served, FIRST)
+        promote(models, FIRST, run / "metrics.json")
 
         target, said = roll_back(served)
-        assert target.model_version == lifecycle(served).serving().model_version == FIRST
-        assert json.loads(pointer.read_text())["version"] == FIRST
-        assert json.loads(pointer.read_text())["rolled_back_from"] == "serve-later"
-        assert production_metrics(models) == json.loads((run / "metrics.json").read_text())
-        assert "serve-later → " + FIRST in said
+        assert target.model_version == lifecycle(served).serving().model_version == "serve-later"
+        assert json.loads(pointer.read_text())["version"] == "serve-later"
+        assert json.loads(pointer.read_text())["rolled_back_from"] == FIRST
+        assert production_metrics(models) == later_metrics
+        assert f"production {FIRST} → serve-later" in said
 
-        bundle = ModelBundle.load(served, FIRST)  # back to an index whose model has no bundle: production stays
+        bundle = ModelBundle.load(served, FIRST)
         products, _ = catalogue_with_encodings(served, bundle, dt.datetime.now(dt.UTC))
         lifecycle(served).publish("never-exported", products, bundle.product_vectors(products))
-        refresh_index(served, "serve-later")
-        promote(models, "serve-later", later / "metrics.json")
-        target, said = roll_back(served)
+        promote(models, "never-exported", run / "metrics.json")  # its metrics kept, but no bundle to serve
+        refresh_index(served, FIRST)
+        promote(models, FIRST, run / "metrics.json")
+        target, said = roll_back(served)  # onto an index whose model has no bundle: production stays
         assert target.model_version == "never-exported"
-        assert json.loads(pointer.read_text())["version"] == "serve-later"
-        assert said.startswith("production stays serve-later: never-exported has no registered bundle")
+        assert json.loads(pointer.read_text())["version"] == FIRST
+        assert said.startswith(f"production stays {FIRST}: never-exported has no registered bundle")
+
+        refresh_index(served, "serve-untried")  # published by hand, never through the gate
+        refresh_index(served, FIRST)
+        target, said = roll_back(served)
+        assert target.model_version == "serve-untried"
+        assert json.loads(pointer.read_text())["version"] == FIRST
+        assert "serve-untried has no registered bundle or was never promoted" in said
     finally:
         pointer.write_text(saved)
-        refresh_index(served)  # the alias back on production's (FIRST's) model for the tests after this one
+        refresh_index(served, FIRST)  # the alias back on production's model for the tests after this one
     assert lifecycle(served).serving().model_version == FIRST
 
 

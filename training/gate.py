@@ -8,6 +8,7 @@ The decision and every reason are written as an artefact (``decision.json``); th
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -128,11 +129,23 @@ def production_metrics(models_dir: Path) -> dict | None:
     return json.loads(Path(json.loads(pointer.read_text())["metrics"]).read_text())
 
 
+def kept_metrics(models_dir: Path, version: str) -> Path:
+    """Where a promoted version's metrics are kept, whatever run directory they came from: a rollback finds
+    them here to make that version production again."""
+    return models_dir / version / "metrics.json"
+
+
 def promote(models_dir: Path, version: str, metrics_path: Path, record: dict[str, str] | None = None) -> None:
-    """Point production at ``version`` (written atomically); ``record`` says why when it is not the gate
-    (e.g. a rollback)."""
+    """Point production at ``version`` (written atomically), its metrics copied to ``kept_metrics`` first (a
+    KFP run leaves them under its pipeline root); ``record`` says why when it is not the gate (a rollback)."""
+    kept = kept_metrics(models_dir, version)
+    if metrics_path.resolve() != kept.resolve():
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        tmp = kept.with_suffix(".tmp")
+        shutil.copyfile(metrics_path, tmp)
+        tmp.replace(kept)
     pointer = production_pointer(models_dir)
     pointer.parent.mkdir(parents=True, exist_ok=True)
     tmp = pointer.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"version": version, "metrics": str(metrics_path), **(record or {})}))
+    tmp.write_text(json.dumps({"version": version, "metrics": str(kept), **(record or {})}))
     tmp.replace(pointer)
