@@ -10,7 +10,6 @@ the alias moves (see ``serving.index``), so a failed refresh leaves yesterday's 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from serving.bundle import ModelBundle, ModelNotFound, registered_versions
 from serving.index import IndexLifecycle, IndexVersion
 from training.batching import product_text
 from training.dataset import product_features
-from training.gate import kept_metrics, production_pointer, promote
+from training.gate import kept_metrics, production_pointer, production_version, promote
 from training.stages import publish_product_embeddings
 from training.text_encoder import EmbeddingCache
 
@@ -42,10 +41,11 @@ class RefreshReport:
 
 
 def production_model_version(settings: Settings) -> str:
-    pointer = production_pointer(settings.artifacts_dir / "models")
-    if not pointer.exists():
-        raise ModelNotFound(f"no production model yet ({pointer} is missing): run `uer train` first")
-    return json.loads(pointer.read_text())["version"]
+    models_dir = settings.artifacts_dir / "models"
+    if (version := production_version(models_dir)) is None:
+        raise ModelNotFound(f"no production model yet ({production_pointer(models_dir)} is missing): "
+                            "run `uer train` first")
+    return version
 
 
 def serving_model_version(settings: Settings) -> str:
@@ -68,8 +68,7 @@ def roll_back(settings: Settings) -> tuple[IndexVersion, str]:
     current = index.serving()
     target = index.rollback()
     models_dir = settings.artifacts_dir / "models"
-    pointer = production_pointer(models_dir)
-    production = json.loads(pointer.read_text())["version"] if pointer.exists() else None
+    production = production_version(models_dir)
     if target.model_version == production:
         return target, f"production stays {production}"
     metrics = kept_metrics(models_dir, target.model_version)

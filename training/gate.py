@@ -8,7 +8,6 @@ The decision and every reason are written as an artefact (``decision.json``); th
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -121,6 +120,12 @@ def production_pointer(models_dir: Path) -> Path:
     return models_dir / "production.json"
 
 
+def production_version(models_dir: Path) -> str | None:
+    """The version in production, if any."""
+    pointer = production_pointer(models_dir)
+    return json.loads(pointer.read_text())["version"] if pointer.exists() else None
+
+
 def production_metrics(models_dir: Path) -> dict | None:
     """Metrics of the model currently in production, if any."""
     pointer = production_pointer(models_dir)
@@ -135,17 +140,18 @@ def kept_metrics(models_dir: Path, version: str) -> Path:
     return models_dir / version / "metrics.json"
 
 
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
 def promote(models_dir: Path, version: str, metrics_path: Path, record: dict[str, str] | None = None) -> None:
     """Point production at ``version`` (written atomically), its metrics copied to ``kept_metrics`` first (a
     KFP run leaves them under its pipeline root); ``record`` says why when it is not the gate (a rollback)."""
     kept = kept_metrics(models_dir, version)
     if metrics_path.resolve() != kept.resolve():
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        tmp = kept.with_suffix(".tmp")
-        shutil.copyfile(metrics_path, tmp)
-        tmp.replace(kept)
-    pointer = production_pointer(models_dir)
-    pointer.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pointer.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"version": version, "metrics": str(kept), **(record or {})}))
-    tmp.replace(pointer)
+        _write_atomically(kept, metrics_path.read_bytes())
+    pointer = {"version": version, "metrics": str(kept), **(record or {})}
+    _write_atomically(production_pointer(models_dir), json.dumps(pointer).encode())

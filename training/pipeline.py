@@ -191,9 +191,7 @@ def run_locally(settings: Settings, run_config_json: str, version: str) -> Path:
 def run_pipeline(settings: Settings, run_config_json: str, version: str) -> dict:
     """Run the training pipeline where the settings say (kfp.local here; a KFP cluster in production)
     and report ``{"version", "promoted", "pipeline_root"}``; the gate moves the production pointer."""
-    import json
-
-    from training.gate import production_pointer
+    from training.gate import production_version
 
     if settings.kfp.mode == "local":
         root = run_locally(settings, run_config_json, version)
@@ -207,6 +205,5 @@ def run_pipeline(settings: Settings, run_config_json: str, version: str) -> dict
                                                                                 "version": version})
         client.wait_for_run_completion(run.run_id, timeout=6 * 3600)
         root = Path(settings.kfp.pipeline_root)
-    pointer = production_pointer(settings.artifacts_dir / "models")
-    promoted = pointer.exists() and json.loads(pointer.read_text())["version"] == version
-    return {"version": version, "promoted": bool(promoted), "pipeline_root": str(root)}
+    promoted = production_version(settings.artifacts_dir / "models") == version
+    return {"version": version, "promoted": promoted, "pipeline_root": str(root)}
