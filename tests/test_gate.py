@@ -86,6 +86,28 @@ def test_promotion_moves_the_production_pointer(tmp_path) -> None:
     assert production_metrics(tmp_path)["unified"]["all"]["recall@100"] == 0.4
 
 
+def test_promotion_keeps_the_metrics_and_their_report_beside_the_version(tmp_path) -> None:
+    """A KFP run leaves its metrics and report.html under the pipeline root: production keeps its own copies
+    (a rollback finds the metrics there, and the demo prints the report beside them)."""
+    import json
+
+    from training.gate import kept_metrics, production_pointer, production_version
+
+    run = tmp_path / "kfp" / "run-1" / "evaluate-op"
+    run.mkdir(parents=True)
+    (run / "metrics").write_text('{"unified": {"all": {"recall@100": 0.5}}}')
+    (run / "report.html").write_text("<html>recall curves</html>")
+    models = tmp_path / "models"
+    assert production_version(models) is None
+    promote(models, "v2", run / "metrics")
+    kept = kept_metrics(models, "v2")
+    assert json.loads(production_pointer(models).read_text()) == {"version": "v2", "metrics": str(kept)}
+    assert production_version(models) == "v2"
+    assert kept.read_text() == (run / "metrics").read_text()
+    assert kept.with_name("report.html").read_text() == "<html>recall curves</html>"
+    assert not list(models.rglob("*.tmp"))
+
+
 def test_a_production_model_that_no_longer_loads_is_left_out_of_the_evaluation(tmp_path, caplog) -> None:
     """The pointer names a version the model store cannot give back (deleted, or weights of an older
     architecture): the new run is still evaluated and gated, with a warning, instead of failing."""

@@ -135,8 +135,8 @@ def production_metrics(models_dir: Path) -> dict | None:
 
 
 def kept_metrics(models_dir: Path, version: str) -> Path:
-    """Where a promoted version's metrics are kept, whatever run directory they came from: a rollback finds
-    them here to make that version production again."""
+    """Where a promoted version's metrics (and their ``report.html`` beside them) are kept, whatever run
+    directory they came from: a rollback finds them here to make that version production again."""
     return models_dir / version / "metrics.json"
 
 
@@ -148,10 +148,14 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 def promote(models_dir: Path, version: str, metrics_path: Path, record: dict[str, str] | None = None) -> None:
-    """Point production at ``version`` (written atomically), its metrics copied to ``kept_metrics`` first (a
-    KFP run leaves them under its pipeline root); ``record`` says why when it is not the gate (a rollback)."""
+    """Point production at ``version`` (written atomically), its metrics and their report copied to
+    ``kept_metrics`` first (a KFP run leaves them under its pipeline root); ``record`` says why when it is not
+    the gate (a rollback)."""
     kept = kept_metrics(models_dir, version)
     if metrics_path.resolve() != kept.resolve():
+        report = metrics_path.with_name("report.html")
+        if report.exists():
+            _write_atomically(kept.with_name(report.name), report.read_bytes())
         _write_atomically(kept, metrics_path.read_bytes())
     pointer = {"version": version, "metrics": str(kept), **(record or {})}
     _write_atomically(production_pointer(models_dir), json.dumps(pointer).encode())
