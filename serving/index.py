@@ -305,16 +305,22 @@ class IndexLifecycle:
         self.prune()
         return version, checks
 
-    def rollback(self) -> IndexVersion:
-        """Re-point the alias to the newest ready collection older than the one serving."""
+    def rollback_target(self) -> tuple[IndexVersion, IndexVersion]:
+        """The collection serving and the one ``rollback`` would re-point the alias to (the newest ready
+        collection older than it), without moving anything."""
         current = self.serving()
         if current is None:
             raise AliasTargetMissing(f"alias {self.config.alias!r} does not exist: nothing to roll back")
         older = [v for v in self.versions() if v.ready and v.created_at < current.created_at]
         if not older:
             raise AliasTargetMissing(f"no earlier ready collection than {current.collection} is kept")
-        self.swap(older[-1])
-        return older[-1]
+        return current, older[-1]
+
+    def rollback(self) -> IndexVersion:
+        """Re-point the alias to the newest ready collection older than the one serving."""
+        _, target = self.rollback_target()
+        self.swap(target)
+        return target
 
     def drop(self, collection: str) -> None:
         if self._aliased(collection):

@@ -23,7 +23,7 @@ from serving.bundle import ModelBundle, ModelNotFound, registered_versions
 from serving.index import IndexLifecycle, IndexVersion
 from training.batching import product_text
 from training.dataset import product_features
-from training.gate import kept_metrics, production_pointer, production_version, promote
+from training.gate import kept_metrics, production_pointer, production_version, promote, restore_pointer
 from training.stages import publish_product_embeddings
 from training.text_encoder import EmbeddingCache
 
@@ -62,23 +62,33 @@ def roll_back(settings: Settings) -> tuple[IndexVersion, str]:
     """Point the alias at the previous ready collection (``IndexLifecycle.rollback``) and production at its
     model, so the next training run is gated against the model that serves, not the one just taken out of
     service (and ``production_retriever`` evaluates the serving one). Production stays where it is when the
-    model is the same, has no registered bundle or was never promoted (no kept metrics). Returns the
-    collection now serving and what became of production, in words."""
+    model is the same, has no registered bundle or was never promoted (no kept metrics). Production moves
+    first and is put back if the alias cannot move, so a failure of either step leaves both as they were.
+    Returns the collection now serving and what became of production, in words."""
     index = IndexLifecycle(settings)
-    current = index.serving()
-    target = index.rollback()
+    current, target = index.rollback_target()
     models_dir = settings.artifacts_dir / "models"
     production = production_version(models_dir)
-    if target.model_version == production:
-        return target, f"production stays {production}"
     metrics = kept_metrics(models_dir, target.model_version)
-    if target.model_version not in registered_versions(settings) or not metrics.exists():
-        return target, (f"production stays {production}: {target.model_version} has no registered bundle or was "
-                        f"never promoted (no {metrics}); the next training run is still gated against {production}")
-    promote(models_dir, target.model_version, metrics,
-            {"rolled_back_from": current.model_version if current else "", "at": dt.datetime.now(dt.UTC).isoformat()})
-    log.warning("rollback: production %s → %s", production, target.model_version)
-    return target, f"production {production} → {target.model_version}: the next training run is gated against it"
+    if target.model_version == production:
+        said = f"production stays {production}"
+    elif target.model_version not in registered_versions(settings) or not metrics.exists():
+        said = (f"production stays {production}: {target.model_version} has no registered bundle or was never "
+                f"promoted (no {metrics}); the next training run is still gated against {production}")
+    else:
+        pointer = production_pointer(models_dir)
+        before = pointer.read_bytes() if pointer.exists() else None
+        promote(models_dir, target.model_version, metrics,
+                {"rolled_back_from": current.model_version, "at": dt.datetime.now(dt.UTC).isoformat()})
+        try:
+            index.swap(target)
+        except Exception:
+            restore_pointer(models_dir, before)
+            raise
+        log.warning("rollback: production %s → %s", production, target.model_version)
+        return target, f"production {production} → {target.model_version}: the next training run is gated against it"
+    index.swap(target)
+    return target, said
 
 
 def encoding_cache(settings: Settings, model_version: str) -> EmbeddingCache:

@@ -341,6 +341,58 @@ def test_a_rollback_makes_the_served_model_production_so_the_next_gate_compares_
     assert lifecycle(served).serving().model_version == FIRST
 
 
+def test_a_rollback_that_fails_half_way_leaves_alias_and_production_as_they_were(
+        served: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rollback moves two things, production's pointer and the alias. It used to move the alias first, so a
+    pointer that could not be written (a full disk) left the alias rolled back and production not, and running
+    the rollback again went one more collection back. Now the pointer moves first and is put back when the
+    alias cannot move (Milvus down); either failure leaves both as they were."""
+    import json
+
+    import serving.refresh
+    from serving.refresh import refresh_index, roll_back
+    from training.export import register_model
+    from training.gate import production_pointer, promote
+
+    models = served.artifacts_dir / "models"
+    pointer = production_pointer(models)
+    saved = pointer.read_bytes()
+    run = models / FIRST
+    register_model(served, "serve-earlier", run, run / "text_encoder")
+    try:
+        refresh_index(served, "serve-earlier")
+        promote(models, "serve-earlier", run / "metrics.json")
+        refresh_index(served, FIRST)
+        promote(models, FIRST, run / "metrics.json")
+        before = pointer.read_bytes()
+        serving_collection = lifecycle(served).serving().collection
+
+        def milvus_down(self: IndexLifecycle, version: object) -> None:
+            raise ConnectionError("milvus unreachable")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(IndexLifecycle, "swap", milvus_down)
+            with pytest.raises(ConnectionError):
+                roll_back(served)
+        assert pointer.read_bytes() == before and lifecycle(served).serving().collection == serving_collection
+
+        def disk_full(*args: object, **kwargs: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(serving.refresh, "promote", disk_full)
+            with pytest.raises(OSError, match="No space"):
+                roll_back(served)
+        assert pointer.read_bytes() == before and lifecycle(served).serving().collection == serving_collection
+
+        target, _ = roll_back(served)  # and with nothing failing, both move once
+        assert target.model_version == lifecycle(served).serving().model_version == "serve-earlier"
+        assert json.loads(pointer.read_text())["version"] == "serve-earlier"
+    finally:
+        pointer.write_bytes(saved)
+        refresh_index(served, FIRST)
+    assert lifecycle(served).serving().model_version == FIRST
+
 # -- train/serve consistency ----------------------------------------------------------------------------
 
 

@@ -159,3 +159,13 @@ def promote(models_dir: Path, version: str, metrics_path: Path, record: dict[str
         _write_atomically(kept, metrics_path.read_bytes())
     pointer = {"version": version, "metrics": str(kept), **(record or {})}
     _write_atomically(production_pointer(models_dir), json.dumps(pointer).encode())
+
+
+def restore_pointer(models_dir: Path, saved: bytes | None) -> None:
+    """Put back the production pointer as it was read before a ``promote`` (``None``: there was none), when
+    the step that had to go with the promotion failed (a rollback's alias swap)."""
+    pointer = production_pointer(models_dir)
+    if saved is None:
+        pointer.unlink(missing_ok=True)
+    else:
+        _write_atomically(pointer, saved)
