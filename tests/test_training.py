@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from feature_repo.warehouse import read_published
 from retrieval_core.settings import Settings
 from training.dataset import load_training_data, product_features
 from training.evaluate import evaluate, metrics, model_retriever, popularity_retriever
@@ -24,13 +25,27 @@ def test_metrics_are_exact_on_a_handmade_ranking() -> None:
     assert got["ndcg@10"] == pytest.approx((1 / np.log2(3) + 0 + 1) / 3)
 
 
-def test_training_data_is_point_in_time_and_products_exclude_later_listings(tiny_features: Settings) -> None:
+def test_training_data_is_point_in_time_and_later_listings_carry_their_listing(tiny_features: Settings) -> None:
+    """Each product's features are the newest version known at the cut-off, or, for a product listed later, at
+    its listing: the catalogue the nightly index serves through the window. Later listings used to be rows of
+    nulls (no title, no category), so their purchases in the window could not be retrieved offline."""
     data = load_training_data(tiny_features)
     assert set(data.examples["split"]) == {"train", "validation", "test"}
-    listed_later = data.products["title"].isna()
-    created = data.products.loc[~listed_later, "event_timestamp"]
-    assert (created <= data.products_as_of).all()
     assert data.examples["has_history"].any() and not data.examples["has_history"].all()
+    profile = read_published(tiny_features, "product_profile").sort_values("event_timestamp")
+    first_seen = profile.groupby("product_id")["event_timestamp"].min()
+    listed_later = first_seen[first_seen > data.products_as_of].index
+    assert len(listed_later) > 0 and (first_seen <= data.products_as_of).any()
+    products = data.products.set_index("product_id")
+    assert products.index.equals(first_seen.sort_index().index) and products["title"].notna().all()
+    # The expected version, found independently of Feast: the last one at or before each product's moment.
+    moment = first_seen.clip(lower=pd.Timestamp(data.products_as_of))
+    known = profile[profile["event_timestamp"] <= profile["product_id"].map(moment)]
+    expected = known.groupby("product_id").last()
+    for column in ("title", "category_path", "price", "shop_country"):
+        assert (products[column] == expected[column]).all(), column
+    changed_after = profile[profile["event_timestamp"] > profile["product_id"].map(moment)]["product_id"].unique()
+    assert len(changed_after) > 0  # some listings did change after their moment: the check above can tell
 
 
 def test_model_learns_and_beats_popularity_and_the_no_history_ablation_on_broad_queries(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 
 from feature_repo.store import get_store
@@ -44,11 +43,14 @@ def with_history(settings: Settings, examples: pd.DataFrame) -> pd.DataFrame:
 
 
 def product_features(settings: Settings, as_of: dt.datetime) -> pd.DataFrame:
-    """Every listed product's ``product_tower_v1`` features as of ``as_of``."""
+    """Every listed product's ``product_tower_v1`` features as of ``as_of``, and those of a product first
+    listed later as of its listing: the catalogue the nightly index serves through a window that starts at
+    ``as_of`` (a listing is in it from the next refresh on), never features changed after either moment."""
     store = get_store(settings)
-    ids = np.sort(read_published(settings, "product_profile")["product_id"].unique())
-    entity = pd.DataFrame({"product_id": ids.astype("int64"),
-                           "event_timestamp": pd.Timestamp(as_of).tz_convert("UTC")})
+    profile = read_published(settings, "product_profile")
+    listed = pd.to_datetime(profile.groupby("product_id")["event_timestamp"].min(), utc=True)
+    entity = listed.clip(lower=pd.Timestamp(as_of).tz_convert("UTC")).sort_index().reset_index()
+    entity = entity.astype({"product_id": "int64", "event_timestamp": "datetime64[ns, UTC]"})
     frame = store.get_historical_features(entity_df=entity,
                                           features=store.get_feature_service("product_tower_v1")).to_df()
     return frame.sort_values("product_id").reset_index(drop=True)

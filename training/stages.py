@@ -99,7 +99,8 @@ class TrainingRunReport:
 
 def step_dataset(settings: Settings, out: Path) -> dict:
     """examples.parquet, train_products.parquet (as of training end), eval_products.parquet (as of the
-    test window's start), edges.parquet (training window) and meta.json."""
+    test window's start; later listings as of their listing: ``product_features``), edges.parquet (training
+    window) and meta.json."""
     out.mkdir(parents=True, exist_ok=True)
     data = load_training_data(settings)
     test = data.split("test")
