@@ -1,6 +1,6 @@
 """The daily DAG: land → features (dbt → GX gate → Feast) → the serving model's user states, and
 training pipeline (KFP) → gate branch → the new model's user states + index publish (check + alias swap) →
-smoke query; then what versions that no longer serve left behind (user states, product embeddings) is
+smoke query; then what versions that no longer serve left behind (user states, product embeddings, files) is
 pruned. Every task is idempotent for its logical date."""
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def uer_daily_retraining() -> None:
 
     @task
     def prune_retired_versions(published: dict) -> dict[str, list[str]]:
-        """The user states and product embeddings of versions no kept collection serves any more (its own task:
+        """The user states, product embeddings and files of versions no kept collection serves any more (its own task:
         a failure here must not fail, and on retry re-run, the publish before it)."""
         from retrieval_core.settings import get_settings
         from serving.retention import prune_retired_versions as prune

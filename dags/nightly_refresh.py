@@ -1,6 +1,6 @@
 """The nightly refresh: re-embed new and changed products with the serving model (no retraining),
-check the new collection and swap the alias; then a smoke query, and the user states and product embeddings
-of versions that no longer serve pruned."""
+check the new collection and swap the alias; then a smoke query, and the user states, product embeddings
+and files of versions that no longer serve pruned."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def uer_nightly_index_refresh() -> None:
 
     @task
     def prune_retired_versions(published: dict) -> dict[str, list[str]]:
-        """The user states and product embeddings of versions whose last collection the refresh just pruned."""
+        """The user states, product embeddings and files of versions whose last collection the refresh just
+        pruned."""
         from retrieval_core.settings import get_settings
         from serving.retention import prune_retired_versions as prune
 

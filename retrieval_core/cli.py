@@ -248,7 +248,8 @@ def train_command(
     console.print(f"artefacts: {where}")
 
 
-index = typer.Typer(help="The Milvus product index: publish (refresh), status, rollback.", no_args_is_help=True)
+index = typer.Typer(help="The Milvus product index: publish (refresh), status, rollback, rollforward.",
+                    no_args_is_help=True)
 app.add_typer(index, name="index")
 
 
@@ -288,6 +289,17 @@ def index_rollback() -> None:
                   f"{production}")
 
 
+@index.command("rollforward")
+def index_rollforward() -> None:
+    """Undo a rollback: point the alias at the next ready collection (kept after a rollback), and production at
+    its model."""
+    from serving.refresh import roll_back
+
+    target, production = roll_back(get_settings(), forward=True)
+    console.print(f"alias {get_settings().milvus.alias} → {target.collection} (model {target.model_version}); "
+                  f"{production}")
+
+
 @app.command("user-states")
 def user_states_command(
     model_version: Annotated[str | None, typer.Option(help="model version (default: the one serving)")] = None,
@@ -303,9 +315,10 @@ def user_states_command(
 
 @app.command("prune-retired")
 def prune_retired_command() -> None:
-    """Delete what model versions that can no longer serve (neither production nor the model of a kept
-    collection) left behind: their user states (online and offline) and product embeddings (offline); the DAGs
-    do it after each alias swap."""
+    """Delete what model versions that can no longer serve (neither production, nor the model of a kept
+    collection, nor a candidate registered after production) left behind: their user states (online and
+    offline), product embeddings (offline) and files (bundle, encoding cache, KFP root); the DAGs do it after
+    each alias swap."""
     from serving.retention import prune_retired_versions
 
     pruned = prune_retired_versions(get_settings())

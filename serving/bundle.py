@@ -8,6 +8,7 @@ projection): the same input gives the same vector in training, indexing and the 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -44,21 +45,37 @@ def _bentoml(settings: Settings):  # noqa: ANN202 - the bentoml module
     return bentoml
 
 
-def registered_versions(settings: Settings) -> dict[str, Path]:
-    """model_version → bundle directory, for every bundle in the store (newest registration wins)."""
+@dataclass(frozen=True)
+class Registration:
+    """One bundle in the model store: a model version may be registered more than once (a day retrained)."""
+    model_version: str
+    tag: str
+    path: Path
+    created: dt.datetime
+
+
+def registrations(settings: Settings) -> list[Registration]:
+    """Every bundle in the model store, oldest first."""
     bentoml = _bentoml(settings)
     from bentoml.exceptions import NotFound
 
-    found: dict[str, tuple[object, Path]] = {}
     try:
         models = bentoml.models.list(BENTO_MODEL_NAME, _model_store=model_store(settings))
     except NotFound:  # nothing registered yet
-        models = []
-    for model in models:
-        version = model.info.labels.get("model_version")
-        if version and (version not in found or model.info.creation_time > found[version][0]):
-            found[version] = (model.info.creation_time, Path(model.path))
-    return {version: path for version, (_, path) in found.items()}
+        return []
+    found = [Registration(model.info.labels["model_version"], str(model.tag), Path(model.path),
+                          model.info.creation_time) for model in models if model.info.labels.get("model_version")]
+    return sorted(found, key=lambda registration: registration.created)
+
+
+def registered_versions(settings: Settings) -> dict[str, Path]:
+    """model_version → bundle directory, for every bundle in the store (newest registration wins)."""
+    return {registration.model_version: registration.path for registration in registrations(settings)}
+
+
+def delete_registration(settings: Settings, registration: Registration) -> None:
+    """Remove one bundle from the model store (a retired version's: ``serving.retention``)."""
+    _bentoml(settings).models.delete(registration.tag, _model_store=model_store(settings))
 
 
 def bundle_id_of(model_version: str, path: Path) -> str:

@@ -305,20 +305,28 @@ class IndexLifecycle:
         self.prune()
         return version, checks
 
-    def rollback_target(self) -> tuple[IndexVersion, IndexVersion]:
-        """The collection serving and the one ``rollback`` would re-point the alias to (the newest ready
-        collection older than it), without moving anything."""
+    def rollback_target(self, forward: bool = False) -> tuple[IndexVersion, IndexVersion]:
+        """The collection serving and the one to re-point the alias to, without moving anything: the newest
+        ready collection older than it, or with ``forward`` the oldest ready one newer than it (what a rollback
+        left, kept by ``prune``)."""
         current = self.serving()
         if current is None:
-            raise AliasTargetMissing(f"alias {self.config.alias!r} does not exist: nothing to roll back")
-        older = [v for v in self.versions() if v.ready and v.created_at < current.created_at]
+            raise AliasTargetMissing(f"alias {self.config.alias!r} does not exist: nothing to roll back or forward")
+        ready = [v for v in self.versions() if v.ready]
+        if forward:
+            newer = [v for v in ready if v.created_at > current.created_at]
+            if not newer:
+                raise AliasTargetMissing(f"no later ready collection than {current.collection} is kept")
+            return current, newer[0]
+        older = [v for v in ready if v.created_at < current.created_at]
         if not older:
             raise AliasTargetMissing(f"no earlier ready collection than {current.collection} is kept")
         return current, older[-1]
 
-    def rollback(self) -> IndexVersion:
-        """Re-point the alias to the newest ready collection older than the one serving."""
-        _, target = self.rollback_target()
+    def rollback(self, forward: bool = False) -> IndexVersion:
+        """Re-point the alias to the newest ready collection older than the one serving (``forward``: the
+        oldest newer one)."""
+        _, target = self.rollback_target(forward)
         self.swap(target)
         return target
 

@@ -13,6 +13,7 @@ import datetime as dt
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -58,15 +59,15 @@ def serving_model_version(settings: Settings) -> str:
     return production_model_version(settings)
 
 
-def roll_back(settings: Settings) -> tuple[IndexVersion, str]:
-    """Point the alias at the previous ready collection (``IndexLifecycle.rollback``) and production at its
-    model, so the next training run is gated against the model that serves, not the one just taken out of
-    service (and ``production_retriever`` evaluates the serving one). Production stays where it is when the
-    model is the same, has no registered bundle or was never promoted (no kept metrics). Production moves
-    first and is put back if the alias cannot move, so a failure of either step leaves both as they were.
-    Returns the collection now serving and what became of production, in words."""
+def roll_back(settings: Settings, forward: bool = False) -> tuple[IndexVersion, str]:
+    """Point the alias at the previous ready collection (``IndexLifecycle.rollback``; ``forward``: the next one,
+    undoing a rollback) and production at its model, so the next training run is gated against the model that
+    serves, not the one just taken out of service (and ``production_retriever`` evaluates the serving one).
+    Production stays where it is when the model is the same, has no registered bundle or was never promoted (no
+    kept metrics). Production moves first and is put back if the alias cannot move, so a failure of either step
+    leaves both as they were. Returns the collection now serving and what became of production, in words."""
     index = IndexLifecycle(settings)
-    current, target = index.rollback_target()
+    current, target = index.rollback_target(forward)
     models_dir = settings.artifacts_dir / "models"
     production = production_version(models_dir)
     metrics = kept_metrics(models_dir, target.model_version)
@@ -78,22 +79,29 @@ def roll_back(settings: Settings) -> tuple[IndexVersion, str]:
     else:
         pointer = production_pointer(models_dir)
         before = pointer.read_bytes() if pointer.exists() else None
+        moved = "rolled_forward_from" if forward else "rolled_back_from"
         promote(models_dir, target.model_version, metrics,
-                {"rolled_back_from": current.model_version, "at": dt.datetime.now(dt.UTC).isoformat()})
+                {moved: current.model_version, "at": dt.datetime.now(dt.UTC).isoformat()})
         try:
             index.swap(target)
         except Exception:
             restore_pointer(models_dir, before)
             raise
-        log.warning("rollback: production %s → %s", production, target.model_version)
+        log.warning("%s: production %s → %s", "rollforward" if forward else "rollback", production,
+                    target.model_version)
         return target, f"production {production} → {target.model_version}: the next training run is gated against it"
     index.swap(target)
     return target, said
 
 
+def encoding_cache_path(settings: Settings, model_version: str) -> Path:
+    """Where the version's text encodings are cached (the file training's text step fills)."""
+    return settings.artifacts_dir / "encoder_cache" / f"minilm-{model_version}.parquet"
+
+
 def encoding_cache(settings: Settings, model_version: str) -> EmbeddingCache:
-    """The version's text encodings by content hash (the same file training's text step fills)."""
-    return EmbeddingCache(settings.artifacts_dir / "encoder_cache" / f"minilm-{model_version}.parquet", model_version)
+    """The version's text encodings by content hash, opened (read whole)."""
+    return EmbeddingCache(encoding_cache_path(settings, model_version), model_version)
 
 
 def with_version_encodings(settings: Settings, bundle: ModelBundle,

@@ -6,35 +6,46 @@ refresh) and its bundle's user states (``user_query_state``, keyed by bundle, on
 full copy per version, so without pruning the offline store grows by a catalogue's encodings and a window's
 states every day, and every point-in-time read of ``product_tower_v1`` (each refresh) scans them all.
 
-A version is *live* while the API may serve it: it is production, or it still has a collection (the alias
-target, the ones a rollback returns to, a build in progress). After each alias swap the DAGs'
-``prune_retired_versions`` task deletes the rows of every version that is not. What is live is looked up
-once and shared by both sources; with nothing live (no production model, no collection) nothing is deleted.
+On disk, each version also leaves its BentoML registration, its text-encoding cache and its local KFP
+pipeline root (~2.3 GB a day on the default world, most of a 64 GB disk in a month): those go too
+(``prune_version_files``).
+
+A version is *live* while the API serves it or may soon: it is production, it still has a collection (the
+alias target, the ones a rollback returns to, a build in progress), or it is a candidate registered after
+production (waiting for the gate or its publish). After each alias swap the DAGs' ``prune_retired_versions``
+task deletes the rows and files of every version that is not. What is live is looked up once and shared by
+all three; with nothing live (no production model, no collection) nothing is deleted.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import shutil
 
 from feature_repo.store import get_store
 from feature_repo.warehouse import EMBEDDINGS, USER_STATES, delete_version, version_keys, written_versions
 from retrieval_core.settings import Settings
-from serving.bundle import ModelNotFound, bundle_id_of, registered_versions
+from serving.bundle import bundle_id_of, delete_registration, registered_versions, registrations
 from serving.index import IndexLifecycle
-from serving.refresh import production_model_version
+from serving.refresh import encoding_cache_path
 from serving.user_states import delete_online_states
+from training.gate import production_version
 
 log = logging.getLogger(__name__)
 
 
 def live_model_versions(settings: Settings) -> set[str]:
-    """The production version and every version with a collection in Milvus (raises if Milvus cannot be
-    listed: nothing may be deleted on a guess)."""
+    """The versions the API serves or may soon: production, every version with a collection in Milvus, and
+    every *candidate*, a version registered after production's (newest) registration — exported and waiting
+    for the gate or its publish, which on a large catalogue takes hours while the other DAG may prune, or
+    refused by the gate, until a newer version is promoted. Before any promotion every registered version is a
+    candidate. Raises if Milvus cannot be listed: nothing may be deleted on a guess."""
     versions = {version.model_version for version in IndexLifecycle(settings).versions()}
-    with contextlib.suppress(ModelNotFound):  # no production model yet
-        versions.add(production_model_version(settings))
-    return versions
+    production = production_version(settings.artifacts_dir / "models")
+    found = registrations(settings)
+    promoted_at = max((r.created for r in found if r.model_version == production), default=None)
+    versions |= {r.model_version for r in found if promoted_at is None or r.created > promoted_at}
+    return versions | ({production} if production else set())
 
 
 def live_bundle_ids(settings: Settings, live_versions: set[str] | None = None) -> set[str]:
@@ -79,9 +90,33 @@ def prune_product_embeddings(settings: Settings, live_versions: set[str] | None 
     return pruned
 
 
+def prune_version_files(settings: Settings, live_versions: set[str] | None = None) -> list[str]:
+    """Delete what a retired version left on disk: its text-encoding cache, its local KFP pipeline root (the
+    run's dataset, models and copies: ~1.8 GB a day on the default world) and, last, its BentoML registrations
+    (weights and adapted encoder: ~0.5 GB), so a crash in between leaves it listed for the next run. A candidate
+    is live (``live_model_versions``): only versions registered before production go. Kept: a version's metrics
+    and report under ``artifacts/models/<version>/`` (kilobytes: the history of what was promoted). Returns the
+    versions pruned."""
+    live = live_model_versions(settings) if live_versions is None else live_versions
+    if not live:
+        log.warning("no live model version (no production model, no collection): not pruning model files")
+        return []
+    found = registrations(settings)
+    retired = sorted({r.model_version for r in found if r.model_version not in live})
+    for version in retired:
+        encoding_cache_path(settings, version).unlink(missing_ok=True)
+        shutil.rmtree(settings.artifacts_dir / "kfp" / version, ignore_errors=True)
+        for registration in (r for r in found if r.model_version == version):
+            delete_registration(settings, registration)
+    if retired:
+        log.info("pruned the files of %s (kept %s)", ", ".join(retired), ", ".join(sorted(live)))
+    return retired
+
+
 def prune_retired_versions(settings: Settings) -> dict[str, list[str]]:
-    """Both sources' rows of the versions that can no longer serve; run after each alias swap, once the index
-    has pruned its collections."""
+    """Everything of the versions that can no longer serve: both sources' rows, then their files; run after
+    each alias swap, once the index has pruned its collections."""
     live = live_model_versions(settings)
     return {"user_states": prune_user_states(settings, live),
-            "product_embeddings": prune_product_embeddings(settings, live)}
+            "product_embeddings": prune_product_embeddings(settings, live),
+            "files": prune_version_files(settings, live)}

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from retrieval_core.settings import PROJECT_ROOT, MilvusSettings, ServingSettings, Settings
 from serving.filters import Filters
-from serving.index import MAX_QUERIES_PER_CALL, IndexCheckFailed, IndexLifecycle
+from serving.index import MAX_QUERIES_PER_CALL, AliasTargetMissing, IndexCheckFailed, IndexLifecycle
 from serving.retriever import RetrievalResponse
 from tests.serving_helpers import free_port, milvus_server, tiny_training_config, with_milvus
 
@@ -284,9 +284,9 @@ def test_a_rollback_makes_the_served_model_production_so_the_next_gate_compares_
                                                                                       tmp_path: Path) -> None:
     """``uer index rollback`` used to move only the alias: the gate's production pointer kept naming the model
     taken out of service, so the next training run was gated against (and evaluated beside) that one. Now
-    production follows the rollback to a model that was promoted before (its metrics kept beside the version,
-    wherever the run left them: a KFP run's are under its pipeline root), and stays, saying why, for a model
-    without a bundle or never promoted."""
+    production follows the rollback (and ``rollforward``, which undoes it) to a model that was promoted before
+    (its metrics kept beside the version, wherever the run left them: a KFP run's are under its pipeline root),
+    and stays, saying why, for a model without a bundle or never promoted."""
     import json
 
     from serving.bundle import ModelBundle
@@ -317,6 +317,14 @@ def test_a_rollback_makes_the_served_model_production_so_the_next_gate_compares_
         assert json.loads(pointer.read_text())["rolled_back_from"] == FIRST
         assert production_metrics(models) == later_metrics
         assert f"production {FIRST} → serve-later" in said
+
+        target, said = roll_back(served, forward=True)  # `uer index rollforward`: the rollback undone
+        assert target.model_version == lifecycle(served).serving().model_version == FIRST
+        assert json.loads(pointer.read_text())["version"] == FIRST
+        assert json.loads(pointer.read_text())["rolled_forward_from"] == "serve-later"
+        assert f"production serve-later → {FIRST}" in said
+        with pytest.raises(AliasTargetMissing, match="no later ready collection"):
+            roll_back(served, forward=True)
 
         bundle = ModelBundle.load(served, FIRST)
         products, _ = catalogue_with_encodings(served, bundle, dt.datetime.now(dt.UTC))
@@ -473,10 +481,12 @@ def test_precomputed_user_states_are_what_the_service_would_compute(served: Sett
 
 
 def test_states_of_bundles_that_no_longer_serve_are_pruned_online_and_offline(served: Settings) -> None:
-    """A bundle's states stay while the API may serve it: the production version's, and those of a model
-    version with a collection in Milvus (what a rollback returns to). A registered version without a
-    collection, and an older registration of a version, lose theirs: online (SQLite) and offline (parquet);
-    so does a user who left the materialised window, when their bundle's states are written again."""
+    """A bundle's states stay while the API may serve it: the production version's, those of a model version
+    with a collection in Milvus (what a rollback returns to) and a candidate's, registered after production
+    (its states are written before its collection is built; the other DAG's prune used to delete them in
+    between). A version registered before production without a collection, and an older registration of a
+    version, lose theirs: online (SQLite) and offline (parquet); so does a user who left the materialised
+    window, when their bundle's states are written again."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -488,6 +498,7 @@ def test_states_of_bundles_that_no_longer_serve_are_pruned_online_and_offline(se
     from serving.retriever import Retriever
     from serving.user_states import publish_user_states
     from training.export import register_model
+    from training.gate import production_pointer, promote
 
     production = ModelBundle.load(served, FIRST)
     publish_user_states(served)
@@ -509,27 +520,42 @@ def test_states_of_bundles_that_no_longer_serve_are_pruned_online_and_offline(se
     users = pd.read_parquet(partition)["user_id"].head(5).tolist()
     assert set(reader.stored_states(unpublished, users)) == set(users)
 
-    assert prune_user_states(served) == [unpublished.bundle_id]  # no collection, not production
-    assert reader.stored_states(unpublished, users) == {}
-    assert set(reader.stored_states(production, users)) == set(users)
-    assert written_versions(served, USER_STATES) == [production.bundle_id]
+    assert prune_user_states(served) == []  # a candidate: registered after production, before its collection
+    models = served.artifacts_dir / "models"
+    pointer = production_pointer(models)
+    saved = pointer.read_bytes()
 
-    index = lifecycle(served)
-    products, _ = catalogue_with_encodings(served, unpublished, dt.datetime.now(dt.UTC))
-    collection = index.build("serve-pruned", products, unpublished.product_vectors(products)).collection
+    def promote_a_newer_version(version: str) -> None:
+        register_model(served, version, run, run / "text_encoder")
+        promote(models, version, run / "metrics.json")
+
     try:
-        publish_user_states(served, "serve-pruned")
-        register_model(served, "serve-pruned", run, run / "text_encoder")  # registered again: a new bundle
-        again = ModelBundle.load(served, "serve-pruned")
-        publish_user_states(served, "serve-pruned")
-        assert prune_user_states(served) == [unpublished.bundle_id]  # only the older registration goes
-        assert set(reader.stored_states(again, users)) == set(users)
+        promote_a_newer_version("serve-promoted-later")
+        assert prune_user_states(served) == [unpublished.bundle_id]  # no collection, registered before production
         assert reader.stored_states(unpublished, users) == {}
-        assert written_versions(served, USER_STATES) == sorted([production.bundle_id, again.bundle_id])
+        assert set(reader.stored_states(production, users)) == set(users)
+        assert written_versions(served, USER_STATES) == [production.bundle_id]
+
+        index = lifecycle(served)
+        products, _ = catalogue_with_encodings(served, unpublished, dt.datetime.now(dt.UTC))
+        collection = index.build("serve-pruned", products, unpublished.product_vectors(products)).collection
+        try:
+            publish_user_states(served, "serve-pruned")
+            register_model(served, "serve-pruned", run, run / "text_encoder")  # registered again: a new bundle
+            again = ModelBundle.load(served, "serve-pruned")
+            publish_user_states(served, "serve-pruned")
+            assert prune_user_states(served) == [unpublished.bundle_id]  # only the older registration goes
+            assert set(reader.stored_states(again, users)) == set(users)
+            assert reader.stored_states(unpublished, users) == {}
+            assert written_versions(served, USER_STATES) == sorted([production.bundle_id, again.bundle_id])
+        finally:
+            index.drop(collection)
+        assert prune_user_states(served) == []  # still a candidate
+        promote_a_newer_version("serve-promoted-last")
+        assert prune_user_states(served) == [again.bundle_id]
+        assert set(reader.stored_states(production, users)) == set(users)  # FIRST keeps its collection
     finally:
-        index.drop(collection)
-    assert prune_user_states(served) == [again.bundle_id]
-    assert set(reader.stored_states(production, users)) == set(users)
+        pointer.write_bytes(saved)
 
 
 def test_a_refresh_uses_its_versions_own_encodings_and_retired_versions_are_pruned(served: Settings) -> None:
@@ -592,6 +618,49 @@ def test_a_refresh_uses_its_versions_own_encodings_and_retired_versions_are_prun
     assert prune_product_embeddings(served, kept) == ["retired-version"]
     assert set(written_versions(served, EMBEDDINGS)) == kept
     assert not (product_features(served, dt.datetime.now(dt.UTC))["embedding_version"] == "retired-version").any()
+
+
+def test_a_retired_versions_files_are_deleted_but_never_productions_or_a_newer_candidates(
+        served: Settings, tmp_path: Path) -> None:
+    """Each daily version left its BentoML bundle, its text-encoding cache and its KFP pipeline root on disk
+    for ever (~2.3 GB a day on the default world). Pruning deletes them for a version that is not live:
+    neither production, nor with a collection, nor a candidate registered after production (waiting for its
+    publish, or refused by the gate). Each registration of a retired version goes. With nothing live, nothing
+    is deleted."""
+    from serving.bundle import ModelBundle, registered_versions, registrations
+    from serving.refresh import encoding_cache_path
+    from serving.retention import live_model_versions, prune_version_files
+    from training.export import register_model
+    from training.gate import promote
+
+    own = served.model_copy(update={"artifacts_dir": tmp_path / "artifacts"})  # its own model store
+    run = served.artifacts_dir / "models" / FIRST
+    versions = ["refused-before", "retired", "retired", "production", "candidate"]
+    for version in versions:  # registered in this order ("retired" twice: a day retrained)
+        register_model(own, version, run, run / "text_encoder")
+        encoding_cache_path(own, version).parent.mkdir(parents=True, exist_ok=True)
+        encoding_cache_path(own, version).write_bytes(b"encodings")  # never opened: pruning must not read it
+        (own.artifacts_dir / "kfp" / version / "run" / "train-op").mkdir(parents=True, exist_ok=True)
+    assert {"production", "candidate", "retired"} <= live_model_versions(own)  # before any promotion: all
+    promote(own.artifacts_dir / "models", "production", run / "metrics.json")
+    live = live_model_versions(own)
+    assert {"production", "candidate", FIRST} <= live and not {"retired", "refused-before"} & live
+
+    def files_of(version: str) -> list[bool]:
+        return [encoding_cache_path(own, version).exists(), (own.artifacts_dir / "kfp" / version).exists(),
+                version in registered_versions(own)]
+
+    assert prune_version_files(own, set()) == []  # nothing live: refuse
+    assert all(all(files_of(version)) for version in versions)
+    assert prune_version_files(own) == ["refused-before", "retired"]
+    for version in ("refused-before", "retired"):
+        assert files_of(version) == [False, False, False], version
+    for version in ("production", "candidate"):
+        assert files_of(version) == [True, True, True], version
+    assert [r.model_version for r in registrations(own)] == ["production", "candidate"]
+    assert ModelBundle.load(own, "production").model_version == "production"  # still loads
+    assert (own.artifacts_dir / "models" / "production" / "metrics.json").exists()
+    assert prune_version_files(own) == []  # nothing more to do
 
 
 def test_an_unreachable_feature_store_is_unavailable_for_a_signed_in_miss(served: Settings, tmp_path: Path) -> None:
