@@ -278,26 +278,26 @@ def index_status() -> None:
         console.print(f"{mark} {v.collection}  model={v.model_version}  ready={v.ready}  created={v.created_at}")
 
 
+def _re_point(forward: bool) -> None:
+    from serving.refresh import roll_back
+
+    target, production = roll_back(get_settings(), forward=forward)
+    console.print(f"alias {get_settings().milvus.alias} → {target.collection} (model {target.model_version}); "
+                  f"{production}")
+
+
 @index.command("rollback")
 def index_rollback() -> None:
     """Point the alias back at the previous ready collection, and production at its model (what the next
     training run is gated against)."""
-    from serving.refresh import roll_back
-
-    target, production = roll_back(get_settings())
-    console.print(f"alias {get_settings().milvus.alias} → {target.collection} (model {target.model_version}); "
-                  f"{production}")
+    _re_point(forward=False)
 
 
 @index.command("rollforward")
 def index_rollforward() -> None:
     """Undo a rollback: point the alias at the next ready collection (kept after a rollback), and production at
     its model."""
-    from serving.refresh import roll_back
-
-    target, production = roll_back(get_settings(), forward=True)
-    console.print(f"alias {get_settings().milvus.alias} → {target.collection} (model {target.model_version}); "
-                  f"{production}")
+    _re_point(forward=True)
 
 
 @app.command("user-states")
