@@ -6,13 +6,14 @@ refresh) and its bundle's user states (``user_query_state``, keyed by bundle, on
 full copy per version, so without pruning the offline store grows by a catalogue's encodings and a window's
 states every day, and every point-in-time read of ``product_tower_v1`` (each refresh) scans them all.
 
-On disk, each version also leaves its BentoML registration, its text-encoding cache and its local KFP
-pipeline root (~2.3 GB a day on the default world, most of a 64 GB disk in a month): those go too
-(``prune_version_files``).
+On disk, each version also leaves its BentoML registration (~0.5 GB on the default world), its text-encoding
+cache and what its local KFP run kept: those go too (``prune_version_files``). The run's data and models
+(~1.8 GB) go sooner, when the next training run finishes (``training.pipeline.prune_earlier_runs``), refused
+runs included: the gate's refusal means no export, so they are never registered and never listed here.
 
 A version is *live* while the API serves it or may soon: it is production, it still has a collection (the
 alias target, the ones a rollback returns to, a build in progress), or it is a candidate registered after
-production (waiting for the gate or its publish). After each alias swap the DAGs' ``prune_retired_versions``
+production's registration (rolled back from). After each alias swap the DAGs' ``prune_retired_versions``
 task deletes the rows and files of every version that is not. What is live is looked up once and shared by
 all three; with nothing live (no production model, no collection) nothing is deleted.
 """
@@ -36,10 +37,10 @@ log = logging.getLogger(__name__)
 
 def live_model_versions(settings: Settings) -> set[str]:
     """The versions the API serves or may soon: production, every version with a collection in Milvus, and
-    every *candidate*, a version registered after production's (newest) registration — exported and waiting
-    for the gate or its publish, which on a large catalogue takes hours while the other DAG may prune, or
-    refused by the gate, until a newer version is promoted. Before any promotion every registered version is a
-    candidate. Raises if Milvus cannot be listed: nothing may be deleted on a guess."""
+    every *candidate*, a version registered after production's (newest) registration: one rolled back from,
+    which ``rollforward`` may serve again. Until production is registered (a promoted run's export, a promotion
+    of an unregistered version) every registered version is a candidate. Raises if Milvus cannot be listed:
+    nothing may be deleted on a guess."""
     versions = {version.model_version for version in IndexLifecycle(settings).versions()}
     production = production_version(settings.artifacts_dir / "models")
     found = registrations(settings)
@@ -91,12 +92,12 @@ def prune_product_embeddings(settings: Settings, live_versions: set[str] | None 
 
 
 def prune_version_files(settings: Settings, live_versions: set[str] | None = None) -> list[str]:
-    """Delete what a retired version left on disk: its text-encoding cache, its local KFP pipeline root (the
-    run's dataset, models and copies: ~1.8 GB a day on the default world) and, last, its BentoML registrations
-    (weights and adapted encoder: ~0.5 GB), so a crash in between leaves it listed for the next run. A candidate
-    is live (``live_model_versions``): only versions registered before production go. Kept: a version's metrics
-    and report under ``artifacts/models/<version>/`` (kilobytes: the history of what was promoted). Returns the
-    versions pruned."""
+    """Delete what a retired version left on disk: its text-encoding cache, its local KFP pipeline root (its runs'
+    reports, and the newest run's data and models: ``training.pipeline.prune_earlier_runs``) and, last, its
+    BentoML registrations (weights and adapted encoder: ~0.5 GB), so a crash in between leaves it listed for the
+    next run. A candidate is live (``live_model_versions``): only versions registered before production go. Kept:
+    a version's metrics and report under ``artifacts/models/<version>/`` (kilobytes: the history of what was
+    promoted). Returns the versions pruned."""
     live = live_model_versions(settings) if live_versions is None else live_versions
     if not live:
         log.warning("no live model version (no production model, no collection): not pruning model files")

@@ -624,8 +624,8 @@ def test_a_retired_versions_files_are_deleted_but_never_productions_or_a_newer_c
         served: Settings, tmp_path: Path) -> None:
     """Each daily version left its BentoML bundle, its text-encoding cache and its KFP pipeline root on disk
     for ever (~2.3 GB a day on the default world). Pruning deletes them for a version that is not live:
-    neither production, nor with a collection, nor a candidate registered after production (waiting for its
-    publish, or refused by the gate). Each registration of a retired version goes. With nothing live, nothing
+    neither production, nor with a collection, nor a candidate registered after production's registration
+    (rolled back from). Each registration of a retired version goes. With nothing live, nothing
     is deleted."""
     from serving.bundle import ModelBundle, registered_versions, registrations
     from serving.refresh import encoding_cache_path

@@ -142,12 +142,20 @@ def test_kfp_pipeline_compiles_and_runs_every_component_locally(tiny_features: S
     from training.gate import production_pointer
 
     in_production = production_pointer(tiny_features.artifacts_dir / "models").exists()
+    # an earlier finished run (e.g. yesterday's refused candidate): its data and models go, its reports stay
+    earlier = tiny_features.artifacts_dir / "kfp" / "refused-yesterday" / "run-1"
+    for produced in ("dataset-op/dataset/examples.parquet", "graph-op/graph", "train-op/models/model/weights.pt",
+                     "boost-op/boosted/boost.json", "evaluate-op/metrics", "gate-op/decision"):
+        (earlier / produced).parent.mkdir(parents=True, exist_ok=True)
+        (earlier / produced).write_text("{}")
     root = run_locally(tiny_features, config.model_dump_json(), version="kfp-test")
     [run] = list(root.iterdir())
     for produced in ("dataset-op/dataset/examples.parquet", "graph-op/graph", "text-op/text/text.parquet",
                      "train-op/models/model/weights.pt", "evaluate-op/metrics", "evaluate-op/report_html",
                      "gate-op/decision"):
         assert (run / produced).exists(), produced
+    assert sorted(str(p.relative_to(earlier)) for p in earlier.rglob("*") if p.is_file()) == [
+        "evaluate-op/metrics", "gate-op/decision"]
     import json
     metrics = json.loads((run / "evaluate-op" / "metrics").read_text())
     expected = {"unified", "unified_boosted", "no_history", "no_lexical", "popularity", "bm25", "minilm"}

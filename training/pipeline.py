@@ -10,7 +10,9 @@ Components read the platform settings from the environment (``UER_*``), like eve
 """
 
 
+import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from kfp import compiler, dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 from retrieval_core.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # In a cluster the image carries the project; locally the current environment does.
 COMPONENT = {"base_image": "ghcr.io/uer/unified-retrieval:latest", "install_kfp_package": False}
@@ -170,10 +174,12 @@ def compile_pipeline(path: Path) -> Path:
 
 
 def run_locally(settings: Settings, run_config_json: str, version: str) -> Path:
-    """Execute the pipeline on this machine with kfp.local; returns the pipeline root of the run."""
+    """Execute the pipeline on this machine with kfp.local; returns the pipeline root of the run. Once it has
+    finished, the data and model files of every earlier local run go (``prune_earlier_runs``)."""
     from kfp import local
 
     root = settings.artifacts_dir / "kfp" / version
+    earlier = set(runs(settings))
     saved = dict(os.environ)
     # Components run `python3` from PATH: make it this environment's, with the settings exported.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -185,7 +191,50 @@ def run_locally(settings: Settings, run_config_json: str, version: str) -> Path:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+    prune_earlier_runs(settings, earlier)
     return root
+
+
+# What a run's own later steps read and nothing after it: its dataset, encodings and models (~1.8 GB a day on the
+# default world; the model a version serves is its BentoML registration). Its reports (metrics, HTML, the gate's
+# decision: kilobytes) say why it was promoted or refused and are kept.
+BULKY_ARTEFACT_TYPES = ("system.Dataset", "system.Model")
+
+
+def bulky_outputs() -> set[tuple[str, str]]:
+    """(task, output) of every Dataset and Model artefact of the pipeline: where kfp.local writes them in a run."""
+    components = (dataset_op, graph_op, text_op, train_op, boost_op, evaluate_op, gate_op, export_op)
+    return {(component.name, name) for component in components
+            for name, spec in (component.component_spec.outputs or {}).items()
+            if spec.type.startswith(BULKY_ARTEFACT_TYPES)}
+
+
+def runs(settings: Settings) -> list[Path]:
+    """Every local run's directory: ``artifacts/kfp/<version>/<run>``."""
+    return sorted(path for path in (settings.artifacts_dir / "kfp").glob("*/*") if path.is_dir())
+
+
+def prune_earlier_runs(settings: Settings, earlier: set[Path]) -> list[Path]:
+    """Delete the Dataset and Model artefacts of the given finished runs (a refused candidate's, a rerun day's
+    first try, a failed run's), keeping their reports; returns what was deleted. The newest run keeps all of its
+    files for a person to inspect. Local runs must not overlap (the daily DAG runs one at a time): a run still
+    going would lose its inputs. A file that cannot be deleted is logged and left: the training succeeded."""
+    pruned = []
+    for run in sorted(earlier):
+        for task, output in sorted(bulky_outputs()):
+            path = run / task / output
+            if not path.exists():
+                continue
+            try:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            except OSError as exc:
+                log.warning("could not delete %s of a finished training run: %s", path, exc)
+                continue
+            pruned.append(path)
+    if pruned:
+        runs_pruned = len({path.parent.parent for path in pruned})
+        log.info("deleted the data and model files of %d earlier training run(s)", runs_pruned)
+    return pruned
 
 
 def run_pipeline(settings: Settings, run_config_json: str, version: str) -> dict:
