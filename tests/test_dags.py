@@ -133,6 +133,11 @@ def test_daily_dag_end_to_end_then_failed_gate_and_rerun_keep_serving(world: Set
         "*/gate-op/decision")).read_text())
     assert decision["promote"] is False
     assert lifecycle.serving() == first and smoke_query(world)["index_version"] == first.index_version
+    # the promoted run's data and models went when this one finished (the model serves from its bundle); its
+    # reports stay, and the refused run, the newest, keeps everything
+    [promoted_run] = (world.artifacts_dir / "kfp" / first.model_version).iterdir()
+    assert not (promoted_run / "train-op" / "models").exists() and (promoted_run / "gate-op" / "decision").exists()
+    assert next((world.artifacts_dir / "kfp" / f"daily-{HELD_OUT:%Y%m%d}").glob("*/train-op/models/model"))
 
     # Rerunning a day without training changes nothing that serves.
     before = [v.collection for v in lifecycle.versions()]
