@@ -219,9 +219,9 @@ def prune_earlier_runs(settings: Settings, earlier: set[Path]) -> list[Path]:
     first try, a failed run's), keeping their reports; returns what was deleted. The newest run keeps all of its
     files for a person to inspect. Local runs must not overlap (the daily DAG runs one at a time): a run still
     going would lose its inputs. A file that cannot be deleted is logged and left: the training succeeded."""
-    pruned = []
+    pruned, bulky = [], sorted(bulky_outputs())
     for run in sorted(earlier):
-        for task, output in sorted(bulky_outputs()):
+        for task, output in bulky:
             path = run / task / output
             if not path.exists():
                 continue
