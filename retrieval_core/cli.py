@@ -228,7 +228,7 @@ def train_command(
     config = TrainingRunConfig(train=TrainConfig(steps=steps), adapt_pairs_max=adapt_pairs, use_text=text)
     version = version or f"{dt_.datetime.now(dt_.UTC):%Y%m%d%H%M}-{uuid.uuid4().hex[:6]}"
     if kfp:
-        yaml_path = compile_pipeline(s.artifacts_dir / "kfp" / "training_pipeline.yaml")
+        yaml_path = compile_pipeline(s.kfp_local_dir / "training_pipeline.yaml")
         console.print(f"compiled {yaml_path}; running it with kfp.local")
         root = run_locally(s, config.model_dump_json(), version)
         metrics = json.loads(next(root.glob("*/evaluate-op/metrics")).read_text())

@@ -204,6 +204,11 @@ class Settings(BaseSettings):
     def diagnostics_dir(self) -> Path:
         return self.data_dir / "diagnostics"
 
+    @property
+    def kfp_local_dir(self) -> Path:
+        """kfp.local's pipeline roots (``<version>/<run>/<task>/<output>``) and the compiled pipeline."""
+        return self.artifacts_dir / "kfp"
+
     def masked(self) -> dict[str, Any]:
         """The effective settings as plain JSON-able data, with every secret masked."""
         return json.loads(self.model_dump_json())

@@ -106,7 +106,7 @@ def prune_version_files(settings: Settings, live_versions: set[str] | None = Non
     retired = sorted({r.model_version for r in found if r.model_version not in live})
     for version in retired:
         encoding_cache_path(settings, version).unlink(missing_ok=True)
-        shutil.rmtree(settings.artifacts_dir / "kfp" / version, ignore_errors=True)
+        shutil.rmtree(settings.kfp_local_dir / version, ignore_errors=True)
         for registration in (r for r in found if r.model_version == version):
             delete_registration(settings, registration)
     if retired:

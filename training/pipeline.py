@@ -178,7 +178,7 @@ def run_locally(settings: Settings, run_config_json: str, version: str) -> Path:
     finished, the data and model files of every earlier local run go (``prune_earlier_runs``)."""
     from kfp import local
 
-    root = settings.artifacts_dir / "kfp" / version
+    root = settings.kfp_local_dir / version
     earlier = set(runs(settings))
     saved = dict(os.environ)
     # Components run `python3` from PATH: make it this environment's, with the settings exported.
@@ -211,7 +211,7 @@ def bulky_outputs() -> set[tuple[str, str]]:
 
 def runs(settings: Settings) -> list[Path]:
     """Every local run's directory: ``artifacts/kfp/<version>/<run>``."""
-    return sorted(path for path in (settings.artifacts_dir / "kfp").glob("*/*") if path.is_dir())
+    return sorted(path for path in settings.kfp_local_dir.glob("*/*") if path.is_dir())
 
 
 def prune_earlier_runs(settings: Settings, earlier: set[Path]) -> list[Path]:
@@ -247,7 +247,7 @@ def run_pipeline(settings: Settings, run_config_json: str, version: str) -> dict
     else:  # submit exactly the compiled YAML to the cluster and wait for it
         import kfp
 
-        package = compile_pipeline(settings.artifacts_dir / "kfp" / "training_pipeline.yaml")
+        package = compile_pipeline(settings.kfp_local_dir / "training_pipeline.yaml")
         token = settings.kfp.token.get_secret_value() if settings.kfp.token else None
         client = kfp.Client(host=settings.kfp.host, existing_token=token)
         run = client.create_run_from_pipeline_package(str(package), arguments={"run_config": run_config_json,
