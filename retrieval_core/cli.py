@@ -220,7 +220,7 @@ def train_command(
 
     from rich.table import Table
 
-    from training.pipeline import compile_pipeline, run_locally
+    from training.pipeline import TrainingRunInProgress, compile_pipeline, run_locally
     from training.stages import TrainingRunConfig, run_training
     from training.train import TrainConfig
 
@@ -230,7 +230,11 @@ def train_command(
     if kfp:
         yaml_path = compile_pipeline(s.kfp_local_dir / "training_pipeline.yaml")
         console.print(f"compiled {yaml_path}; running it with kfp.local")
-        root = run_locally(s, config.model_dump_json(), version)
+        try:
+            root = run_locally(s, config.model_dump_json(), version)
+        except TrainingRunInProgress as exc:
+            console.print(f"[red]refused[/] {exc}")
+            raise typer.Exit(code=3) from exc
         metrics = json.loads(next(root.glob("*/evaluate-op/metrics")).read_text())
         where = root
     else:

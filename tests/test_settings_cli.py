@@ -87,3 +87,33 @@ def test_land_command_reports_rejection_with_exit_code_2(tmp_path, monkeypatch: 
     assert result.exit_code == 2
     assert "rejected" in result.output and "readable parquet" in result.output
     assert (tmp_path / "data" / "quarantine" / "events" / "ds=2026-10-01" / "reason.json").exists()
+
+
+def test_train_command_is_refused_with_exit_code_3_while_another_run_holds_the_lock(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from training.pipeline import local_run_lock
+
+    monkeypatch.setenv("UER_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("UER_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
+    get_settings.cache_clear()
+    held, done = threading.Event(), threading.Event()
+
+    def other_run() -> None:  # the lock is held by another thread, as by another process
+        with local_run_lock(get_settings()):
+            held.set()
+            done.wait(60)
+
+    holder = threading.Thread(target=other_run)
+    holder.start()
+    try:
+        assert held.wait(30)
+        result = CliRunner().invoke(app, ["train", "--version", "by-hand"])
+    finally:
+        done.set()
+        holder.join()
+        get_settings.cache_clear()
+    assert result.exit_code == 3, result.output
+    assert "another local training run holds" in result.output
+    assert not (tmp_path / "artifacts" / "kfp" / "by-hand").exists()

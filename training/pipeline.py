@@ -16,12 +16,18 @@ import shutil
 import sys
 from pathlib import Path
 
+from filelock import FileLock, Timeout
 from kfp import compiler, dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 from retrieval_core.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class TrainingRunInProgress(RuntimeError):
+    """Another local training run holds the lock: running now would delete that run's inputs when it finished."""
+
 
 # In a cluster the image carries the project; locally the current environment does.
 COMPONENT = {"base_image": "ghcr.io/uer/unified-retrieval:latest", "install_kfp_package": False}
@@ -179,20 +185,37 @@ def run_locally(settings: Settings, run_config_json: str, version: str) -> Path:
     from kfp import local
 
     root = settings.kfp_local_dir / version
-    earlier = set(runs(settings))
-    saved = dict(os.environ)
-    # Components run `python3` from PATH: make it this environment's, with the settings exported.
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    os.environ.update({"UER_PROFILE": settings.profile, "UER_DATA_DIR": str(settings.data_dir),
-                       "UER_ARTIFACTS_DIR": str(settings.artifacts_dir)})
+    # One local run at a time: a run finishing deletes the inputs of every other run it saw.
+    lock = local_run_lock(settings)
     try:
-        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-        training_pipeline(run_config=run_config_json, version=version)
+        lock.acquire()
+    except Timeout:
+        raise TrainingRunInProgress(
+            f"another local training run holds {lock.lock_file} (the daily DAG or a `uer train`): wait for it to "
+            f"finish and run again; nothing was run or deleted") from None
+    try:
+        earlier = set(runs(settings))
+        saved = dict(os.environ)
+        # Components run `python3` from PATH: make it this environment's, with the settings exported.
+        os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        os.environ.update({"UER_PROFILE": settings.profile, "UER_DATA_DIR": str(settings.data_dir),
+                           "UER_ARTIFACTS_DIR": str(settings.artifacts_dir)})
+        try:
+            local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+            training_pipeline(run_config=run_config_json, version=version)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        prune_earlier_runs(settings, earlier)
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    prune_earlier_runs(settings, earlier)
+        lock.release()
     return root
+
+
+def local_run_lock(settings: Settings) -> FileLock:
+    """The lock every local run holds from start to prune (an OS lock: it goes with a killed process)."""
+    settings.kfp_local_dir.mkdir(parents=True, exist_ok=True)
+    return FileLock(settings.kfp_local_dir / ".run.lock", timeout=0)
 
 
 # What a run's own later steps read and nothing after it: its dataset, encodings and models (~1.8 GB a day on the
@@ -217,8 +240,8 @@ def runs(settings: Settings) -> list[Path]:
 def prune_earlier_runs(settings: Settings, earlier: set[Path]) -> list[Path]:
     """Delete the Dataset and Model artefacts of the given finished runs (a refused candidate's, a rerun day's
     first try, a failed run's), keeping their reports; returns what was deleted. The newest run keeps all of its
-    files for a person to inspect. Local runs must not overlap (the daily DAG runs one at a time): a run still
-    going would lose its inputs. A file that cannot be deleted is logged and left: the training succeeded."""
+    files for a person to inspect. Only under ``local_run_lock``: a run still going would lose its inputs. A file
+    that cannot be deleted is logged and left: the training succeeded."""
     pruned, bulky = [], sorted(bulky_outputs())
     for run in sorted(earlier):
         for task, output in bulky:
