@@ -28,13 +28,16 @@ def main() -> None:
     parser.add_argument("action", choices=["register", "restore"])
     args = parser.parse_args()
 
+    from feature_repo.warehouse import EMBEDDINGS, copy_version
     from serving.bundle import registered_versions
     from training.export import register_model
-    from training.gate import production_pointer, promote
+    from training.gate import pointer_record, promote, read_pointer
 
     settings = get_settings()
     models_dir = settings.artifacts_dir / "models"
-    pointer = json.loads(production_pointer(models_dir).read_text())
+    pointer = pointer_record(read_pointer(models_dir))
+    if pointer is None:
+        raise SystemExit(f"no production model in {models_dir}: run `uer train` first")
     version, metrics = pointer["version"], Path(pointer["metrics"])
     if args.action == "restore":
         promote(models_dir, version.removesuffix(SUFFIX), metrics)
@@ -52,6 +55,7 @@ def main() -> None:
         (models / "boost.json").write_text(json.dumps(boost, indent=2))
         encoder = source / "text_encoder"
         tag = register_model(settings, version + SUFFIX, models, encoder if encoder.exists() else None)
+    copy_version(settings, EMBEDDINGS, version, version + SUFFIX)  # the same encodings, as its export would write
     promote(models_dir, version + SUFFIX, metrics)
     print(f"registered {tag}; production -> {version + SUFFIX}")
 

@@ -415,6 +415,16 @@ def version_rows(settings: Settings, name: str, version: str, columns: list[str]
     return pa.Table.from_pylist([dict(zip(columns, row, strict=True)) for row in rows], schema=schema)
 
 
+def copy_version(settings: Settings, name: str, source: str, target: str) -> int:
+    """Write ``source``'s rows of the written source ``name`` again as ``target``'s (a version registered with
+    another's encodings, as ``benchmarks/full_width_bundle.py`` does); returns the rows."""
+    schema, version_column = WRITTEN_SOURCES[name]
+    rows = version_rows(settings, name, source, schema.names)
+    column = rows.schema.get_field_index(version_column)
+    rows = rows.set_column(column, version_column, pa.array([target] * rows.num_rows, pa.string()))
+    return write_version(settings, name, rows, target)
+
+
 def version_keys(settings: Settings, name: str, version: str, key: str) -> list:
     """The ``key`` column of ``version``'s rows of the written source ``name``."""
     return version_rows(settings, name, version, [key]).column(key).to_pylist()

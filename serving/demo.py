@@ -15,7 +15,7 @@ from rich.table import Table
 
 from feature_repo.warehouse import read_published
 from retrieval_core.settings import Settings, get_settings
-from training.gate import production_pointer
+from training.gate import pointer_record, read_pointer
 
 console = Console()
 
@@ -76,11 +76,10 @@ def main(url: str | None = None) -> None:
 
 
 def print_evaluation(settings: Settings) -> None:
-    pointer = production_pointer(settings.artifacts_dir / "models")
-    if not pointer.exists():
+    production = pointer_record(read_pointer(settings.artifacts_dir / "models"))
+    if production is None:
         console.print("no production model yet")
         return
-    production = json.loads(pointer.read_text())
     metrics = json.loads(Path(production["metrics"]).read_text())
     table = Table(title=f"test-window purchases, production model {production['version']}")
     for column in ("system", "recall@10", "recall@100", "recall@1000", "ndcg@10"):

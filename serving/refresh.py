@@ -24,11 +24,23 @@ from serving.bundle import ModelBundle, ModelNotFound, registered_versions
 from serving.index import IndexLifecycle, IndexVersion
 from training.batching import product_text
 from training.dataset import product_features
-from training.gate import kept_metrics, production_pointer, production_version, promote, restore_pointer
+from training.gate import (
+    kept_metrics,
+    pointer_record,
+    production_pointer,
+    production_version,
+    promote,
+    read_pointer,
+    restore_pointer,
+)
 from training.stages import publish_product_embeddings
 from training.text_encoder import EmbeddingCache
 
 log = logging.getLogger(__name__)
+
+
+class EncodingsMissing(LookupError):
+    """A model version's product embeddings are not in the warehouse (never exported, or pruned)."""
 
 
 @dataclass
@@ -60,7 +72,7 @@ def serving_model_version(settings: Settings) -> str:
 
 
 def roll_back(settings: Settings, forward: bool = False) -> tuple[IndexVersion, str]:
-    """Point the alias at the previous ready collection (``IndexLifecycle.rollback``; ``forward``: the next one,
+    """Point the alias at the previous served collection (``IndexLifecycle.rollback``; ``forward``: the next one,
     undoing a rollback) and production at its model, so the next training run is gated against the model that
     serves, not the one just taken out of service (and ``production_retriever`` evaluates the serving one).
     Production stays where it is when the model is the same, has no registered bundle or was never promoted (no
@@ -69,7 +81,8 @@ def roll_back(settings: Settings, forward: bool = False) -> tuple[IndexVersion, 
     index = IndexLifecycle(settings)
     current, target = index.rollback_target(forward)
     models_dir = settings.artifacts_dir / "models"
-    production = production_version(models_dir)
+    before = read_pointer(models_dir)  # once: the version it names is the one a failed swap puts back
+    production = (pointer_record(before) or {}).get("version")
     metrics = kept_metrics(models_dir, target.model_version)
     if target.model_version == production:
         said = f"production stays {production}"
@@ -77,8 +90,6 @@ def roll_back(settings: Settings, forward: bool = False) -> tuple[IndexVersion, 
         said = (f"production stays {production}: {target.model_version} has no registered bundle or was never "
                 f"promoted (no {metrics}); the next training run is still gated against {production}")
     else:
-        pointer = production_pointer(models_dir)
-        before = pointer.read_bytes() if pointer.exists() else None
         moved = "rolled_forward_from" if forward else "rolled_back_from"
         promote(models_dir, target.model_version, metrics,
                 {moved: current.model_version, "at": dt.datetime.now(dt.UTC).isoformat()})
@@ -111,10 +122,17 @@ def with_version_encodings(settings: Settings, bundle: ModelBundle,
     tower's fallback), and the text encoding of each product's *current* text through the version's cache, so
     only new and changed texts are encoded (a product whose title changed since the version encoded it gets
     its new text's encoding). Returns the rows, which rows' encodings differ from the ones Feast read, and how
-    many texts were newly encoded. Writes nothing."""
+    many texts were newly encoded. Writes nothing. A version with a graph but no rows at all is refused
+    (``EncodingsMissing``): every product would take the tower's fallback, an index quietly worse than the one
+    the version was promoted on, which no index check would notice."""
     products = products.copy()
     changed = (products["embedding_version"] != bundle.model_version).to_numpy(dtype=bool, na_value=True)
     own = version_rows(settings, EMBEDDINGS, bundle.model_version, ["product_id", "graph_embedding"])
+    if bundle.model.config.graph_dim and own.num_rows == 0:
+        raise EncodingsMissing(
+            f"model {bundle.model_version} has no rows in {EMBEDDINGS} (never exported, or pruned as retired): "
+            "its graph encodings are gone, so its product vectors cannot be rebuilt. Serve a version that has "
+            "them (`uer index status` lists what is kept) or train a new one; nothing was published")
     graph = dict(zip(own.column("product_id").to_pylist(),
                      own.column("graph_embedding").to_numpy(zero_copy_only=False), strict=True))
     products["graph_embedding"] = [graph.get(product_id) for product_id in products["product_id"]]

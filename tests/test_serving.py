@@ -47,6 +47,17 @@ def lifecycle(settings: Settings) -> IndexLifecycle:
     return IndexLifecycle(settings)
 
 
+def register_copy(settings: Settings, version: str) -> None:
+    """``FIRST``'s weights as a version of its own, exported as the export step does: its bundle registered and
+    its product embeddings written (a refresh refuses a version without them)."""
+    from feature_repo.warehouse import EMBEDDINGS, copy_version
+    from training.export import register_model
+
+    run = settings.artifacts_dir / "models" / FIRST
+    register_model(settings, version, run, run / "text_encoder")
+    copy_version(settings, EMBEDDINGS, FIRST, version)
+
+
 # -- filters ---------------------------------------------------------------------------------------------
 
 
@@ -252,14 +263,13 @@ def test_the_nightly_work_follows_what_serves_so_a_rollback_stays_rolled_back(se
     production's, undoing the rollback). An alias on a model that is not registered falls back to production."""
     from serving.bundle import ModelBundle
     from serving.refresh import catalogue_with_encodings, refresh_index, serving_model_version
-    from training.export import register_model
     from training.gate import production_pointer, promote
 
     index = lifecycle(served)
     pointer = production_pointer(served.artifacts_dir / "models")
     saved = pointer.read_text()
     run = served.artifacts_dir / "models" / FIRST
-    register_model(served, "serve-newer", run, run / "text_encoder")  # same weights, a version of its own
+    register_copy(served, "serve-newer")
     try:
         refresh_index(served, "serve-newer")
         assert serving_model_version(served) == "serve-newer"
@@ -291,7 +301,6 @@ def test_a_rollback_makes_the_served_model_production_so_the_next_gate_compares_
 
     from serving.bundle import ModelBundle
     from serving.refresh import catalogue_with_encodings, refresh_index, roll_back
-    from training.export import register_model
     from training.gate import production_metrics, production_pointer, promote
 
     models = served.artifacts_dir / "models"
@@ -299,7 +308,7 @@ def test_a_rollback_makes_the_served_model_production_so_the_next_gate_compares_
     saved = pointer.read_text()
     run = models / FIRST
     for version in ("serve-later", "serve-untried"):
-        register_model(served, version, run, run / "text_encoder")
+        register_copy(served, version)
     later_metrics = json.loads((run / "metrics.json").read_text()) | {"run": "serve-later"}
     kfp_metrics = tmp_path / "evaluate-op" / "metrics"  # as a KFP run leaves them
     kfp_metrics.parent.mkdir()
@@ -359,14 +368,13 @@ def test_a_rollback_that_fails_half_way_leaves_alias_and_production_as_they_were
 
     import serving.refresh
     from serving.refresh import refresh_index, roll_back
-    from training.export import register_model
     from training.gate import production_pointer, promote
 
     models = served.artifacts_dir / "models"
     pointer = production_pointer(models)
     saved = pointer.read_bytes()
     run = models / FIRST
-    register_model(served, "serve-earlier", run, run / "text_encoder")
+    register_copy(served, "serve-earlier")
     try:
         refresh_index(served, "serve-earlier")
         promote(models, "serve-earlier", run / "metrics.json")
@@ -514,7 +522,7 @@ def test_states_of_bundles_that_no_longer_serve_are_pruned_online_and_offline(se
     assert reader.stored_states(production, [10**9]) == {}
 
     run = served.artifacts_dir / "models" / FIRST
-    register_model(served, "serve-pruned", run, run / "text_encoder")  # same weights, a version of its own
+    register_copy(served, "serve-pruned")
     unpublished = ModelBundle.load(served, "serve-pruned")
     publish_user_states(served, "serve-pruned")
     users = pd.read_parquet(partition)["user_id"].head(5).tolist()
@@ -618,6 +626,34 @@ def test_a_refresh_uses_its_versions_own_encodings_and_retired_versions_are_prun
     assert prune_product_embeddings(served, kept) == ["retired-version"]
     assert set(written_versions(served, EMBEDDINGS)) == kept
     assert not (product_features(served, dt.datetime.now(dt.UTC))["embedding_version"] == "retired-version").any()
+
+
+def test_a_version_whose_product_embeddings_are_gone_is_not_published(served: Settings) -> None:
+    """Without its rows every product would take the tower's graph fallback: an index quietly worse than the one
+    the version was promoted on, with nothing to flag it (the ANN check compares it with itself). The refresh is
+    refused by name and the alias stays; the gate skips evaluating such a production model, as one that no
+    longer loads."""
+    from feature_repo.warehouse import EMBEDDINGS, delete_version, version_rows, write_version
+    from feature_repo.warehouse import WRITTEN_SOURCES as sources
+    from serving.refresh import EncodingsMissing, production_model_version, refresh_index
+    from training.stages import production_retriever
+
+    index = lifecycle(served)
+    before, collections = index.serving(), index.versions()
+    production = production_model_version(served)
+    dataset = served.artifacts_dir / "models" / production / "dataset"  # its training run's (run_training)
+    assert production_retriever(served, dataset) is not None
+    rows = version_rows(served, EMBEDDINGS, production, sources[EMBEDDINGS][0].names)
+    assert rows.num_rows > 0
+    delete_version(served, EMBEDDINGS, production)
+    try:
+        with pytest.raises(EncodingsMissing, match=f"model {production} has no rows in {EMBEDDINGS}"):
+            refresh_index(served, production)
+        assert index.serving() == before and index.versions() == collections  # nothing built, nothing moved
+        assert production_retriever(served, dataset) is None
+    finally:
+        write_version(served, EMBEDDINGS, rows, production)
+    assert refresh_index(served, production).model_version == production  # rows back: published again
 
 
 def test_a_retired_versions_files_are_deleted_but_never_productions_or_a_newer_candidates(
@@ -855,10 +891,8 @@ def test_api_rejects_bad_input_with_a_clear_4xx(api: str, body: dict) -> None:
 
 def test_alias_swap_under_load_fails_no_request_and_is_picked_up(api: str, served: Settings) -> None:
     from serving.refresh import refresh_index
-    from training.export import register_model
 
-    run = served.artifacts_dir / "models" / FIRST
-    register_model(served, SECOND, run, run / "text_encoder")  # same weights, a new version label
+    register_copy(served, SECOND)
     failures, seen, stop = [], set(), threading.Event()
 
     def client() -> None:

@@ -120,18 +120,30 @@ def production_pointer(models_dir: Path) -> Path:
     return models_dir / "production.json"
 
 
+def read_pointer(models_dir: Path) -> bytes | None:
+    """The production pointer as it is now, read once (``None``: nothing promoted yet): what ``restore_pointer``
+    puts back, and what ``pointer_record`` parses."""
+    try:
+        return production_pointer(models_dir).read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def pointer_record(saved: bytes | None) -> dict | None:
+    """``{"version", "metrics", …}`` of a pointer read by ``read_pointer``."""
+    return None if saved is None else json.loads(saved)
+
+
 def production_version(models_dir: Path) -> str | None:
     """The version in production, if any."""
-    pointer = production_pointer(models_dir)
-    return json.loads(pointer.read_text())["version"] if pointer.exists() else None
+    record = pointer_record(read_pointer(models_dir))
+    return None if record is None else record["version"]
 
 
 def production_metrics(models_dir: Path) -> dict | None:
     """Metrics of the model currently in production, if any."""
-    pointer = production_pointer(models_dir)
-    if not pointer.exists():
-        return None
-    return json.loads(Path(json.loads(pointer.read_text())["metrics"]).read_text())
+    record = pointer_record(read_pointer(models_dir))
+    return None if record is None else json.loads(Path(record["metrics"]).read_text())
 
 
 def kept_metrics(models_dir: Path, version: str) -> Path:

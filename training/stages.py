@@ -302,9 +302,10 @@ def production_retriever(settings: Settings, dataset: Path) -> Retriever | None:
     """The model serving now, as it serves (its own text encoder and graph, boosting appended), on
     this run's evaluation catalogue. None before the first promotion, and None (with a warning) when
     the production bundle no longer loads with this code — after an architecture change the new model
-    must still be evaluated and gated, not fail on yesterday's weights."""
+    must still be evaluated and gated, not fail on yesterday's weights — or its product embeddings are
+    gone from the warehouse (``EncodingsMissing``)."""
     from serving.bundle import ModelBundle, ModelNotFound
-    from serving.refresh import production_model_version, with_version_encodings
+    from serving.refresh import EncodingsMissing, production_model_version, with_version_encodings
 
     try:
         version = production_model_version(settings)
@@ -315,7 +316,11 @@ def production_retriever(settings: Settings, dataset: Path) -> Retriever | None:
     except (ModelNotFound, RuntimeError, ValueError, KeyError) as exc:
         logging.getLogger(__name__).warning("production model %s not evaluated: it does not load (%s)", version, exc)
         return None
-    products, _, _ = with_version_encodings(settings, bundle, pd.read_parquet(dataset / "eval_products.parquet"))
+    try:
+        products, _, _ = with_version_encodings(settings, bundle, pd.read_parquet(dataset / "eval_products.parquet"))
+    except EncodingsMissing as exc:
+        logging.getLogger(__name__).warning("production model %s not evaluated: %s", version, exc)
+        return None
     p = bundle.product_vectors(products)
 
     def retrieve(rows: pd.DataFrame, k: int) -> np.ndarray:
