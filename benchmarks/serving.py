@@ -598,7 +598,7 @@ def benchmark_catalogue(settings: Settings, total: int, n_queries: int, noise: f
 
 
 def run_scaled(args: argparse.Namespace) -> None:
-    from serving.index import IndexCheckFailed, IndexLifecycle, IndexVersion
+    from serving.index import IndexCheckFailed, IndexLifecycle
     from serving.refresh import production_model_version, refresh_index
 
     settings = get_settings()
@@ -704,8 +704,7 @@ def run_scaled(args: argparse.Namespace) -> None:
         if not args.keep:  # leave the server serving the real catalogue, without the synthetic collections
             serving = lifecycle.serving()
             if serving is not None and serving.collection in synthetic:
-                lifecycle.swap(IndexVersion(base.collection, base.model_version, base.index_version,
-                                            base.created_at, True))
+                lifecycle.swap(base)
             for name in synthetic:
                 if name in lifecycle.client.list_collections():
                     lifecycle.drop(name)

@@ -279,7 +279,7 @@ def index_status() -> None:
     serving = lifecycle.serving()
     for v in lifecycle.versions():
         mark = "→" if serving is not None and v.collection == serving.collection else " "
-        console.print(f"{mark} {v.collection}  model={v.model_version}  ready={v.ready}  created={v.created_at}")
+        console.print(f"{mark} {v.collection}  model={v.model_version}  state={v.state}  created={v.created_at}")
 
 
 def _re_point(forward: bool) -> None:
@@ -292,14 +292,14 @@ def _re_point(forward: bool) -> None:
 
 @index.command("rollback")
 def index_rollback() -> None:
-    """Point the alias back at the previous ready collection, and production at its model (what the next
+    """Point the alias back at the previous served collection, and production at its model (what the next
     training run is gated against)."""
     _re_point(forward=False)
 
 
 @index.command("rollforward")
 def index_rollforward() -> None:
-    """Undo a rollback: point the alias at the next ready collection (kept after a rollback), and production at
+    """Undo a rollback: point the alias at the next served collection (kept after a rollback), and production at
     its model."""
     _re_point(forward=True)
 

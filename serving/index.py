@@ -2,12 +2,14 @@
 
 build (create, insert, index, wait until no row is pending, load, wait until every segment is served
 from its index) → check (row count = catalogue, ANN recall@100 against exact search on a sample, a
-smoke query) → mark ready → swap the alias →
-prune (keep the previous ``keep_previous`` ready collections for rollback; never drop a collection an
+smoke query) → mark checked → swap the alias → mark served →
+prune (keep the previous ``keep_previous`` served collections for rollback; never drop a collection an
 alias points to — Milvus would let us, and serving would break silently).
 
 A crash at any step before the swap leaves the alias where it was; the half-built collection is not
-marked ready, so it can never be swapped to and the next prune removes it.
+marked checked, so it can never be swapped to, and a checked one that was never swapped in is no rollback
+target: a prune removes either once it is older than the collection serving and than ``unfinished_grace_s``
+(younger, it may be the other DAG's publication in progress).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import datetime as dt
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -47,13 +49,31 @@ class AliasTargetMissing(RuntimeError):
     """The serving alias does not exist yet (nothing published) or points nowhere usable."""
 
 
+# A collection's life (its STATE property): BUILDING until ``check`` passes, CHECKED until the alias first points
+# to it, then SERVED. Only a SERVED one is a rollback or rollforward target: a CHECKED one older than what serves
+# is a publication that crashed before its swap. Collections published before the SERVED state existed say
+# "ready" (checked, and all but a crashed few served): read as SERVED.
+BUILDING, CHECKED, SERVED = "building", "checked", "served"
+LEGACY_STATES = {"ready": SERVED}
+
+
 @dataclass(frozen=True)
 class IndexVersion:
     collection: str
     model_version: str
     index_version: str
     created_at: str
-    ready: bool
+    state: str
+
+    @property
+    def ready(self) -> bool:
+        """Checked: the alias may point to it."""
+        return self.state in (CHECKED, SERVED)
+
+    @property
+    def served(self) -> bool:
+        """The alias has pointed to it: what a rollback or rollforward may return to."""
+        return self.state == SERVED
 
 
 def index_version_for(model_version: str, now: dt.datetime | None = None) -> str:
@@ -70,6 +90,9 @@ class IndexLifecycle:
     """Create, check, publish, roll back and prune the product collections of one alias."""
 
     poll_s = 1.0  # seconds between polls of the index build and of the segment handoff
+    # An unserved collection younger than this may be another process's publication (the daily and the nightly
+    # DAG can overlap) and is not pruned; it outlasts the build's own waits (30 + 15 min).
+    unfinished_grace_s = 3 * 3600.0
 
     def __init__(self, settings: Settings, client: object | None = None):
         self.settings, self.config = settings, settings.milvus
@@ -87,8 +110,9 @@ class IndexLifecycle:
             props = self.client.describe_collection(name).get("properties", {})
             if MODEL_VERSION not in props:
                 continue
+            state = props.get(STATE, BUILDING)
             out.append(IndexVersion(name, props[MODEL_VERSION], props[INDEX_VERSION], props[CREATED_AT],
-                                    props.get(STATE) == "ready"))
+                                    LEGACY_STATES.get(state, state)))
         return sorted(out, key=lambda v: v.created_at)
 
     def serving(self) -> IndexVersion | None:
@@ -124,7 +148,7 @@ class IndexLifecycle:
                          params=self.index_params(self.config.index_type, len(products)))
         self.client.create_collection(name, schema=schema, index_params=params)
         self.client.alter_collection_properties(name, properties={
-            MODEL_VERSION: model_version, INDEX_VERSION: index_version, CREATED_AT: created, STATE: "building"})
+            MODEL_VERSION: model_version, INDEX_VERSION: index_version, CREATED_AT: created, STATE: BUILDING})
         log.info("index %s: inserting %d products", name, len(products))
         ids = products["product_id"].to_numpy(np.int64)
         scalars = {f: products.get(f, pd.Series("", index=products.index)).fillna("").astype(str).str[:n].tolist()
@@ -140,7 +164,7 @@ class IndexLifecycle:
         self._wait_indexed(name, len(ids))
         self.client.load_collection(name)
         self.wait_served_from_index(name)
-        return IndexVersion(name, model_version, index_version, created, False)
+        return IndexVersion(name, model_version, index_version, created, BUILDING)
 
     def index_params(self, index_type: str, rows: int) -> dict:
         """Build parameters of ``index_type`` for a collection of ``rows`` vectors (IVF_FLAT: nlist ≈ 4·√rows;
@@ -276,21 +300,38 @@ class IndexLifecycle:
         smoke = self.search(version.collection, queries[:1], 10)
         if len(smoke[0]) != min(10, len(product_ids)):
             raise IndexCheckFailed(f"{version.collection}: smoke query returned {len(smoke[0])} results")
-        self.client.alter_collection_properties(version.collection, properties={STATE: "ready"})
+        self.client.alter_collection_properties(version.collection, properties={STATE: CHECKED})
         return {"rows": count, "ann_recall_at_100": recall}
 
     # -- publish, roll back, prune -------------------------------------------------------------------
 
     def swap(self, version: IndexVersion) -> None:
-        """Point the alias at ``version`` in one call (requests never see a missing alias)."""
-        current = {v.collection: v for v in self.versions()}.get(version.collection)
+        """Point the alias at ``version`` in one call (requests never see a missing alias), then mark it SERVED
+        (after: a crash in between leaves a served collection unmarked, never an unserved one marked; the
+        collection the alias leaves is marked too, which mends that)."""
+        versions = {v.collection: v for v in self.versions()}
+        current = versions.get(version.collection)
         if current is None or not current.ready:
             raise IndexCheckFailed(f"{version.collection} is not a checked, ready collection: refusing to publish")
         if self.config.alias in self.client.list_aliases().get("aliases", []):
+            leaving = versions.get(self.client.describe_alias(self.config.alias)["collection_name"])
             self.client.alter_alias(version.collection, self.config.alias)
+            if leaving is not None and not leaving.served:
+                self._mark_served(leaving)
         else:
             self.client.create_alias(version.collection, self.config.alias)
+        if not current.served:
+            self._mark_served(current)
         log.info("alias %s → %s", self.config.alias, version.collection)
+
+    def _mark_served(self, version: IndexVersion) -> None:
+        """Best effort: the alias has moved, so a failure here must not fail the publication (the mark is mended
+        when the alias next leaves it)."""
+        try:
+            self.client.alter_collection_properties(version.collection, properties={STATE: SERVED})
+        except Exception as exc:  # noqa: BLE001 - any engine error: the swap itself succeeded
+            log.warning("could not mark %s as served (%s): it is no rollback target until the alias leaves it",
+                        version.collection, exc)
 
     def publish(self, model_version: str, products: pd.DataFrame, vectors: np.ndarray,
                 queries: np.ndarray | None = None) -> tuple[IndexVersion, dict[str, float]]:
@@ -303,29 +344,30 @@ class IndexLifecycle:
             raise
         self.swap(version)
         self.prune()
-        return version, checks
+        return replace(version, state=SERVED), checks
 
     def rollback_target(self, forward: bool = False) -> tuple[IndexVersion, IndexVersion]:
         """The collection serving and the one to re-point the alias to, without moving anything: the newest
-        ready collection older than it, or with ``forward`` the oldest ready one newer than it (what a rollback
-        left, kept by ``prune``)."""
+        collection older than it that has served, or with ``forward`` the oldest newer one that has served (what
+        a rollback left, kept by ``prune``). Never one that was checked but not swapped in (a crashed
+        publication, or one between its check and its swap)."""
         current = self.serving()
         if current is None:
             raise AliasTargetMissing(f"alias {self.config.alias!r} does not exist: nothing to roll back or forward")
-        ready = [v for v in self.versions() if v.ready]
+        served = [v for v in self.versions() if v.served]
         if forward:
-            newer = [v for v in ready if v.created_at > current.created_at]
+            newer = [v for v in served if v.created_at > current.created_at]
             if not newer:
-                raise AliasTargetMissing(f"no later ready collection than {current.collection} is kept")
+                raise AliasTargetMissing(f"no later collection than {current.collection} that has served is kept")
             return current, newer[0]
-        older = [v for v in ready if v.created_at < current.created_at]
+        older = [v for v in served if v.created_at < current.created_at]
         if not older:
-            raise AliasTargetMissing(f"no earlier ready collection than {current.collection} is kept")
+            raise AliasTargetMissing(f"no earlier collection than {current.collection} that has served is kept")
         return current, older[-1]
 
     def rollback(self, forward: bool = False) -> IndexVersion:
-        """Re-point the alias to the newest ready collection older than the one serving (``forward``: the
-        oldest newer one)."""
+        """Re-point the alias to the newest collection older than the one serving that has served (``forward``:
+        the oldest newer one)."""
         _, target = self.rollback_target(forward)
         self.swap(target)
         return target
@@ -336,19 +378,23 @@ class IndexLifecycle:
         self.client.drop_collection(collection)
 
     def prune(self) -> list[str]:
-        """Drop crashed builds older than the serving collection, and ready ones beyond the newest
-        ``keep_previous`` older than it. Never a collection an alias points to."""
+        """Drop crashed builds and publications older than the serving collection (never served, and older than
+        ``unfinished_grace_s``), and served ones beyond the newest ``keep_previous`` older than it. Never a
+        collection an alias points to."""
         serving = self.serving()
-        kept_ready = 0
+        kept_served = 0
         dropped = []
+        stale = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=self.unfinished_grace_s)
         for version in reversed(self.versions()):
             if self._aliased(version.collection):
                 continue
             newer = serving is None or version.created_at > serving.created_at
-            if newer:  # a build in progress, or a newer ready one after a rollback (roll-forward)
+            if newer:  # a build or publication in progress, or a newer served one after a rollback
                 continue
-            if version.ready and kept_ready < self.config.keep_previous:
-                kept_ready += 1
+            if not version.served and dt.datetime.fromisoformat(version.created_at) > stale:  # another DAG's, going
+                continue
+            if version.served and kept_served < self.config.keep_previous:
+                kept_served += 1
                 continue
             self.client.drop_collection(version.collection)
             dropped.append(version.collection)

@@ -219,6 +219,7 @@ def test_failed_check_and_crash_mid_build_leave_the_alias_serving(served: Settin
     assert index.serving() == before and len(leftovers) == 1
     with pytest.raises(IndexCheckFailed, match="not a checked"):
         index.swap(leftovers[0])  # a half-built collection can never be published
+    index.drop(leftovers[0].collection)  # a prune keeps it for hours (it could be another process's build)
 
 
 def test_swap_rollback_prune_and_never_drop_the_aliased(served: Settings) -> None:
@@ -239,6 +240,39 @@ def test_swap_rollback_prune_and_never_drop_the_aliased(served: Settings) -> Non
     names = [v.collection for v in index.versions()]
     assert names[-1] == fourth.collection and len(names) == served.milvus.keep_previous + 1
     assert first.collection not in names
+
+
+def test_a_publication_that_crashed_before_its_swap_is_never_rolled_to_and_is_pruned(
+        served: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checked but never swapped in (the refresh died between its check and its swap): a rollforward used to
+    reach it, and a rollback from a later publication too, though it never served and nobody chose it. A
+    prune keeps it for a few hours (it may be the other DAG's publication in progress), then drops it. And a
+    collection that served but died before it was marked is mended when the alias leaves it."""
+    from serving import refresh
+    from serving.index import CHECKED, STATE
+
+    index = lifecycle(served)
+    served_last = refresh.refresh_index(served).index
+
+    def die(self: IndexLifecycle, version: object) -> None:
+        raise KeyboardInterrupt("killed before the swap")
+
+    monkeypatch.setattr(IndexLifecycle, "swap", die)
+    with pytest.raises(KeyboardInterrupt):
+        refresh.refresh_index(served)
+    monkeypatch.undo()
+    [unswapped] = [v for v in index.versions() if v.created_at > served_last.created_at]
+    assert unswapped.state == CHECKED and index.serving().collection == served_last.collection
+    with pytest.raises(AliasTargetMissing, match="no later collection .* that has served"):
+        index.rollback(forward=True)
+    newest = refresh.refresh_index(served).index
+    assert unswapped.collection in [v.collection for v in index.versions()]  # young: maybe still publishing
+    monkeypatch.setattr(IndexLifecycle, "unfinished_grace_s", 0.0)
+    assert index.prune() == [unswapped.collection]  # older than what serves, never served, no longer young
+    # died after its swap, before its mark: marked when the alias leaves it, so a rollforward returns to it
+    index.client.alter_collection_properties(newest.collection, properties={STATE: CHECKED})
+    assert index.rollback().collection == served_last.collection
+    assert index.rollback(forward=True).collection == newest.collection
 
 
 def test_a_milvus_lite_server_of_another_data_directory_is_refused(served: Settings, tmp_path: Path) -> None:
@@ -332,7 +366,7 @@ def test_a_rollback_makes_the_served_model_production_so_the_next_gate_compares_
         assert json.loads(pointer.read_text())["version"] == FIRST
         assert json.loads(pointer.read_text())["rolled_forward_from"] == "serve-later"
         assert f"production serve-later → {FIRST}" in said
-        with pytest.raises(AliasTargetMissing, match="no later ready collection"):
+        with pytest.raises(AliasTargetMissing, match="no later collection .* that has served"):
             roll_back(served, forward=True)
 
         bundle = ModelBundle.load(served, FIRST)
