@@ -97,7 +97,7 @@ MILVUS_PORT ?= 19530
 BENCH_PRODUCTS ?= 1000000
 
 milvus-start: setup  ## standalone Milvus server (benchmarks) on 127.0.0.1:19530, in its own network namespace
-	$(UV) sync --frozen --group bench-milvus
+	$(UV) sync --frozen --compile-bytecode --group bench-milvus
 	$(VENV)/bin/python infra/milvus_standalone.py start --port $(MILVUS_PORT)
 
 milvus-stop:  ## stop the standalone Milvus server (WIPE=1 also deletes data/milvus_standalone)

@@ -416,12 +416,17 @@ def version_rows(settings: Settings, name: str, version: str, columns: list[str]
 
 
 def copy_version(settings: Settings, name: str, source: str, target: str) -> int:
-    """Write ``source``'s rows of the written source ``name`` again as ``target``'s (a version registered with
-    another's encodings, as ``benchmarks/full_width_bundle.py`` does); returns the rows."""
+    """Write ``source``'s rows of the written source ``name`` again as ``target``'s, stamped now as a write of
+    its own would be (a version registered with another's encodings, as ``benchmarks/full_width_bundle.py``
+    does); returns the rows. Refuses a source without rows: the copy would be a version nothing can serve."""
     schema, version_column = WRITTEN_SOURCES[name]
     rows = version_rows(settings, name, source, schema.names)
-    column = rows.schema.get_field_index(version_column)
-    rows = rows.set_column(column, version_column, pa.array([target] * rows.num_rows, pa.string()))
+    if rows.num_rows == 0:
+        raise LookupError(f"{name} has no rows of version {source!r} to copy to {target!r}")
+    now = pa.array([dt.datetime.now(dt.UTC)] * rows.num_rows, schema.field("event_timestamp").type)
+    rows = rows.set_column(rows.schema.get_field_index("event_timestamp"), "event_timestamp", now)
+    rows = rows.set_column(rows.schema.get_field_index(version_column), version_column,
+                           pa.array([target] * rows.num_rows, pa.string()))
     return write_version(settings, name, rows, target)
 
 

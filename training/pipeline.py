@@ -213,7 +213,8 @@ def run_locally(settings: Settings, run_config_json: str, version: str) -> Path:
 
 
 def local_run_lock(settings: Settings) -> FileLock:
-    """The lock every local run holds from start to prune (an OS lock: it goes with a killed process)."""
+    """The lock every local run holds from start to prune: flock, released with a killed process (on a
+    filesystem without flock filelock falls back to a marker file, which a killed run leaves behind)."""
     settings.kfp_local_dir.mkdir(parents=True, exist_ok=True)
     return FileLock(settings.kfp_local_dir / ".run.lock", timeout=0)
 
