@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from retrieval_core.contract import CONTRACTS, TABLES, landed_days, partition_path, write_atomic
+from retrieval_core.errors import OperatorError
 from retrieval_core.settings import PROJECT_ROOT, Settings
 
 DBT_PROJECT_DIR = PROJECT_ROOT / "dbt_project"
@@ -44,7 +45,7 @@ MART_ORDER = {"product_profile": "product_id", "product_quality": "product_id", 
               "query_product_edges": "query, product_id", "training_examples": "example_id", "query_stats": "query"}
 
 
-class DayRejected(RuntimeError):
+class DayRejected(OperatorError, RuntimeError):
     """The day's data was refused (by a dbt test or the quality gate): nothing of it was published."""
 
 

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from retrieval_core.contract import TABLES, ContractViolation, land_partition
+from retrieval_core.errors import OPERATOR_EXIT_CODE, OperatorError
 from retrieval_core.settings import get_settings
 
 app = typer.Typer(
@@ -134,15 +135,10 @@ def features_build(ds: DsOption = None) -> None:
     the offline and online stores keep the previous day's state.
     """
     from feature_repo.stages import build_feature_day
-    from feature_repo.warehouse import DayRejected
 
     day = _day(ds)
     with console.status(f"building features for {day}"):
-        try:
-            report = build_feature_day(get_settings(), day)
-        except DayRejected as exc:
-            console.print(f"[red]refused[/] {exc}")
-            raise typer.Exit(code=3) from exc
+        report = build_feature_day(get_settings(), day)
     console.print(f"[green]published[/] {', '.join(map(str, report.published_days))}: {report.rows}")
     for warning in report.warnings:
         console.print(f"[yellow]warning[/] {warning}")
@@ -220,7 +216,7 @@ def train_command(
 
     from rich.table import Table
 
-    from training.pipeline import TrainingRunInProgress, compile_pipeline, run_locally
+    from training.pipeline import compile_pipeline, run_locally
     from training.stages import TrainingRunConfig, run_training
     from training.train import TrainConfig
 
@@ -230,11 +226,7 @@ def train_command(
     if kfp:
         yaml_path = compile_pipeline(s.kfp_local_dir / "training_pipeline.yaml")
         console.print(f"compiled {yaml_path}; running it with kfp.local")
-        try:
-            root = run_locally(s, config.model_dump_json(), version)
-        except TrainingRunInProgress as exc:
-            console.print(f"[red]refused[/] {exc}")
-            raise typer.Exit(code=3) from exc
+        root = run_locally(s, config.model_dump_json(), version)
         metrics = json.loads(next(root.glob("*/evaluate-op/metrics")).read_text())
         where = root
     else:
@@ -393,5 +385,17 @@ def airflow_ui() -> None:
     raise typer.Exit(_airflow(["standalone"]))
 
 
+def main(args: list[str] | None = None) -> None:
+    """The ``uer`` entry point: the app, with an ``OperatorError`` reported as its message and exit code 3
+    instead of a traceback."""
+    from rich.markup import escape
+
+    try:
+        app(args=args)
+    except OperatorError as exc:
+        console.print(f"[red]error[/] {escape(str(exc))}", soft_wrap=True)
+        raise SystemExit(OPERATOR_EXIT_CODE) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from retrieval_core.errors import OperatorError
 from retrieval_core.settings import Settings
 from training.batching import product_batch, query_batch
 from training.boosting import PROJECTION_FILE, augment, quality_vectors
@@ -29,7 +30,7 @@ from training.stages import load_model, load_projection
 from training.text_encoder import TextEncoderConfig, encode
 
 
-class ModelNotFound(LookupError):
+class ModelNotFound(OperatorError, LookupError):
     """No bundle for the asked model version in the model store."""
 
 

@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+from retrieval_core.errors import OperatorError
 from retrieval_core.settings import Settings
 
 
-class EngineUnavailable(RuntimeError):
+class EngineUnavailable(OperatorError, RuntimeError):
     """Milvus cannot be reached: the caller answers 503 and retries later."""
 
 

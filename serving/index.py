@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
+from retrieval_core.errors import OperatorError
 from retrieval_core.settings import Settings
 from serving.engine import connect
 from training.boosting import exact_top_k
@@ -41,11 +42,11 @@ MAX_QUERIES_PER_CALL = 32
 RECALL_KNOBS = {"HNSW": "search_ef / hnsw_m", "IVF_FLAT": "search_nprobe", "SCANN": "search_nprobe / scann_reorder_k"}
 
 
-class IndexCheckFailed(RuntimeError):
+class IndexCheckFailed(OperatorError, RuntimeError):
     """A new collection failed a check before publication; the alias was not touched."""
 
 
-class AliasTargetMissing(RuntimeError):
+class AliasTargetMissing(OperatorError, RuntimeError):
     """The serving alias does not exist yet (nothing published) or points nowhere usable."""
 
 

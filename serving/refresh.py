@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from feature_repo.warehouse import EMBEDDINGS, version_rows
+from retrieval_core.errors import OperatorError
 from retrieval_core.settings import Settings
 from serving.bundle import ModelBundle, ModelNotFound, registered_versions
 from serving.index import IndexLifecycle, IndexVersion
@@ -39,7 +40,7 @@ from training.text_encoder import EmbeddingCache
 log = logging.getLogger(__name__)
 
 
-class EncodingsMissing(LookupError):
+class EncodingsMissing(OperatorError, LookupError):
     """A model version's product embeddings are not in the warehouse (never exported, or pruned)."""
 
 

@@ -34,6 +34,7 @@ from feature_repo.warehouse import (
     version_keys,
     write_version,
 )
+from retrieval_core.errors import OperatorError
 from retrieval_core.settings import Settings
 from serving.bundle import ModelBundle
 from serving.refresh import serving_model_version
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class UserStatesNotRegistered(LookupError):
+class UserStatesNotRegistered(OperatorError, LookupError):
     """The registry predates the ``user_query_state`` view: nothing can be written until it is applied."""
 
 

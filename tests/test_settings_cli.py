@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from retrieval_core.cli import app
+from retrieval_core.cli import app, main
 from retrieval_core.settings import PROJECT_ROOT, Settings, get_settings
 
 
@@ -90,7 +90,7 @@ def test_land_command_reports_rejection_with_exit_code_2(tmp_path, monkeypatch: 
 
 
 def test_train_command_is_refused_with_exit_code_3_while_another_run_holds_the_lock(
-        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     import threading
 
     from training.pipeline import local_run_lock
@@ -109,11 +109,29 @@ def test_train_command_is_refused_with_exit_code_3_while_another_run_holds_the_l
     holder.start()
     try:
         assert held.wait(30)
-        result = CliRunner().invoke(app, ["train", "--version", "by-hand"])
+        with pytest.raises(SystemExit) as exited:
+            main(["train", "--version", "by-hand"])
     finally:
         done.set()
         holder.join()
         get_settings.cache_clear()
-    assert result.exit_code == 3, result.output
-    assert "another local training run holds" in result.output
+    assert exited.value.code == 3
+    printed = capsys.readouterr().err
+    assert "another local training run holds" in printed and "Traceback" not in printed
     assert not (tmp_path / "artifacts" / "kfp" / "by-hand").exists()
+
+
+def test_an_operator_error_is_its_message_and_exit_code_3_not_a_traceback(
+        tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``uer index publish`` of a version that is not registered: the stage raises ModelNotFound, which says what
+    to do; the person sees that line, not forty lines of frames."""
+    monkeypatch.setenv("UER_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            main(["index", "publish", "--model-version", "no-such-version"])
+    finally:
+        get_settings.cache_clear()
+    assert exited.value.code == 3
+    printed = capsys.readouterr().err
+    assert printed.startswith("error ") and "no-such-version" in printed and "Traceback" not in printed

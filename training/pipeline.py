@@ -20,12 +20,13 @@ from filelock import FileLock, Timeout
 from kfp import compiler, dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
+from retrieval_core.errors import OperatorError
 from retrieval_core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-class TrainingRunInProgress(RuntimeError):
+class TrainingRunInProgress(OperatorError, RuntimeError):
     """Another local training run holds the lock: running now would delete that run's inputs when it finished."""
 
 
