@@ -162,6 +162,17 @@ def test_kfp_pipeline_compiles_and_runs_every_component_locally(tiny_features: S
     assert expected | ({"production"} if in_production else set()) == set(metrics)
 
 
+def test_every_dataset_and_model_output_is_pruned_including_those_under_a_condition() -> None:
+    """What a finished run's prune deletes comes from the pipeline's spec: a step added later, or one that runs
+    only under a ``dsl.If`` (like the export), is covered; reports (Metrics, HTML, plain artefacts) are not."""
+    from tests.kfp_shapes import shape
+    from training.pipeline import bulky_outputs
+
+    assert bulky_outputs(shape) == {("make", "data"), ("fit", "model")}
+    assert {("train-op", "models"), ("dataset-op", "dataset"), ("boost-op", "boosted")} <= bulky_outputs()
+    assert not {task for task, _ in bulky_outputs()} & {"evaluate-op", "gate-op"}
+
+
 def test_a_second_local_training_run_is_refused_while_one_holds_the_lock(tmp_path) -> None:
     """A run finishing deletes the data and models of every run it saw: two at once would delete a running one's
     inputs. The second is refused before it starts, with a message, and runs nothing."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 from kfp import compiler, dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+from kfp.dsl.graph_component import GraphComponent
 
 from retrieval_core.errors import OperatorError
 from retrieval_core.settings import Settings
@@ -226,12 +227,20 @@ def local_run_lock(settings: Settings) -> FileLock:
 BULKY_ARTEFACT_TYPES = ("system.Dataset", "system.Model")
 
 
-def bulky_outputs() -> set[tuple[str, str]]:
-    """(task, output) of every Dataset and Model artefact of the pipeline: where kfp.local writes them in a run."""
-    components = (dataset_op, graph_op, text_op, train_op, boost_op, evaluate_op, gate_op, export_op)
-    return {(component.name, name) for component in components
-            for name, spec in (component.component_spec.outputs or {}).items()
-            if spec.type.startswith(BULKY_ARTEFACT_TYPES)}
+def bulky_outputs(pipeline: GraphComponent | None = None) -> set[tuple[str, str]]:
+    """(task, output) of every Dataset and Model artefact of the pipeline's tasks (default: the training
+    pipeline), those under ``dsl.If`` included: where kfp.local writes them in a run. Read from the pipeline's
+    spec, so a step added to the pipeline is covered without being listed here."""
+    from google.protobuf.json_format import MessageToDict
+
+    spec = MessageToDict((pipeline or training_pipeline).pipeline_spec)
+    components = spec["components"]
+    dags = [spec["root"]["dag"], *(component["dag"] for component in components.values() if "dag" in component)]
+    return {(task, name)
+            for dag in dags for task, body in dag["tasks"].items()
+            for name, artifact in components[body["componentRef"]["name"]].get("outputDefinitions", {})
+            .get("artifacts", {}).items()
+            if artifact["artifactType"]["schemaTitle"].startswith(BULKY_ARTEFACT_TYPES)}
 
 
 def runs(settings: Settings) -> list[Path]:
