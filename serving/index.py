@@ -116,11 +116,16 @@ class IndexLifecycle:
                                     LEGACY_STATES.get(state, state)))
         return sorted(out, key=lambda v: v.created_at)
 
-    def serving(self) -> IndexVersion | None:
-        """The collection the alias points to, or None before the first publication."""
+    def _alias_target(self) -> str | None:
+        """The collection name the alias points to, or None before the first publication."""
         if self.config.alias not in self.client.list_aliases().get("aliases", []):
             return None
-        target = self.client.describe_alias(self.config.alias)["collection_name"]
+        return self.client.describe_alias(self.config.alias)["collection_name"]
+
+    def serving(self) -> IndexVersion | None:
+        """The collection the alias points to, or None before the first publication."""
+        if (target := self._alias_target()) is None:
+            return None
         for version in self.versions():
             if version.collection == target:
                 return version
@@ -314,8 +319,8 @@ class IndexLifecycle:
         current = versions.get(version.collection)
         if current is None or not current.ready:
             raise IndexCheckFailed(f"{version.collection} is not a checked, ready collection: refusing to publish")
-        if self.config.alias in self.client.list_aliases().get("aliases", []):
-            leaving = versions.get(self.client.describe_alias(self.config.alias)["collection_name"])
+        if (target := self._alias_target()) is not None:
+            leaving = versions.get(target)
             self.client.alter_alias(version.collection, self.config.alias)
             if leaving is not None and not leaving.served:
                 self._mark_served(leaving)

@@ -27,7 +27,7 @@ from training.batching import product_text
 from training.dataset import product_features
 from training.gate import (
     kept_metrics,
-    pointer_record,
+    pointer_version,
     production_pointer,
     production_version,
     promote,
@@ -83,7 +83,7 @@ def roll_back(settings: Settings, forward: bool = False) -> tuple[IndexVersion, 
     current, target = index.rollback_target(forward)
     models_dir = settings.artifacts_dir / "models"
     before = read_pointer(models_dir)  # once: the version it names is the one a failed swap puts back
-    production = (pointer_record(before) or {}).get("version")
+    production = pointer_version(before)
     metrics = kept_metrics(models_dir, target.model_version)
     if target.model_version == production:
         said = f"production stays {production}"

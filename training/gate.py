@@ -134,10 +134,15 @@ def pointer_record(saved: bytes | None) -> dict | None:
     return None if saved is None else json.loads(saved)
 
 
+def pointer_version(saved: bytes | None) -> str | None:
+    """The version a pointer read by ``read_pointer`` names (``None``: nothing promoted)."""
+    record = pointer_record(saved)
+    return None if record is None else record["version"]
+
+
 def production_version(models_dir: Path) -> str | None:
     """The version in production, if any."""
-    record = pointer_record(read_pointer(models_dir))
-    return None if record is None else record["version"]
+    return pointer_version(read_pointer(models_dir))
 
 
 def production_metrics(models_dir: Path) -> dict | None:
