@@ -62,6 +62,9 @@ class MilvusSettings(BaseModel):
     collection_prefix: str = "products"
     alias: str = "products_serving"
     keep_previous: int = 2
+    # A collection never served and younger than this may be another process's publication in progress (the
+    # daily and the nightly DAG can overlap) and is not pruned; it outlasts a build's own waits (30 + 15 min).
+    unfinished_grace_s: float = Field(3 * 3600.0, ge=0)
     # HNSW: per query the cheapest at recall@100 ≥ 0.97 of those measured (benchmarks/results/index_types.json).
     index_type: Literal["HNSW", "IVF_FLAT", "SCANN", "FLAT"] = "HNSW"
     hnsw_m: int = 16

@@ -8,8 +8,13 @@ alias points to — Milvus would let us, and serving would break silently).
 
 A crash at any step before the swap leaves the alias where it was; the half-built collection is not
 marked checked, so it can never be swapped to, and a checked one that was never swapped in is no rollback
-target: a prune removes either once it is older than the collection serving and than ``unfinished_grace_s``
-(younger, it may be the other DAG's publication in progress).
+target: a prune removes either once it is older than the collection serving and than the setting
+``milvus.unfinished_grace_s`` (younger, it may be the other DAG's publication in progress).
+
+A refresh of what serves (no new model) passes ``publish`` the alias target it started from
+(``ServingWhenStarted``): if the alias moved meanwhile (a promotion's publication, a rollback), swapping would
+undo that move, so the new collection is dropped and ``AliasMoved`` raised instead. The window left between that
+check and the swap is one Milvus call; the DAGs also queue their publishing tasks on one Airflow pool slot.
 """
 
 from __future__ import annotations
@@ -50,6 +55,10 @@ class AliasTargetMissing(OperatorError, RuntimeError):
     """The serving alias does not exist yet (nothing published) or points nowhere usable."""
 
 
+class AliasMoved(OperatorError, RuntimeError):
+    """The alias moved while a refresh built a collection for what it pointed to: swapping would undo the move."""
+
+
 # A collection's life (its STATE property): BUILDING until ``check`` passes, CHECKED until the alias first points
 # to it, then SERVED. Only a SERVED one is a rollback or rollforward target: a CHECKED one older than what serves
 # is a publication that crashed before its swap. Collections published before the SERVED state existed say
@@ -77,6 +86,13 @@ class IndexVersion:
         return self.state == SERVED
 
 
+@dataclass(frozen=True)
+class ServingWhenStarted:
+    """The collection the alias pointed to when a refresh began (None: nothing was published yet)."""
+
+    collection: str | None
+
+
 def index_version_for(model_version: str, now: dt.datetime | None = None) -> str:
     now = now or dt.datetime.now(dt.UTC)
     return f"{model_version}.{now:%Y%m%dT%H%M%S%f}"
@@ -91,9 +107,6 @@ class IndexLifecycle:
     """Create, check, publish, roll back and prune the product collections of one alias."""
 
     poll_s = 1.0  # seconds between polls of the index build and of the segment handoff
-    # An unserved collection younger than this may be another process's publication (the daily and the nightly
-    # DAG can overlap) and is not pruned; it outlasts the build's own waits (30 + 15 min).
-    unfinished_grace_s = 3 * 3600.0
 
     def __init__(self, settings: Settings, client: object | None = None):
         self.settings, self.config = settings, settings.milvus
@@ -121,6 +134,10 @@ class IndexLifecycle:
         if self.config.alias not in self.client.list_aliases().get("aliases", []):
             return None
         return self.client.describe_alias(self.config.alias)["collection_name"]
+
+    def serving_now(self) -> ServingWhenStarted:
+        """Where the alias points now, for a later ``publish(started_on=...)``."""
+        return ServingWhenStarted(self._alias_target())
 
     def serving(self) -> IndexVersion | None:
         """The collection the alias points to, or None before the first publication."""
@@ -340,14 +357,23 @@ class IndexLifecycle:
                         version.collection, exc)
 
     def publish(self, model_version: str, products: pd.DataFrame, vectors: np.ndarray,
-                queries: np.ndarray | None = None) -> tuple[IndexVersion, dict[str, float]]:
-        """Build, check, swap, prune. A failed check drops the new collection and leaves the alias."""
+                queries: np.ndarray | None = None,
+                started_on: ServingWhenStarted | None = None) -> tuple[IndexVersion, dict[str, float]]:
+        """Build, check, swap, prune. A failed check drops the new collection and leaves the alias; so does, with
+        ``started_on``, an alias that no longer points where it did then (``AliasMoved``)."""
         version = self.build(model_version, products, vectors)
         try:
             checks = self.check(version, products["product_id"].to_numpy(np.int64), vectors, queries)
         except IndexCheckFailed:
             self.drop(version.collection)
             raise
+        if started_on is not None and (now := self._alias_target()) != started_on.collection:
+            self.drop(version.collection)
+            raise AliasMoved(
+                f"alias {self.config.alias!r} moved from {started_on.collection or 'nothing'} to {now} while "
+                f"{version.collection} (model {model_version}) was built for what served before: swapping would undo "
+                "that move (a promotion's publication or a rollback), so the new collection was dropped and the alias "
+                "left where it is. Rerun the refresh (a DAG retry does): it rebuilds for what serves now")
         self.swap(version)
         self.prune()
         return replace(version, state=SERVED), checks
@@ -390,7 +416,7 @@ class IndexLifecycle:
         serving = self.serving()
         kept_served = 0
         dropped = []
-        stale = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=self.unfinished_grace_s)
+        stale = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=self.config.unfinished_grace_s)
         for version in reversed(self.versions()):
             if self._aliased(version.collection):
                 continue

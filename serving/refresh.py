@@ -62,11 +62,11 @@ def production_model_version(settings: Settings) -> str:
     return version
 
 
-def serving_model_version(settings: Settings) -> str:
+def serving_model_version(settings: Settings, index: IndexLifecycle | None = None) -> str:
     """The version the nightly work (refresh, user states) keeps up to date: the model of the collection the
     alias points to — so an ``uer index rollback`` stays rolled back until a promotion publishes a new version —
     or production's when nothing serves yet or the served model is not registered (an index the API refuses)."""
-    served = IndexLifecycle(settings).serving()
+    served = (index or IndexLifecycle(settings)).serving()
     if served is not None and served.model_version in registered_versions(settings):
         return served.model_version
     return production_model_version(settings)
@@ -162,10 +162,14 @@ def catalogue_with_encodings(settings: Settings, bundle: ModelBundle, as_of: dt.
 def refresh_index(settings: Settings, model_version: str | None = None,
                   as_of: dt.datetime | None = None) -> RefreshReport:
     """Embed the catalogue with ``model_version`` (default: the one serving, ``serving_model_version``) and
-    publish a new collection."""
+    publish a new collection. Without ``model_version`` the swap happens only if the alias still points where it
+    did at the start (``serving.index.AliasMoved`` otherwise): a refresh of yesterday's model must not undo a
+    promotion or a rollback that landed while it ran. With one (a promotion's publication) it always swaps."""
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    version = model_version or serving_model_version(settings)
+    at_start = IndexLifecycle(settings)
+    started_on = None if model_version else at_start.serving_now()  # read before the model it decides
+    version = model_version or serving_model_version(settings, at_start)
     bundle = ModelBundle.load(settings, version)
     products, new = catalogue_with_encodings(settings, bundle, as_of or dt.datetime.now(dt.UTC))
     seconds["features_and_text"] = round(time.perf_counter() - start, 3)
@@ -181,7 +185,8 @@ def refresh_index(settings: Settings, model_version: str | None = None,
     queries = np.concatenate([vectors[sample, :out_dim],
                               np.broadcast_to(bundle.boost_weights, (len(sample), len(bundle.boost_weights)))], 1)
     mark = time.perf_counter()
-    index, checks = IndexLifecycle(settings).publish(version, products, vectors, queries.astype(np.float32))
+    # A connection of its own: the one above has idled through the encoding (long for a catalogue of new texts).
+    index, checks = IndexLifecycle(settings).publish(version, products, vectors, queries.astype(np.float32), started_on)
     seconds["index"] = round(time.perf_counter() - mark, 3)
     seconds["total"] = round(time.perf_counter() - start, 3)
     log.info("published %s (%d products, %d newly encoded) in %.1f s", index.collection, len(products), new,

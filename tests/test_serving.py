@@ -21,7 +21,13 @@ from pydantic import ValidationError
 
 from retrieval_core.settings import PROJECT_ROOT, MilvusSettings, ServingSettings, Settings
 from serving.filters import Filters
-from serving.index import MAX_QUERIES_PER_CALL, AliasTargetMissing, IndexCheckFailed, IndexLifecycle
+from serving.index import (
+    MAX_QUERIES_PER_CALL,
+    AliasTargetMissing,
+    IndexCheckFailed,
+    IndexLifecycle,
+    IndexVersion,
+)
 from serving.retriever import RetrievalResponse
 from tests.serving_helpers import free_port, milvus_server, tiny_training_config, with_milvus
 
@@ -267,12 +273,47 @@ def test_a_publication_that_crashed_before_its_swap_is_never_rolled_to_and_is_pr
         index.rollback(forward=True)
     newest = refresh.refresh_index(served).index
     assert unswapped.collection in [v.collection for v in index.versions()]  # young: maybe still publishing
-    monkeypatch.setattr(IndexLifecycle, "unfinished_grace_s", 0.0)
-    assert index.prune() == [unswapped.collection]  # older than what serves, never served, no longer young
+    impatient = served.model_copy(update={"milvus": served.milvus.model_copy(update={"unfinished_grace_s": 0.0})})
+    # older than what serves, never served, no longer young
+    assert IndexLifecycle(impatient, index.client).prune() == [unswapped.collection]
     # died after its swap, before its mark: marked when the alias leaves it, so a rollforward returns to it
     index.client.alter_collection_properties(newest.collection, properties={STATE: CHECKED})
     assert index.rollback().collection == served_last.collection
     assert index.rollback(forward=True).collection == newest.collection
+
+
+def test_a_refresh_does_not_undo_a_move_of_the_alias_made_while_it_built(
+        served: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The nightly refresh re-publishes the model that served when it began. If the alias moves while it builds
+    (the daily DAG publishes a promoted model, an operator rolls back), its swap used to move the alias back to
+    that model: the promotion or rollback silently undone. Now it is refused, its collection dropped, the alias
+    left where it was moved to. A promotion's publication (an explicit version) still swaps whatever serves."""
+    from serving import refresh
+    from serving.index import AliasMoved
+
+    index = lifecycle(served)
+    refresh.refresh_index(served)  # a served collection before the one serving, to roll back to
+    started = index.serving()
+    check = IndexLifecycle.check
+    moved: list[str] = []
+
+    def rollback_meanwhile(self: IndexLifecycle, version: IndexVersion, *args: object, **kwargs: object) -> dict:
+        if not moved:  # the other process's move lands while this build is being checked
+            moved.append(IndexLifecycle(served).rollback().collection)
+        return check(self, version, *args, **kwargs)
+
+    monkeypatch.setattr(IndexLifecycle, "check", rollback_meanwhile)
+    before = {v.collection for v in index.versions()}
+    with pytest.raises(AliasMoved) as refused:
+        refresh.refresh_index(served)
+    assert f"moved from {started.collection} to {moved[0]}" in str(refused.value)
+    assert index.serving().collection == moved[0] != started.collection  # the rollback stands
+    assert {v.collection for v in index.versions()} == before  # and the refused build is gone
+
+    moved.clear()
+    promoted = refresh.refresh_index(served, FIRST).index  # explicit version: swaps whatever happened meanwhile
+    monkeypatch.undo()
+    assert moved and index.serving().collection == promoted.collection
 
 
 def test_a_milvus_lite_server_of_another_data_directory_is_refused(served: Settings, tmp_path: Path) -> None:
