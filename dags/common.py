@@ -42,6 +42,12 @@ def default_args(settings: Settings | None = None) -> dict[str, Any]:
             "on_failure_callback": notify_failure}
 
 
+def index_pool() -> str:
+    """The one-slot pool of the tasks that publish a collection: the daily and the nightly DAG queue there rather
+    than build side by side (``serving.index`` also refuses a refresh's swap if the alias moved meanwhile)."""
+    return get_settings().airflow.index_pool
+
+
 def day_of(logical_date: dt.datetime | str) -> dt.date:
     """The data day a run processes: its logical date (the day the run covers)."""
     if isinstance(logical_date, str):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from airflow.sdk import dag, get_current_context, task
 
-from dags.common import START_DATE, day_of, default_args
+from dags.common import START_DATE, day_of, default_args, index_pool
 
 
 @dag(dag_id="uer_daily_retraining", schedule="@daily", start_date=START_DATE, catchup=False, max_active_runs=1,
@@ -64,7 +64,7 @@ def uer_daily_retraining() -> None:
     def promoted(outcome: dict) -> str:
         return "publish_index" if outcome["promoted"] else "keep_serving_index"
 
-    @task
+    @task(pool=index_pool())
     def publish_index(outcome: dict) -> dict:
         """The new version's user states, then its catalogue embedded, the collection checked, the alias swapped
         (states first: the API serves them from its first request on the new version)."""

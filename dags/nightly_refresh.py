@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from airflow.sdk import dag, task
 
-from dags.common import START_DATE, default_args
+from dags.common import START_DATE, default_args, index_pool
 
 
 @dag(dag_id="uer_nightly_index_refresh", schedule="0 3 * * *", start_date=START_DATE, catchup=False,
      max_active_runs=1, default_args=default_args(), tags=["uer"], doc_md=__doc__)
 def uer_nightly_index_refresh() -> None:
-    @task
+    @task(pool=index_pool())
     def refresh_index() -> dict:
         from retrieval_core.settings import get_settings
         from serving.refresh import refresh_index as refresh

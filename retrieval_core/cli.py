@@ -356,10 +356,15 @@ def _airflow(args: list[str]) -> int:
 
     from dags.common import airflow_environment
 
-    env = {**os.environ, **airflow_environment(get_settings())}
+    settings = get_settings()
+    env = {**os.environ, **airflow_environment(settings)}
     binary = str(Path(sys.executable).with_name("airflow"))
     if not (Path(env["AIRFLOW_HOME"]) / "airflow.db").exists() or args[:1] == ["standalone"]:
         subprocess.run([binary, "db", "migrate"], env=env, check=True, capture_output=True)
+        # The scheduler never runs a task whose pool is missing (`dags test` ignores pools).
+        subprocess.run([binary, "pools", "set", settings.airflow.index_pool, "1",
+                        "tasks that publish a Milvus collection, one at a time"], env=env, check=True,
+                       capture_output=True)
     return subprocess.call([binary, *args], env=env)
 
 

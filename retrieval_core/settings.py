@@ -142,6 +142,10 @@ class AirflowSettings(BaseModel):
     notify_webhook: SecretStr | None = None
     retries: int = 2
     retry_delay_s: int = 60
+    # One slot: the tasks that publish a collection (the daily DAG's publish_index, the nightly refresh) queue
+    # for it instead of building side by side. `uer airflow` creates it; a production Airflow needs
+    # `airflow pools set <name> 1 "..."` once (a task in a missing pool is never scheduled).
+    index_pool: str = "uer_milvus_index"
 
 
 class Settings(BaseSettings):

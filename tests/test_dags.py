@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,7 +27,8 @@ from airflow.dag_processing.dagbag import DagBag
 bag = DagBag(dag_folder=DAGS, include_examples=False)
 print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()}, "dags": {
     d: {"max_active_runs": dag.max_active_runs, "tasks": {t.task_id: [t.retries, t.retry_exponential_backoff,
-        t.on_failure_callback is not None] for t in dag.tasks}} for d, dag in bag.dags.items()}}))
+        t.on_failure_callback is not None] for t in dag.tasks}, "pools": {t.task_id: t.pool for t in dag.tasks}}
+    for d, dag in bag.dags.items()}}))
 """
 
 
@@ -48,6 +50,10 @@ def test_every_dag_imports_without_errors(tmp_path: Path) -> None:
         report["dags"][DAILY]["tasks"])
     assert {"refresh_index", "smoke_query", "prune_retired_versions"} == set(
         report["dags"]["uer_nightly_index_refresh"]["tasks"])
+    # the two tasks that publish a collection share one pool (they must not build side by side), and only they
+    pool = Settings().airflow.index_pool
+    in_pool = {(d, t) for d, dag in report["dags"].items() for t, p in dag["pools"].items() if p == pool}
+    assert in_pool == {(DAILY, "publish_index"), ("uer_nightly_index_refresh", "refresh_index")}
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +93,10 @@ def test_three_day_backfill_runs(world: Settings) -> None:
         done = dags_test(world, day, {"train": False})
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert published_days(world) == days
+    # `uer airflow` created the publishing tasks' pool with one slot (a scheduler never runs a task of a missing pool)
+    with sqlite3.connect(world.data_dir / "airflow" / "airflow.db") as db:
+        slots = db.execute("select slots from slot_pool where pool = ?", (world.airflow.index_pool,)).fetchall()
+    assert slots == [(1,)]
 
 
 def test_daily_dag_end_to_end_then_failed_gate_and_rerun_keep_serving(world: Settings) -> None:
