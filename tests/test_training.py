@@ -4,6 +4,7 @@ metrics are exact."""
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -148,7 +149,14 @@ def test_kfp_pipeline_compiles_and_runs_every_component_locally(tiny_features: S
                      "boost-op/boosted/boost.json", "evaluate-op/metrics", "gate-op/decision"):
         (earlier / produced).parent.mkdir(parents=True, exist_ok=True)
         (earlier / produced).write_text("{}")
+    import tempfile
+
+    def leftovers() -> set[Path]:  # kfp.local's per-step `mktemp -d`, never removed by kfp itself
+        return {p.parent for p in Path(tempfile.gettempdir()).glob("*/ephemeral_component.py")}
+
+    before = leftovers()
     root = run_locally(tiny_features, config.model_dump_json(), version="kfp-test")
+    assert leftovers() == before  # the run's temporary directory went with it
     [run] = list(root.iterdir())
     for produced in ("dataset-op/dataset/examples.parquet", "graph-op/graph", "text-op/text/text.parquet",
                      "train-op/models/model/weights.pt", "evaluate-op/metrics", "evaluate-op/report_html",

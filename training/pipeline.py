@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -202,12 +203,17 @@ def run_locally(settings: Settings, run_config_json: str, version: str) -> Path:
         os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         os.environ.update({"UER_PROFILE": settings.profile, "UER_DATA_DIR": str(settings.data_dir),
                            "UER_ARTIFACTS_DIR": str(settings.artifacts_dir)})
+        # kfp.local writes each component's source into a `mktemp -d` it never removes (a directory per step per
+        # run, every day): give the run a temporary directory of its own, deleted with everything in it after.
+        scratch = tempfile.TemporaryDirectory(prefix=f"uer-kfp-{version}-")
+        os.environ["TMPDIR"] = scratch.name
         try:
             local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
             training_pipeline(run_config=run_config_json, version=version)
         finally:
             os.environ.clear()
             os.environ.update(saved)
+            scratch.cleanup()
         prune_earlier_runs(settings, earlier)
     finally:
         lock.release()
