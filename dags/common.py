@@ -44,7 +44,8 @@ def default_args(settings: Settings | None = None) -> dict[str, Any]:
 
 def index_pool() -> str:
     """The one-slot pool of the tasks that publish a collection: the daily and the nightly DAG queue there rather
-    than build side by side (``serving.index`` also refuses a refresh's swap if the alias moved meanwhile)."""
+    than build side by side (``serving.refresh.unchanged_since`` also refuses a swap that would undo a move made
+    meanwhile)."""
     return get_settings().airflow.index_pool
 
 

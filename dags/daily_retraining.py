@@ -67,15 +67,15 @@ def uer_daily_retraining() -> None:
     @task(pool=index_pool())
     def publish_index(outcome: dict) -> dict:
         """The new version's user states, then its catalogue embedded, the collection checked, the alias swapped
-        (states first: the API serves them from its first request on the new version)."""
+        (nothing if production was rolled back since the gate)."""
         from retrieval_core.settings import get_settings
-        from serving.refresh import refresh_index
-        from serving.user_states import publish_user_states
+        from serving.refresh import publish_promoted
 
-        states = publish_user_states(get_settings(), outcome["version"])
-        report = refresh_index(get_settings(), outcome["version"])
+        if (published := publish_promoted(get_settings(), outcome["version"])) is None:
+            return {"skipped": f"production no longer names {outcome['version']} (rolled back): not published"}
+        report = published.refresh
         return {"collection": report.index.collection, "checks": report.checks, "seconds": report.seconds,
-                "user_states": states.users}
+                "user_states": published.user_states}
 
     @task
     def prune_retired_versions(published: dict) -> dict[str, list[str]]:

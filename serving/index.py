@@ -11,10 +11,11 @@ marked checked, so it can never be swapped to, and a checked one that was never 
 target: a prune removes either once it is older than the collection serving and than the setting
 ``milvus.unfinished_grace_s`` (younger, it may be the other DAG's publication in progress).
 
-A refresh of what serves (no new model) passes ``publish`` the alias target it started from
-(``ServingWhenStarted``): if the alias moved meanwhile (a promotion's publication, a rollback), swapping would
-undo that move, so the new collection is dropped and ``AliasMoved`` raised instead. The window left between that
-check and the swap is one Milvus call; the DAGs also queue their publishing tasks on one Airflow pool slot.
+``publish`` can be given a ``still_wanted`` check, asked after the collection's checks and before the swap: the
+refresh uses it to refuse a swap built on what has changed since it began (``serving.refresh``), e.g. an alias a
+promotion or a rollback moved meanwhile, which the swap would move back. The new collection is then dropped and
+``PublicationSuperseded`` raised. The window left between that check and the swap is one Milvus call; the DAGs
+also queue their publishing tasks on one Airflow pool slot.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import datetime as dt
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -55,8 +57,8 @@ class AliasTargetMissing(OperatorError, RuntimeError):
     """The serving alias does not exist yet (nothing published) or points nowhere usable."""
 
 
-class AliasMoved(OperatorError, RuntimeError):
-    """The alias moved while a refresh built a collection for what it pointed to: swapping would undo the move."""
+class PublicationSuperseded(OperatorError, RuntimeError):
+    """What a new collection was built for changed while it was built (``publish``'s ``still_wanted``)."""
 
 
 # A collection's life (its STATE property): BUILDING until ``check`` passes, CHECKED until the alias first points
@@ -84,13 +86,6 @@ class IndexVersion:
     def served(self) -> bool:
         """The alias has pointed to it: what a rollback or rollforward may return to."""
         return self.state == SERVED
-
-
-@dataclass(frozen=True)
-class ServingWhenStarted:
-    """The collection the alias pointed to when a refresh began (None: nothing was published yet)."""
-
-    collection: str | None
 
 
 def index_version_for(model_version: str, now: dt.datetime | None = None) -> str:
@@ -129,19 +124,15 @@ class IndexLifecycle:
                                     LEGACY_STATES.get(state, state)))
         return sorted(out, key=lambda v: v.created_at)
 
-    def _alias_target(self) -> str | None:
+    def alias_target(self) -> str | None:
         """The collection name the alias points to, or None before the first publication."""
         if self.config.alias not in self.client.list_aliases().get("aliases", []):
             return None
         return self.client.describe_alias(self.config.alias)["collection_name"]
 
-    def serving_now(self) -> ServingWhenStarted:
-        """Where the alias points now, for a later ``publish(started_on=...)``."""
-        return ServingWhenStarted(self._alias_target())
-
     def serving(self) -> IndexVersion | None:
         """The collection the alias points to, or None before the first publication."""
-        if (target := self._alias_target()) is None:
+        if (target := self.alias_target()) is None:
             return None
         for version in self.versions():
             if version.collection == target:
@@ -336,7 +327,7 @@ class IndexLifecycle:
         current = versions.get(version.collection)
         if current is None or not current.ready:
             raise IndexCheckFailed(f"{version.collection} is not a checked, ready collection: refusing to publish")
-        if (target := self._alias_target()) is not None:
+        if (target := self.alias_target()) is not None:
             leaving = versions.get(target)
             self.client.alter_alias(version.collection, self.config.alias)
             if leaving is not None and not leaving.served:
@@ -357,23 +348,20 @@ class IndexLifecycle:
                         version.collection, exc)
 
     def publish(self, model_version: str, products: pd.DataFrame, vectors: np.ndarray,
-                queries: np.ndarray | None = None,
-                started_on: ServingWhenStarted | None = None) -> tuple[IndexVersion, dict[str, float]]:
-        """Build, check, swap, prune. A failed check drops the new collection and leaves the alias; so does, with
-        ``started_on``, an alias that no longer points where it did then (``AliasMoved``)."""
+                queries: np.ndarray | None = None, still_wanted: Callable[[IndexLifecycle], str | None] | None = None,
+                ) -> tuple[IndexVersion, dict[str, float]]:
+        """Build, check, swap, prune. A failed check drops the new collection and leaves the alias; so does a
+        reason from ``still_wanted``, asked just before the swap (``PublicationSuperseded``)."""
         version = self.build(model_version, products, vectors)
         try:
             checks = self.check(version, products["product_id"].to_numpy(np.int64), vectors, queries)
         except IndexCheckFailed:
             self.drop(version.collection)
             raise
-        if started_on is not None and (now := self._alias_target()) != started_on.collection:
+        if still_wanted is not None and (reason := still_wanted(self)) is not None:
             self.drop(version.collection)
-            raise AliasMoved(
-                f"alias {self.config.alias!r} moved from {started_on.collection or 'nothing'} to {now} while "
-                f"{version.collection} (model {model_version}) was built for what served before: swapping would undo "
-                "that move (a promotion's publication or a rollback), so the new collection was dropped and the alias "
-                "left where it is. Rerun the refresh (a DAG retry does): it rebuilds for what serves now")
+            raise PublicationSuperseded(f"{version.collection} (model {model_version}) was not published: {reason}. "
+                                        f"It was dropped; it did not touch alias {self.config.alias!r}")
         self.swap(version)
         self.prune()
         return replace(version, state=SERVED), checks

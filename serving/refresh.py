@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,16 +160,46 @@ def catalogue_with_encodings(settings: Settings, bundle: ModelBundle, as_of: dt.
     return products, new
 
 
+def unchanged_since(settings: Settings, index: IndexLifecycle,
+                    model_version: str | None) -> Callable[[IndexLifecycle], str | None]:
+    """A check for ``IndexLifecycle.publish``, taken now: later, the reason a publication built meanwhile must not
+    swap, or None. A refresh of what serves (no ``model_version``) must find the alias where it was: had a
+    promotion's publication or a rollback moved it, the swap would move it back (a nightly refresh of yesterday's
+    model undoing a promotion). A publication of a given version (a promotion's) must find production where it
+    was: had an operator rolled back meanwhile, the swap would undo that. Rerunning rebuilds on what holds then."""
+    if model_version is None:
+        alias = index.alias_target()
+
+        def alias_moved(now: IndexLifecycle) -> str | None:
+            if (target := now.alias_target()) == alias:
+                return None
+            return (f"alias {settings.milvus.alias!r} moved from {alias or 'nothing'} to {target} while it was built "
+                    "(a promotion's publication or a rollback): swapping would move it back. Rerun the refresh (a "
+                    "DAG retry does): it rebuilds for what serves now")
+
+        return alias_moved
+    models_dir = settings.artifacts_dir / "models"
+    production = production_version(models_dir)
+
+    def production_moved(_: IndexLifecycle) -> str | None:
+        if (promoted := production_version(models_dir)) == production:
+            return None
+        return (f"production moved from {production} to {promoted} while it was built (a rollback or another "
+                f"promotion): swapping would serve against that choice. Publish {model_version} again only if it "
+                "should serve after all")
+
+    return production_moved
+
+
 def refresh_index(settings: Settings, model_version: str | None = None,
                   as_of: dt.datetime | None = None) -> RefreshReport:
     """Embed the catalogue with ``model_version`` (default: the one serving, ``serving_model_version``) and
-    publish a new collection. Without ``model_version`` the swap happens only if the alias still points where it
-    did at the start (``serving.index.AliasMoved`` otherwise): a refresh of yesterday's model must not undo a
-    promotion or a rollback that landed while it ran. With one (a promotion's publication) it always swaps."""
+    publish a new collection. Without ``model_version`` the swap happens only if the alias did not move while it
+    ran, with one only if production did not (``unchanged_since``; ``serving.index.PublicationSuperseded``)."""
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     at_start = IndexLifecycle(settings)
-    started_on = None if model_version else at_start.serving_now()  # read before the model it decides
+    still_wanted = unchanged_since(settings, at_start, model_version)  # read before the model it decides
     version = model_version or serving_model_version(settings, at_start)
     bundle = ModelBundle.load(settings, version)
     products, new = catalogue_with_encodings(settings, bundle, as_of or dt.datetime.now(dt.UTC))
@@ -186,9 +217,31 @@ def refresh_index(settings: Settings, model_version: str | None = None,
                               np.broadcast_to(bundle.boost_weights, (len(sample), len(bundle.boost_weights)))], 1)
     mark = time.perf_counter()
     # A connection of its own: the one above has idled through the encoding (long for a catalogue of new texts).
-    index, checks = IndexLifecycle(settings).publish(version, products, vectors, queries.astype(np.float32), started_on)
+    index, checks = IndexLifecycle(settings).publish(version, products, vectors, queries.astype(np.float32),
+                                                     still_wanted)
     seconds["index"] = round(time.perf_counter() - mark, 3)
     seconds["total"] = round(time.perf_counter() - start, 3)
     log.info("published %s (%d products, %d newly encoded) in %.1f s", index.collection, len(products), new,
              seconds["total"])
     return RefreshReport(version, index, len(products), new, checks, seconds)
+
+
+@dataclass
+class PromotionPublished:
+    user_states: int
+    refresh: RefreshReport
+
+
+def publish_promoted(settings: Settings, model_version: str) -> PromotionPublished | None:
+    """The daily DAG's publication of the version its gate just promoted: its user states, then its collection
+    (states first: the API serves them from its first request on the new version). None, publishing nothing, if
+    production no longer names it: an operator rolled back since the gate (a DAG retry must not undo that)."""
+    from serving.user_states import publish_user_states  # it reads this module's serving_model_version
+
+    if (production := production_version(settings.artifacts_dir / "models")) != model_version:
+        log.warning("not publishing %s: production is %s (rolled back since the gate promoted it)", model_version,
+                    production)
+        return None
+    states = publish_user_states(settings, model_version)
+    return PromotionPublished(states.users, refresh_index(settings, model_version))
+

@@ -282,38 +282,58 @@ def test_a_publication_that_crashed_before_its_swap_is_never_rolled_to_and_is_pr
     assert index.rollback(forward=True).collection == newest.collection
 
 
-def test_a_refresh_does_not_undo_a_move_of_the_alias_made_while_it_built(
+def test_a_publication_does_not_undo_a_promotion_or_rollback_that_landed_while_it_built(
         served: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The nightly refresh re-publishes the model that served when it began. If the alias moves while it builds
-    (the daily DAG publishes a promoted model, an operator rolls back), its swap used to move the alias back to
-    that model: the promotion or rollback silently undone. Now it is refused, its collection dropped, the alias
-    left where it was moved to. A promotion's publication (an explicit version) still swaps whatever serves."""
+    """The nightly refresh re-publishes the model that served when it began. If the alias moved while it built
+    (the daily DAG published a promoted model, an operator rolled back), its swap used to move the alias back:
+    the promotion or rollback silently undone. Now it is refused, its collection dropped, the alias left where
+    it was moved to. A promotion's publication (an explicit version) swaps whatever the alias did, but not once
+    production has moved (an operator rolled back), and the daily DAG's retry does not publish it again."""
     from serving import refresh
-    from serving.index import AliasMoved
+    from serving.index import PublicationSuperseded
+    from training.gate import production_pointer, promote
 
     index = lifecycle(served)
     refresh.refresh_index(served)  # a served collection before the one serving, to roll back to
     started = index.serving()
     check = IndexLifecycle.check
-    moved: list[str] = []
+    meanwhile: list = []  # what lands while the next build is being checked, and what it did
 
-    def rollback_meanwhile(self: IndexLifecycle, version: IndexVersion, *args: object, **kwargs: object) -> dict:
-        if not moved:  # the other process's move lands while this build is being checked
-            moved.append(IndexLifecycle(served).rollback().collection)
+    def check_then_interfere(self: IndexLifecycle, version: IndexVersion, *args: object, **kwargs: object) -> dict:
+        if meanwhile and callable(meanwhile[0]):
+            meanwhile[0] = meanwhile[0]()
         return check(self, version, *args, **kwargs)
 
-    monkeypatch.setattr(IndexLifecycle, "check", rollback_meanwhile)
-    before = {v.collection for v in index.versions()}
-    with pytest.raises(AliasMoved) as refused:
+    monkeypatch.setattr(IndexLifecycle, "check", check_then_interfere)
+    kept = {v.collection for v in index.versions()}
+    meanwhile[:] = [lambda: IndexLifecycle(served).rollback().collection]
+    with pytest.raises(PublicationSuperseded) as refused:
         refresh.refresh_index(served)
-    assert f"moved from {started.collection} to {moved[0]}" in str(refused.value)
-    assert index.serving().collection == moved[0] != started.collection  # the rollback stands
-    assert {v.collection for v in index.versions()} == before  # and the refused build is gone
+    assert f"moved from {started.collection} to {meanwhile[0]}" in str(refused.value)
+    assert index.serving().collection == meanwhile[0] != started.collection  # the rollback stands
+    assert {v.collection for v in index.versions()} == kept  # and the refused build is gone
 
-    moved.clear()
-    promoted = refresh.refresh_index(served, FIRST).index  # explicit version: swaps whatever happened meanwhile
-    monkeypatch.undo()
-    assert moved and index.serving().collection == promoted.collection
+    meanwhile[:] = [lambda: IndexLifecycle(served).rollback(forward=True).collection]
+    promoted = refresh.refresh_index(served, FIRST).index  # explicit version: swaps whatever the alias did
+    assert meanwhile[0] == started.collection and index.serving().collection == promoted.collection
+
+    pointer = production_pointer(served.artifacts_dir / "models")
+    saved = pointer.read_text()
+    run = served.artifacts_dir / "models" / FIRST
+    register_copy(served, "serve-rolled-back-to")
+    try:
+        meanwhile[:] = [lambda: promote(pointer.parent, "serve-rolled-back-to", run / "metrics.json")]
+        with pytest.raises(PublicationSuperseded, match=f"production moved from {FIRST} to serve-rolled-back-to"):
+            refresh.refresh_index(served, FIRST)
+        monkeypatch.undo()
+        assert index.serving().collection == promoted.collection
+        kept = {v.collection for v in index.versions()}
+        assert refresh.publish_promoted(served, FIRST) is None  # the DAG's retry: production is no longer FIRST
+        assert {v.collection for v in index.versions()} == kept
+    finally:
+        pointer.write_text(saved)
+    published = refresh.publish_promoted(served, FIRST)
+    assert published is not None and index.serving().collection == published.refresh.index.collection
 
 
 def test_a_milvus_lite_server_of_another_data_directory_is_refused(served: Settings, tmp_path: Path) -> None:
