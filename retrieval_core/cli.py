@@ -350,7 +350,9 @@ app.add_typer(airflow, name="airflow")
 
 
 def _airflow(args: list[str]) -> int:
+    import contextlib
     import os
+    import sqlite3
     import subprocess
     import sys
 
@@ -359,9 +361,14 @@ def _airflow(args: list[str]) -> int:
     settings = get_settings()
     env = {**os.environ, **airflow_environment(settings)}
     binary = str(Path(sys.executable).with_name("airflow"))
-    if not (Path(env["AIRFLOW_HOME"]) / "airflow.db").exists() or args[:1] == ["standalone"]:
+    database = Path(env["AIRFLOW_HOME"]) / "airflow.db"
+    if not database.exists() or args[:1] == ["standalone"]:
         subprocess.run([binary, "db", "migrate"], env=env, check=True, capture_output=True)
-        # The scheduler never runs a task whose pool is missing (`dags test` ignores pools).
+    # The scheduler never runs a task whose pool is missing (`dags test` ignores pools): a DB made before the pool
+    # existed gets it too. Looked up in the SQLite file directly: the airflow CLI takes seconds to start.
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        has_pool = db.execute("select 1 from slot_pool where pool = ?", (settings.airflow.index_pool,)).fetchone()
+    if not has_pool:
         subprocess.run([binary, "pools", "set", settings.airflow.index_pool, "1",
                         "tasks that publish a Milvus collection, one at a time"], env=env, check=True,
                        capture_output=True)

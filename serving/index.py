@@ -11,11 +11,12 @@ marked checked, so it can never be swapped to, and a checked one that was never 
 target: a prune removes either once it is older than the collection serving and than the setting
 ``milvus.unfinished_grace_s`` (younger, it may be the other DAG's publication in progress).
 
-``publish`` can be given a ``still_wanted`` check, asked after the collection's checks and before the swap: the
-refresh uses it to refuse a swap built on what has changed since it began (``serving.refresh``), e.g. an alias a
-promotion or a rollback moved meanwhile, which the swap would move back. The new collection is then dropped and
-``PublicationSuperseded`` raised. The window left between that check and the swap is one Milvus call; the DAGs
-also queue their publishing tasks on one Airflow pool slot.
+``publish`` can be given a ``still_wanted`` check, asked by ``swap`` just before the alias moves: the refresh uses
+it to refuse a swap built on what has changed since it began (``serving.refresh.unchanged_since``), e.g. an
+alias a promotion or a rollback moved meanwhile, which the swap would move back. ``PublicationSuperseded`` is
+raised and the new collection dropped (as after any failed swap). What is left between that check and the alias
+move is the check's own reads and one read of the alias, not a lock; the DAGs also queue their publishing tasks
+on one Airflow pool slot.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class AliasTargetMissing(OperatorError, RuntimeError):
 
 class PublicationSuperseded(OperatorError, RuntimeError):
     """What a new collection was built for changed while it was built (``publish``'s ``still_wanted``)."""
+
+
+# Asked by ``swap`` just before the alias moves: None, or why this publication must not swap after all.
+StillWanted = Callable[["IndexLifecycle"], "str | None"]
 
 
 # A collection's life (its STATE property): BUILDING until ``check`` passes, CHECKED until the alias first points
@@ -319,14 +324,18 @@ class IndexLifecycle:
 
     # -- publish, roll back, prune -------------------------------------------------------------------
 
-    def swap(self, version: IndexVersion) -> None:
+    def swap(self, version: IndexVersion, still_wanted: StillWanted | None = None) -> None:
         """Point the alias at ``version`` in one call (requests never see a missing alias), then mark it SERVED
         (after: a crash in between leaves a served collection unmarked, never an unserved one marked; the
-        collection the alias leaves is marked too, which mends that)."""
+        collection the alias leaves is marked too, which mends that). A reason from ``still_wanted``, asked just
+        before the alias moves, refuses the swap (``PublicationSuperseded``)."""
         versions = {v.collection: v for v in self.versions()}
         current = versions.get(version.collection)
         if current is None or not current.ready:
             raise IndexCheckFailed(f"{version.collection} is not a checked, ready collection: refusing to publish")
+        if still_wanted is not None and (reason := still_wanted(self)) is not None:
+            raise PublicationSuperseded(f"{version.collection} (model {version.model_version}) was not published: "
+                                        f"{reason}")
         if (target := self.alias_target()) is not None:
             leaving = versions.get(target)
             self.client.alter_alias(version.collection, self.config.alias)
@@ -348,21 +357,21 @@ class IndexLifecycle:
                         version.collection, exc)
 
     def publish(self, model_version: str, products: pd.DataFrame, vectors: np.ndarray,
-                queries: np.ndarray | None = None, still_wanted: Callable[[IndexLifecycle], str | None] | None = None,
+                queries: np.ndarray | None = None, still_wanted: StillWanted | None = None,
                 ) -> tuple[IndexVersion, dict[str, float]]:
         """Build, check, swap, prune. A failed check drops the new collection and leaves the alias; so does a
-        reason from ``still_wanted``, asked just before the swap (``PublicationSuperseded``)."""
+        swap that fails or is refused by ``still_wanted`` (``PublicationSuperseded``)."""
         version = self.build(model_version, products, vectors)
         try:
             checks = self.check(version, products["product_id"].to_numpy(np.int64), vectors, queries)
         except IndexCheckFailed:
             self.drop(version.collection)
             raise
-        if still_wanted is not None and (reason := still_wanted(self)) is not None:
-            self.drop(version.collection)
-            raise PublicationSuperseded(f"{version.collection} (model {model_version}) was not published: {reason}. "
-                                        f"It was dropped; it did not touch alias {self.config.alias!r}")
-        self.swap(version)
+        try:
+            self.swap(version, still_wanted)
+        except Exception:
+            self._drop_unserved(version.collection)
+            raise
         self.prune()
         return replace(version, state=SERVED), checks
 
@@ -391,6 +400,16 @@ class IndexLifecycle:
         _, target = self.rollback_target(forward)
         self.swap(target)
         return target
+
+    def _drop_unserved(self, collection: str) -> None:
+        """After a failed or refused swap: drop the new collection unless the alias reached it after all (best
+        effort: if Milvus is what failed, ``prune`` drops it once it is older than ``unfinished_grace_s``)."""
+        try:
+            if not self._aliased(collection):
+                self.client.drop_collection(collection)
+                log.warning("dropped %s: its publication did not swap the alias", collection)
+        except Exception as exc:  # noqa: BLE001 - the swap's own error is the one to raise
+            log.warning("could not drop %s after its swap failed (%s): a later prune will", collection, exc)
 
     def drop(self, collection: str) -> None:
         if self._aliased(collection):

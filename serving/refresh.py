@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from feature_repo.warehouse import EMBEDDINGS, version_rows
 from retrieval_core.errors import OperatorError
 from retrieval_core.settings import Settings
 from serving.bundle import ModelBundle, ModelNotFound, registered_versions
-from serving.index import IndexLifecycle, IndexVersion
+from serving.index import IndexLifecycle, IndexVersion, StillWanted
 from training.batching import product_text
 from training.dataset import product_features
 from training.gate import (
@@ -160,13 +159,15 @@ def catalogue_with_encodings(settings: Settings, bundle: ModelBundle, as_of: dt.
     return products, new
 
 
-def unchanged_since(settings: Settings, index: IndexLifecycle,
-                    model_version: str | None) -> Callable[[IndexLifecycle], str | None]:
+def unchanged_since(settings: Settings, index: IndexLifecycle, model_version: str | None,
+                    expected_production: str | None = None) -> StillWanted:
     """A check for ``IndexLifecycle.publish``, taken now: later, the reason a publication built meanwhile must not
     swap, or None. A refresh of what serves (no ``model_version``) must find the alias where it was: had a
     promotion's publication or a rollback moved it, the swap would move it back (a nightly refresh of yesterday's
-    model undoing a promotion). A publication of a given version (a promotion's) must find production where it
-    was: had an operator rolled back meanwhile, the swap would undo that. Rerunning rebuilds on what holds then."""
+    model undoing a promotion). A publication of a given version (a promotion's) must find production naming what
+    it named now, or ``expected_production``: had an operator rolled back meanwhile (``roll_back`` moves production
+    before the alias), the swap would undo that. A rollback that moved only the alias (its model never promoted)
+    does not stop a promotion's publication. Rerunning rebuilds on what holds then."""
     if model_version is None:
         alias = index.alias_target()
 
@@ -179,27 +180,28 @@ def unchanged_since(settings: Settings, index: IndexLifecycle,
 
         return alias_moved
     models_dir = settings.artifacts_dir / "models"
-    production = production_version(models_dir)
+    production = expected_production or production_version(models_dir)
 
     def production_moved(_: IndexLifecycle) -> str | None:
         if (promoted := production_version(models_dir)) == production:
             return None
-        return (f"production moved from {production} to {promoted} while it was built (a rollback or another "
-                f"promotion): swapping would serve against that choice. Publish {model_version} again only if it "
+        return (f"production names {promoted}, not {production} (a rollback or another promotion while it was being "
+                f"published): swapping would serve against that choice. Publish {model_version} again only if it "
                 "should serve after all")
 
     return production_moved
 
 
-def refresh_index(settings: Settings, model_version: str | None = None,
-                  as_of: dt.datetime | None = None) -> RefreshReport:
+def refresh_index(settings: Settings, model_version: str | None = None, as_of: dt.datetime | None = None,
+                  expected_production: str | None = None) -> RefreshReport:
     """Embed the catalogue with ``model_version`` (default: the one serving, ``serving_model_version``) and
     publish a new collection. Without ``model_version`` the swap happens only if the alias did not move while it
-    ran, with one only if production did not (``unchanged_since``; ``serving.index.PublicationSuperseded``)."""
+    ran, with one only if production did not, or still names ``expected_production`` when given (``unchanged_since``;
+    ``serving.index.PublicationSuperseded``)."""
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     at_start = IndexLifecycle(settings)
-    still_wanted = unchanged_since(settings, at_start, model_version)  # read before the model it decides
+    still_wanted = unchanged_since(settings, at_start, model_version, expected_production)  # before the model
     version = model_version or serving_model_version(settings, at_start)
     bundle = ModelBundle.load(settings, version)
     products, new = catalogue_with_encodings(settings, bundle, as_of or dt.datetime.now(dt.UTC))
@@ -243,5 +245,5 @@ def publish_promoted(settings: Settings, model_version: str) -> PromotionPublish
                     production)
         return None
     states = publish_user_states(settings, model_version)
-    return PromotionPublished(states.users, refresh_index(settings, model_version))
-
+    # production must still name it at the swap: a rollback while the states were written is not undone either
+    return PromotionPublished(states.users, refresh_index(settings, model_version, expected_production=model_version))

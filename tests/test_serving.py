@@ -227,6 +227,17 @@ def test_failed_check_and_crash_mid_build_leave_the_alias_serving(served: Settin
         index.swap(leftovers[0])  # a half-built collection can never be published
     index.drop(leftovers[0].collection)  # a prune keeps it for hours (it could be another process's build)
 
+    from pymilvus import MilvusClient
+
+    def engine_error(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("alter_alias: engine unavailable")
+
+    monkeypatch.setattr(MilvusClient, "alter_alias", engine_error)
+    with pytest.raises(RuntimeError, match="engine unavailable"):
+        refresh.refresh_index(served)
+    monkeypatch.undo()
+    assert index.serving() == before and [v.collection for v in index.versions()] == [before.collection]  # dropped
+
 
 def test_swap_rollback_prune_and_never_drop_the_aliased(served: Settings) -> None:
     from serving.refresh import refresh_index
@@ -260,8 +271,8 @@ def test_a_publication_that_crashed_before_its_swap_is_never_rolled_to_and_is_pr
     index = lifecycle(served)
     served_last = refresh.refresh_index(served).index
 
-    def die(self: IndexLifecycle, version: object) -> None:
-        raise KeyboardInterrupt("killed before the swap")
+    def die(self: IndexLifecycle, version: object, still_wanted: object = None) -> None:
+        raise KeyboardInterrupt("killed before the swap")  # not an Exception: publish does not drop the collection
 
     monkeypatch.setattr(IndexLifecycle, "swap", die)
     with pytest.raises(KeyboardInterrupt):
@@ -323,13 +334,30 @@ def test_a_publication_does_not_undo_a_promotion_or_rollback_that_landed_while_i
     register_copy(served, "serve-rolled-back-to")
     try:
         meanwhile[:] = [lambda: promote(pointer.parent, "serve-rolled-back-to", run / "metrics.json")]
-        with pytest.raises(PublicationSuperseded, match=f"production moved from {FIRST} to serve-rolled-back-to"):
+        rolled_back = f"production names serve-rolled-back-to, not {FIRST}"
+        with pytest.raises(PublicationSuperseded, match=rolled_back):
             refresh.refresh_index(served, FIRST)
         monkeypatch.undo()
         assert index.serving().collection == promoted.collection
         kept = {v.collection for v in index.versions()}
         assert refresh.publish_promoted(served, FIRST) is None  # the DAG's retry: production is no longer FIRST
         assert {v.collection for v in index.versions()} == kept
+
+        pointer.write_text(saved)  # and a rollback while the promotion's user states are being written
+        from serving import user_states
+
+        write_states = user_states.publish_user_states
+
+        def states_then_rollback(*args: object, **kwargs: object) -> object:
+            written = write_states(*args, **kwargs)
+            promote(pointer.parent, "serve-rolled-back-to", run / "metrics.json")
+            return written
+
+        monkeypatch.setattr(user_states, "publish_user_states", states_then_rollback)
+        with pytest.raises(PublicationSuperseded, match=rolled_back):
+            refresh.publish_promoted(served, FIRST)
+        monkeypatch.undo()
+        assert index.serving().collection == promoted.collection and {v.collection for v in index.versions()} == kept
     finally:
         pointer.write_text(saved)
     published = refresh.publish_promoted(served, FIRST)

@@ -198,17 +198,18 @@ def run_locally(settings: Settings, run_config_json: str, version: str) -> Path:
             f"finish and run again; nothing was run or deleted") from None
     try:
         earlier = set(runs(settings))
+        # kfp.local leaves a workspace directory per run and, per step, a `mktemp -d` holding the component's
+        # source: the run gets a temporary directory of its own for both, deleted with all in it afterwards.
+        # Created before TMPDIR points into it, so this process's cached tempfile.tempdir stays the system one.
+        scratch = tempfile.TemporaryDirectory(prefix=f"uer-kfp-{version}-", ignore_cleanup_errors=True)
         saved = dict(os.environ)
-        # Components run `python3` from PATH: make it this environment's, with the settings exported.
-        os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-        os.environ.update({"UER_PROFILE": settings.profile, "UER_DATA_DIR": str(settings.data_dir),
-                           "UER_ARTIFACTS_DIR": str(settings.artifacts_dir)})
-        # kfp.local writes each component's source into a `mktemp -d` it never removes (a directory per step per
-        # run, every day): give the run a temporary directory of its own, deleted with everything in it after.
-        scratch = tempfile.TemporaryDirectory(prefix=f"uer-kfp-{version}-")
-        os.environ["TMPDIR"] = scratch.name
         try:
-            local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+            # Components run `python3` from PATH: make it this environment's, with the settings exported.
+            os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+            os.environ.update({"UER_PROFILE": settings.profile, "UER_DATA_DIR": str(settings.data_dir),
+                               "UER_ARTIFACTS_DIR": str(settings.artifacts_dir), "TMPDIR": scratch.name})
+            local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
+                       workspace_root=scratch.name, raise_on_error=True)
             training_pipeline(run_config=run_config_json, version=version)
         finally:
             os.environ.clear()
