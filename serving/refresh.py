@@ -159,8 +159,8 @@ def catalogue_with_encodings(settings: Settings, bundle: ModelBundle, as_of: dt.
     return products, new
 
 
-def unchanged_since(settings: Settings, index: IndexLifecycle, model_version: str | None,
-                    expected_production: str | None = None) -> StillWanted:
+def unchanged_since(settings: Settings, model_version: str | None, expected_production: str | None = None,
+                    index: IndexLifecycle | None = None) -> StillWanted:
     """A check for ``IndexLifecycle.publish``, taken now: later, the reason a publication built meanwhile must not
     swap, or None. A refresh of what serves (no ``model_version``) must find the alias where it was: had a
     promotion's publication or a rollback moved it, the swap would move it back (a nightly refresh of yesterday's
@@ -169,7 +169,7 @@ def unchanged_since(settings: Settings, index: IndexLifecycle, model_version: st
     before the alias), the swap would undo that. A rollback that moved only the alias (its model never promoted)
     does not stop a promotion's publication. Rerunning rebuilds on what holds then."""
     if model_version is None:
-        alias = index.alias_target()
+        alias = (index or IndexLifecycle(settings)).alias_target()
 
         def alias_moved(now: IndexLifecycle) -> str | None:
             if (target := now.alias_target()) == alias:
@@ -200,8 +200,10 @@ def refresh_index(settings: Settings, model_version: str | None = None, as_of: d
     ``serving.index.PublicationSuperseded``)."""
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    at_start = IndexLifecycle(settings)
-    still_wanted = unchanged_since(settings, at_start, model_version, expected_production)  # before the model
+    # Without a version, the alias is read before it decides the model; with one, Milvus waits until the model
+    # has loaded (a version that does not exist is refused without touching, or starting, the engine).
+    at_start = IndexLifecycle(settings) if model_version is None else None
+    still_wanted = unchanged_since(settings, model_version, expected_production, at_start)
     version = model_version or serving_model_version(settings, at_start)
     bundle = ModelBundle.load(settings, version)
     products, new = catalogue_with_encodings(settings, bundle, as_of or dt.datetime.now(dt.UTC))

@@ -124,8 +124,10 @@ def test_train_command_is_refused_with_exit_code_3_while_another_run_holds_the_l
 def test_an_operator_error_is_its_message_and_exit_code_3_not_a_traceback(
         tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """``uer index publish`` of a version that is not registered: the stage raises ModelNotFound, which says what
-    to do; the person sees that line, not forty lines of frames."""
+    to do; the person sees that line, not forty lines of frames. Refused before the engine is touched: an embedded
+    Milvus Lite server started for it would outlive the command."""
     monkeypatch.setenv("UER_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("UER_DATA_DIR", str(tmp_path / "data"))
     get_settings.cache_clear()
     try:
         with pytest.raises(SystemExit) as exited:
@@ -135,3 +137,4 @@ def test_an_operator_error_is_its_message_and_exit_code_3_not_a_traceback(
     assert exited.value.code == 3
     printed = capsys.readouterr().err
     assert printed.startswith("error ") and "no-such-version" in printed and "Traceback" not in printed
+    assert not (tmp_path / "data" / "milvus").exists()  # no server was started for it
