@@ -6,11 +6,15 @@ pruned. Every task is idempotent for its logical date."""
 from __future__ import annotations
 
 from airflow.sdk import dag, get_current_context, task
+from airflow.timetables.interval import CronDataIntervalTimetable
 
 from dags.common import START_DATE, day_of, default_args, index_pool
 
 
-@dag(dag_id="uer_daily_retraining", schedule="@daily", start_date=START_DATE, catchup=False, max_active_runs=1,
+# A run's logical date is the day it processes, so it starts once that day is over: Airflow 3's plain "@daily" (a
+# CronTriggerTimetable) dates each run by its start, the day that has just begun and has no data yet.
+@dag(dag_id="uer_daily_retraining", schedule=CronDataIntervalTimetable("@daily", timezone="UTC"), start_date=START_DATE,
+     catchup=False, max_active_runs=1,
      default_args=default_args(), tags=["uer"],
      params={"run_config": {}, "train": True},
      doc_md=__doc__)

@@ -23,11 +23,22 @@ DAILY = "uer_daily_retraining"
 
 DAGBAG_REPORT = """
 import json
+import pendulum
 from airflow.dag_processing.dagbag import DagBag
+from airflow.serialization.encoders import coerce_to_core_timetable
+from airflow.timetables.base import TimeRestriction
 bag = DagBag(dag_folder=DAGS, include_examples=False)
+
+def first_scheduled(dag):
+    since = TimeRestriction(earliest=pendulum.datetime(2026, 12, 1, tz="UTC"), latest=None, catchup=True)
+    run = coerce_to_core_timetable(dag.timetable).next_dagrun_info(last_automated_data_interval=None,
+                                                                   restriction=since)
+    return [run.logical_date.isoformat(), run.run_after.isoformat()]
+
 print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()}, "dags": {
     d: {"max_active_runs": dag.max_active_runs, "tasks": {t.task_id: [t.retries, t.retry_exponential_backoff,
-        t.on_failure_callback is not None] for t in dag.tasks}, "pools": {t.task_id: t.pool for t in dag.tasks}}
+        t.on_failure_callback is not None] for t in dag.tasks}, "pools": {t.task_id: t.pool for t in dag.tasks},
+    "first_scheduled": first_scheduled(dag)}
     for d, dag in bag.dags.items()}}))
 """
 
@@ -50,6 +61,9 @@ def test_every_dag_imports_without_errors(tmp_path: Path) -> None:
         report["dags"][DAILY]["tasks"])
     assert {"refresh_index", "smoke_query", "prune_retired_versions"} == set(
         report["dags"]["uer_nightly_index_refresh"]["tasks"])
+    # the daily run of a day starts once that day is over (its logical date, which names the day, is not its start)
+    logical, run_after = report["dags"][DAILY]["first_scheduled"]
+    assert (logical, run_after) == ("2026-12-01T00:00:00+00:00", "2026-12-02T00:00:00+00:00")
     # the two tasks that publish a collection share one pool (they must not build side by side), and only they
     pool = Settings().airflow.index_pool
     in_pool = {(d, t) for d, dag in report["dags"].items() for t, p in dag["pools"].items() if p == pool}
