@@ -638,7 +638,7 @@ def run_scaled(args: argparse.Namespace) -> None:
     try:
         start = time.perf_counter()
         try:
-            big, checks = lifecycle.publish(version, frame, vectors, queries)
+            big, checks = lifecycle.publish(version, frame, vectors, queries, bundle_id=world.bundle.bundle_id)
         except IndexCheckFailed as exc:
             print(f"the publish gate refused the collection after {time.perf_counter() - start:.0f} s "
                   f"({timer.take()}): {exc}", flush=True)
@@ -677,7 +677,7 @@ def run_scaled(args: argparse.Namespace) -> None:
         # 5. A new N-product collection built, checked and swapped in while the API serves traffic.
         if args.swap == "rebuild":
             def action() -> object:
-                return lifecycle.publish(version, frame, vectors, queries)
+                return lifecycle.publish(version, frame, vectors, queries, bundle_id=world.bundle.bundle_id)
         else:
             def action() -> object:
                 report = refresh_index(settings, version)

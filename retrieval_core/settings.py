@@ -61,7 +61,9 @@ class MilvusSettings(BaseModel):
     timeout_s: float = 5.0
     collection_prefix: str = "products"
     alias: str = "products_serving"
-    keep_previous: int = 2
+    # Served collections kept behind the alias for rollback. At least 1: the collection the alias leaves is still
+    # searched by the running API until its next reload (serving.reload_interval_s), so it must outlive the swap.
+    keep_previous: int = Field(2, ge=1)
     # A collection never served and younger than this may be another process's publication in progress (the
     # daily and the nightly DAG can overlap) and is not pruned; it outlasts a build's own waits (30 + 15 min).
     unfinished_grace_s: float = Field(3 * 3600.0, ge=0)
@@ -104,7 +106,10 @@ class ServingSettings(BaseModel):
     # day's DAG failed) are not used: the state is computed from query_tower_v1 as without them.
     precomputed_user_states: bool = True
     user_state_max_age_s: float = Field(36 * 3600.0, gt=0)
-    max_k: int = 1000
+    # How long a /retrieve_batch call may wait in BentoML's adaptive batching queue before BentoML refuses it
+    # with a 503 ("process is overloaded"). A batch of n requests takes n searches: at 20 ms this refused a
+    # 65-request call (split at the batch maximum, the rest waits) and concurrent calls on Milvus Lite.
+    batch_max_latency_ms: int = Field(10_000, ge=100)
     # How often a running service looks for a new alias target / model version.
     reload_interval_s: float = 10.0
     # Threads of the sync endpoint /retrieve_batch (BentoML's default, 1, serialises its calls). /retrieve is

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -94,20 +95,31 @@ class ModelBundle:
     projection: np.ndarray | None = None  # (embedding_dim, serving_dim) applied to both sides first; None: full width
 
     @classmethod
-    def load(cls, settings: Settings, model_version: str) -> ModelBundle:
-        path = registered_versions(settings).get(model_version)
-        if path is None:
+    def load(cls, settings: Settings, model_version: str, bundle_id: str | None = None) -> ModelBundle:
+        """The version's newest registration, or the one whose ``bundle_id`` is given (what built a collection)."""
+        found = [r.path for r in registrations(settings) if r.model_version == model_version]
+        if not found:
             raise ModelNotFound(f"model version {model_version!r} is not in the BentoML model store at "
                                 f"{bentoml_home(settings)}; train and export it (uer train) first")
-        return cls.from_directory(model_version, path)
+        if bundle_id is not None:
+            found = [path for path in found if bundle_id_of(model_version, path) == bundle_id]
+            if not found:
+                raise ModelNotFound(f"the registration {bundle_id} of model version {model_version!r}, which built "
+                                    f"the collection, is no longer in the BentoML model store at "
+                                    f"{bentoml_home(settings)}; publish the version again (uer index publish)")
+        return cls.from_directory(model_version, found[-1])
 
     @classmethod
     def from_directory(cls, model_version: str, path: Path) -> ModelBundle:
-        model = load_model(path / "model")
+        damaged = (OSError, ValueError, KeyError, TypeError, EOFError)  # what json / np.load raise on a bad file
+        try:
+            model = load_model(path / "model")
+        except (*damaged, RuntimeError, pickle.UnpicklingError) as exc:  # + torch.load's and load_state_dict's
+            raise BundleInvalid(f"model version {model_version!r}: cannot load its towers from {path / 'model'} "
+                                f"({exc!r}); re-export the version") from exc
         features = quality_vectors(pd.DataFrame(index=[0])).shape[1]
         boost = path / "boost.json"
         weights = np.zeros(features, np.float32)
-        damaged = (OSError, ValueError, KeyError, TypeError, EOFError)  # what json / np.load raise on a bad file
         try:
             if boost.exists():
                 weights = np.array(json.loads(boost.read_text())["weights"], np.float32)

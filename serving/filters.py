@@ -22,9 +22,12 @@ Country = Annotated[str, StringConstraints(pattern=COUNTRY_PATTERN)]
 class Filters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    category: list[Category] | None = Field(None, max_length=50, description="exact category paths (any of)")
+    # An empty list is refused, not read as "no filter": a caller that sends [] wants nothing, not everything.
+    category: list[Category] | None = Field(None, min_length=1, max_length=50,
+                                            description="exact category paths (any of)")
     category_prefix: Category | None = Field(None, description="a category subtree")
-    shop_country: list[Country] | None = Field(None, max_length=50, description="ISO country codes (any of)")
+    shop_country: list[Country] | None = Field(None, min_length=1, max_length=50,
+                                               description="ISO country codes (any of)")
     price_min: float | None = Field(None, ge=0, le=1e7)
     price_max: float | None = Field(None, ge=0, le=1e7)
 

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 # Properties stored on each collection: they make the collection self-describing.
 MODEL_VERSION, INDEX_VERSION, CREATED_AT, STATE = ("uer.model_version", "uer.index_version", "uer.created_at",
                                                    "uer.state")
+# Which registration of its model version built the collection (``serving.bundle.bundle_id_of``): a day retrained
+# under the same version name is registered again, with other towers, and only its own query tower fits its vectors.
+BUNDLE_ID = "uer.bundle_id"
 SCALAR_FIELDS = {"category_path": 256, "shop_country": 8}  # VARCHAR fields and their max length; + price
 SMALL_SEGMENT_ROWS = 1024  # Milvus builds no vector index for a sealed segment smaller than this
 # Queries per search call: on Milvus Lite a query costs ~20 ms at 20k rows, and 200 in one call outlasted the
@@ -81,6 +84,7 @@ class IndexVersion:
     index_version: str
     created_at: str
     state: str
+    bundle_id: str | None = None  # None: a collection built before BUNDLE_ID was recorded (its version's newest)
 
     @property
     def ready(self) -> bool:
@@ -126,7 +130,7 @@ class IndexLifecycle:
                 continue
             state = props.get(STATE, BUILDING)
             out.append(IndexVersion(name, props[MODEL_VERSION], props[INDEX_VERSION], props[CREATED_AT],
-                                    LEGACY_STATES.get(state, state)))
+                                    LEGACY_STATES.get(state, state), props.get(BUNDLE_ID)))
         return sorted(out, key=lambda v: v.created_at)
 
     def alias_target(self) -> str | None:
@@ -149,8 +153,10 @@ class IndexLifecycle:
 
     # -- build and check -----------------------------------------------------------------------------
 
-    def build(self, model_version: str, products: pd.DataFrame, vectors: np.ndarray) -> IndexVersion:
-        """A new, loaded, fully indexed collection of ``vectors`` (not yet published)."""
+    def build(self, model_version: str, products: pd.DataFrame, vectors: np.ndarray,
+              bundle_id: str | None = None) -> IndexVersion:
+        """A new, loaded, fully indexed collection of ``vectors`` (not yet published), made by the registration
+        ``bundle_id`` of ``model_version`` (None: unrecorded, the API then serves the version's newest)."""
         from pymilvus import DataType, MilvusClient
 
         index_version = index_version_for(model_version)
@@ -167,7 +173,8 @@ class IndexLifecycle:
                          params=self.index_params(self.config.index_type, len(products)))
         self.client.create_collection(name, schema=schema, index_params=params)
         self.client.alter_collection_properties(name, properties={
-            MODEL_VERSION: model_version, INDEX_VERSION: index_version, CREATED_AT: created, STATE: BUILDING})
+            MODEL_VERSION: model_version, INDEX_VERSION: index_version, CREATED_AT: created, STATE: BUILDING,
+            **({BUNDLE_ID: bundle_id} if bundle_id else {})})
         log.info("index %s: inserting %d products", name, len(products))
         ids = products["product_id"].to_numpy(np.int64)
         scalars = {f: products.get(f, pd.Series("", index=products.index)).fillna("").astype(str).str[:n].tolist()
@@ -183,7 +190,7 @@ class IndexLifecycle:
         self._wait_indexed(name, len(ids))
         self.client.load_collection(name)
         self.wait_served_from_index(name)
-        return IndexVersion(name, model_version, index_version, created, BUILDING)
+        return IndexVersion(name, model_version, index_version, created, BUILDING, bundle_id)
 
     def index_params(self, index_type: str, rows: int) -> dict:
         """Build parameters of ``index_type`` for a collection of ``rows`` vectors (IVF_FLAT: nlist ≈ 4·√rows;
@@ -358,10 +365,10 @@ class IndexLifecycle:
 
     def publish(self, model_version: str, products: pd.DataFrame, vectors: np.ndarray,
                 queries: np.ndarray | None = None, still_wanted: StillWanted | None = None,
-                ) -> tuple[IndexVersion, dict[str, float]]:
+                bundle_id: str | None = None) -> tuple[IndexVersion, dict[str, float]]:
         """Build, check, swap, prune. A failed check drops the new collection and leaves the alias; so does a
         swap that fails or is refused by ``still_wanted`` (``PublicationSuperseded``)."""
-        version = self.build(model_version, products, vectors)
+        version = self.build(model_version, products, vectors, bundle_id)
         try:
             checks = self.check(version, products["product_id"].to_numpy(np.int64), vectors, queries)
         except IndexCheckFailed:
@@ -372,7 +379,11 @@ class IndexLifecycle:
         except Exception:
             self._drop_unserved(version.collection)
             raise
-        self.prune()
+        try:
+            self.prune()
+        except Exception as exc:  # noqa: BLE001 - the alias has moved: the publication stands, a retry would redo it
+            log.warning("published %s, but pruning older collections failed (%s): the next publication prunes them",
+                        version.collection, exc)
         return replace(version, state=SERVED), checks
 
     def rollback_target(self, forward: bool = False) -> tuple[IndexVersion, IndexVersion]:

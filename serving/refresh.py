@@ -222,7 +222,7 @@ def refresh_index(settings: Settings, model_version: str | None = None, as_of: d
     mark = time.perf_counter()
     # A connection of its own: the one above has idled through the encoding (long for a catalogue of new texts).
     index, checks = IndexLifecycle(settings).publish(version, products, vectors, queries.astype(np.float32),
-                                                     still_wanted)
+                                                     still_wanted, bundle.bundle_id)
     seconds["index"] = round(time.perf_counter() - mark, 3)
     seconds["total"] = round(time.perf_counter() - start, 3)
     log.info("published %s (%d products, %d newly encoded) in %.1f s", index.collection, len(products), new,

@@ -81,7 +81,7 @@ class Retriever:
         self._history: TTLCache = TTLCache(settings.serving.history_cache_size, settings.serving.history_cache_ttl_s)
         self._history_lock, self._store_lock = threading.Lock(), threading.Lock()
         self._store = None
-        self._bundles: dict[str, ModelBundle] = {}
+        self._bundles: dict[tuple[str, str | None], ModelBundle] = {}
         self.last_refusal: str | None = None
         self._on_stage = on_stage or (lambda stage, seconds: None)
         self._on_cache = on_cache or (lambda hit: None)
@@ -120,15 +120,16 @@ class Retriever:
         current = self._pair
         if current is not None and current.index.collection == target.collection:
             return False
+        key = (target.model_version, target.bundle_id)  # the registration that built it, not only the version name
         try:
-            bundle = self._bundles.get(target.model_version) or ModelBundle.load(self.settings, target.model_version)
+            bundle = self._bundles.get(key) or ModelBundle.load(self.settings, target.model_version, target.bundle_id)
         except ModelNotFound as exc:
             self.last_refusal = (f"index {target.index_version} was built by model {target.model_version}, which "
                                  f"cannot be loaded ({exc}); still serving "
                                  f"{current.index.index_version if current else 'nothing'}")
             log.error(self.last_refusal)
             return False
-        self._bundles = {target.model_version: bundle}
+        self._bundles = {key: bundle}
         self._pair = ServingPair(bundle, target)
         self.last_refusal = None
         log.info("serving model %s with index %s", target.model_version, target.index_version)
@@ -136,7 +137,8 @@ class Retriever:
 
     def ready(self) -> bool:
         pair = self._pair
-        return pair is not None and pair.bundle.model_version == pair.index.model_version
+        return pair is not None and pair.bundle.model_version == pair.index.model_version \
+            and pair.index.bundle_id in (None, pair.bundle.bundle_id)
 
     def warm_up(self) -> None:
         """One signed-in request (a user id that cannot exist) through the whole path, when a pair is

@@ -19,12 +19,10 @@ import threading
 import time
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Annotated
 
 import bentoml
 import orjson
-from bentoml.exceptions import InvalidArgument, ServiceUnavailable
-from pydantic import Field, ValidationError
+from bentoml.exceptions import ServiceUnavailable
 from starlette.responses import JSONResponse, Response
 from threadpoolctl import threadpool_limits
 
@@ -63,6 +61,12 @@ API_ROUTES = ("/retrieve", "/retrieve_batch")
 def _tracing(rate: float) -> dict:
     """BentoML's tracing config: with nothing sampled, the API routes skip the tracing middleware."""
     return {"sample_rate": rate, **({"excluded_urls": list(API_ROUTES)} if rate == 0 else {})}
+
+
+class RetrieveInput(RetrievalRequest, bentoml.IODescriptor):
+    """The body of ``/retrieve``: a RetrievalRequest. An unknown field (a typo such as ``userid`` or ``filter``) is
+    a 400 like any other bad input: the input model BentoML infers from the signature ignores it, and the caller
+    gets unfiltered or signed-out results without knowing."""
 
 
 @bentoml.service(name="unified_retrieval", traffic={"timeout": 30}, threads=get_settings().serving.threads,
@@ -133,16 +137,13 @@ class RetrievalService:
         except Unavailable as exc:
             raise ServiceUnavailable(str(exc)) from exc
 
-    @bentoml.api(route="/retrieve")
-    async def retrieve(self, query: str, user_id: int | None = None,
-                       k: Annotated[int, Field(ge=1, le=1000)] = 100,
+    @bentoml.api(route="/retrieve", input_spec=RetrieveInput)
+    async def retrieve(self, query: str, user_id: int | None = None, k: int = 100,
                        filters: Filters | None = None) -> RetrievalResponse:
         """Top-k products for one query, personalized by the user's history when ``user_id`` is known.
         Concurrent requests are served together (``serving.coalescer``): one query-tower pass, one search."""
-        try:
-            request = RetrievalRequest(query=query, user_id=user_id, k=k, filters=filters)
-        except ValidationError as exc:
-            raise InvalidArgument(_explain(exc)) from exc
+        # BentoML validated the body against RetrieveInput, RetrievalRequest's own rules: no need to check again.
+        request = RetrievalRequest.model_construct(query=query, user_id=user_id, k=k, filters=filters)
         try:
             row = await asyncio.wrap_future(self._coalescer.submit(request))
         except ServiceUnavailable as exc:
@@ -151,7 +152,8 @@ class RetrievalService:
         # Written as it is (orjson): the same JSON as RetrievalResponse's, without validating 100 results again.
         return Response(orjson.dumps(row), media_type="application/json")
 
-    @bentoml.api(route="/retrieve_batch", batchable=True, max_batch_size=64, max_latency_ms=20)
+    @bentoml.api(route="/retrieve_batch", batchable=True, max_batch_size=64,
+                 max_latency_ms=get_settings().serving.batch_max_latency_ms)
     def retrieve_batch(self, requests: list[RetrievalRequest]) -> list[RetrievalResponse]:
         """Many requests in one call; concurrent calls are merged by BentoML's adaptive batching.
         (A 503 here carries BentoML's generic text: batched outputs cannot be a custom response.)"""
@@ -198,10 +200,6 @@ class GcPauses:
             except IndexError:  # another thread's flush took the rest
                 return
             self._observe(generation, seconds)
-
-
-def _explain(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}" for e in exc.errors())
 
 
 if get_settings().serving.api_key is not None:

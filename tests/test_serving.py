@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -77,6 +78,8 @@ def register_copy(settings: Settings, version: str) -> None:
     {"price_min": 10, "price_max": 5},
     {"price_max": float("nan")},
     {"expr": "price > 0"},
+    {"category": []},
+    {"shop_country": []},
 ])
 def test_filter_values_that_could_inject_are_rejected(bad: dict) -> None:
     with pytest.raises(ValidationError):
@@ -259,6 +262,29 @@ def test_swap_rollback_prune_and_never_drop_the_aliased(served: Settings) -> Non
     assert first.collection not in names
 
 
+def test_a_publication_whose_prune_fails_still_stands_and_the_previous_collection_is_always_kept(
+        served: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pruning runs after the alias moved: its failure must not fail the publication (a DAG retry would build and
+    swap yet another collection). And at least one previous collection is kept: the running API searches the one
+    the alias left until its next reload."""
+    from pydantic import ValidationError as SettingsError
+
+    from retrieval_core.settings import MilvusSettings
+    from serving.refresh import refresh_index
+
+    def engine_error(self: IndexLifecycle) -> list[str]:
+        raise RuntimeError("drop_collection: engine unavailable")
+
+    index = lifecycle(served)
+    before = index.serving()
+    monkeypatch.setattr(IndexLifecycle, "prune", engine_error)
+    report = refresh_index(served)
+    monkeypatch.undo()
+    assert index.serving().collection == report.index.collection != before.collection
+    with pytest.raises(SettingsError, match="keep_previous"):
+        MilvusSettings(keep_previous=0)
+
+
 def test_a_publication_that_crashed_before_its_swap_is_never_rolled_to_and_is_pruned(
         served: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """Checked but never swapped in (the refresh died between its check and its swap): a rollforward used to
@@ -410,6 +436,49 @@ def test_the_nightly_work_follows_what_serves_so_a_rollback_stays_rolled_back(se
         index.rollback()
     finally:
         pointer.write_text(saved)
+    assert index.serving().model_version == FIRST
+
+
+def test_a_day_retrained_under_its_version_name_is_served_with_the_towers_that_built_its_collection(
+        served: Settings) -> None:
+    """A day retrained under the same version name (an Airflow clear) is registered again, with other towers. Each
+    collection records the registration that built it, and the API serves it with that one's query tower: the
+    retriever used to keep the bundle it held for the name (the old query tower against the new product vectors),
+    and a rollback would have paired the first collection with the newest registration. A collection whose
+    registration is gone is refused, and the pair serving stays."""
+    from serving.bundle import ModelBundle, delete_registration, registrations
+    from serving.refresh import refresh_index
+    from serving.retriever import Retriever
+    from training.export import register_model
+
+    index = lifecycle(served)
+    home = index.serving()
+    run = served.artifacts_dir / "models" / FIRST
+    register_copy(served, "serve-twice")
+    first = ModelBundle.load(served, "serve-twice")
+    reader = Retriever(served)
+    try:
+        refresh_index(served, "serve-twice")
+        assert reader.reload() and reader.ready()
+        assert reader.pair.bundle.bundle_id == reader.pair.index.bundle_id == first.bundle_id
+        register_model(served, "serve-twice", run, run / "text_encoder")  # the day retrained
+        again = ModelBundle.load(served, "serve-twice")
+        assert again.bundle_id != first.bundle_id
+        refresh_index(served, "serve-twice")
+        assert reader.reload() and reader.ready()
+        assert reader.pair.bundle.bundle_id == reader.pair.index.bundle_id == again.bundle_id
+
+        index.rollback()  # to the first registration's collection
+        assert reader.reload() and reader.ready()
+        assert reader.pair.bundle.bundle_id == reader.pair.index.bundle_id == first.bundle_id
+        [gone] = [r for r in registrations(served) if r.path == again.path]
+        delete_registration(served, gone)
+        index.rollback(forward=True)  # to a collection whose registration is no longer in the store
+        assert not reader.reload() and reader.pair.bundle.bundle_id == first.bundle_id and reader.ready()
+        assert again.bundle_id in reader.last_refusal
+    finally:  # FIRST serves again (its earlier collection may have been pruned by now)
+        if index.serving().model_version != home.model_version:
+            refresh_index(served, home.model_version)
     assert index.serving().model_version == FIRST
 
 
@@ -889,6 +958,20 @@ def test_a_bundle_whose_files_do_not_fit_its_model_is_refused_by_name(served: Se
     np.testing.assert_array_equal(restored.projection, good.projection)
     np.testing.assert_array_equal(restored.boost_weights, good.boost_weights)
 
+    # the towers themselves: damaged weights or config are refused the same way (the service used to fail to start)
+    (tmp_path / "model").unlink()
+    shutil.copytree(good.path / "model", tmp_path / "model")
+    for name, bad in [("weights.pt", b"not torch"), ("weights.pt", None), ("model_config.json", b'{"dim": "x"}')]:
+        saved = (tmp_path / "model" / name).read_bytes()
+        if bad is None:
+            (tmp_path / "model" / name).unlink()
+        else:
+            (tmp_path / "model" / name).write_bytes(bad)
+        with pytest.raises(BundleInvalid, match="cannot load its towers"):
+            ModelBundle.from_directory("damaged", tmp_path)
+        (tmp_path / "model" / name).write_bytes(saved)
+    assert ModelBundle.from_directory("restored", tmp_path).model_version == "restored"
+
 
 # -- the HTTP API ---------------------------------------------------------------------------------------
 
@@ -952,6 +1035,23 @@ def test_api_happy_path_signed_out_and_unknown_user(api: str) -> None:
     assert [len(r["results"]) for r in batch.json()] == [3, 4]
 
 
+def test_the_batch_endpoint_serves_a_call_beyond_its_batch_size_and_concurrent_calls(api: str) -> None:
+    """BentoML splits a /retrieve_batch call longer than its batch maximum (64) and merges concurrent calls. Neither
+    may be refused as "overloaded" because a batch of searches outlasts BentoML's latency budget (it was 20 ms;
+    once its dispatcher had learnt a batch's duration, both were 503s)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for _ in range(12):  # what the dispatcher learns its timings from
+        assert post(api, "/retrieve_batch", {"requests": [{"query": "wooden bowl", "k": 2}]}).status_code == 200
+    long_call = {"requests": [{"query": f"wooden bowl {i}", "k": 2} for i in range(65)]}
+    calls = [{"requests": [{"query": "silver ring", "k": 3}] * 5} for _ in range(4)]
+    with ThreadPoolExecutor(5) as pool:
+        answers = list(pool.map(lambda body: post(api, "/retrieve_batch", body), [long_call, *calls]))
+    assert [a.status_code for a in answers] == [200] * 5, [a.text[:200] for a in answers]
+    assert [len(a.json()) for a in answers] == [65, 5, 5, 5, 5]
+    assert all(len(row["results"]) == 2 for row in answers[0].json())
+
+
 def test_concurrent_requests_are_served_together_and_each_gets_its_own_answer(api: str) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -1004,7 +1104,8 @@ def test_metrics_expose_garbage_collector_pauses(api: str) -> None:
     {"query": "bowl", "k": 0}, {"query": "bowl", "k": 1001}, {"query": "   "}, {"k": 5}, {"query": "x" * 300},
     {"query": "bowl", "user_id": -1}, {"query": "bowl", "filters": {"category": ['a" or 1==1']}},
     {"query": "bowl", "filters": {"price_min": 9, "price_max": 1}}, {"query": "bowl", "filters": {"raw": "x"}},
-    {"query": "bowl", "k": "many"},
+    {"query": "bowl", "k": "many"}, {"query": "bowl", "userid": 5}, {"query": "bowl", "filter": {"price_max": 20}},
+    {"query": "bowl", "filters": {"category": []}},
 ])
 def test_api_rejects_bad_input_with_a_clear_4xx(api: str, body: dict) -> None:
     response = post(api, "/retrieve", body)
