@@ -82,9 +82,13 @@ def land(
     """
     if table not in TABLES:
         raise typer.BadParameter(f"table must be one of {TABLES}, got {table!r}")
+    try:
+        partition = dt.date.fromisoformat(day)
+    except ValueError as exc:
+        raise typer.BadParameter(f"DAY must be YYYY-MM-DD, got {day!r}") from exc
     s = get_settings()
     try:
-        dest = land_partition(file, table, dt.date.fromisoformat(day), s.raw_dir, s.quarantine_dir)
+        dest = land_partition(file, table, partition, s.raw_dir, s.quarantine_dir)
     except ContractViolation as violation:
         console.print(f"[red]rejected[/] {violation}")
         raise typer.Exit(code=2) from violation
@@ -170,9 +174,16 @@ def features_lookup(
     service: Annotated[str, typer.Option(help="feature service")] = "query_tower_v1",
 ) -> None:
     """Read users' features from the online store through a feature service, as JSON."""
-    from feature_repo.store import online_user_history
+    from feast.errors import FeatureServiceNotFoundException
 
-    print(json.dumps(online_user_history(get_settings(), user_id, service), indent=2, default=str))
+    from feature_repo.store import get_store, online_user_history
+
+    try:
+        rows = online_user_history(get_settings(), user_id, service)
+    except FeatureServiceNotFoundException as exc:
+        known = sorted(s.name for s in get_store(get_settings()).list_feature_services())
+        raise typer.BadParameter(f"no feature service {service!r}; the registry has {known}") from exc
+    print(json.dumps(rows, indent=2, default=str))
 
 
 @features.command("serve")

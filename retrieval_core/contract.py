@@ -269,6 +269,12 @@ def land_day(day: dt.date, raw_dir: Path, landing_dir: Path, quarantine_dir: Pat
         if waiting.exists():
             land_partition(waiting, table, day, raw_dir, quarantine_dir)
         dest = partition_path(raw_dir, table, day)
+        quarantined = quarantine_dir / table / f"ds={day.isoformat()}" / "reason.json"
+        if not dest.exists() and quarantined.exists():
+            # A retry after a violation: the file is in quarantine now, and "not delivered" would mislead.
+            why = json.loads(quarantined.read_text())
+            raise ContractViolation(why.get("file", dest), why.get("column", "*"), why.get("rule", "?"),
+                                    why.get("sample"))
         if not dest.exists():
             raise ContractViolation(dest, "*", f"the {table} partition for {day} has not been delivered "
                                                f"(expected in {landing_dir / table})")

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from retrieval_core.contract import ContractViolation, land_partition, partition_path
+from retrieval_core.contract import ContractViolation, land_day, land_partition, partition_path
 from retrieval_core.settings import Settings
 from retrieval_core.simulator import SimulationSummary
 
@@ -89,6 +89,21 @@ def test_unreadable_file_is_rejected(tmp_path: Path) -> None:
     src.write_text("not parquet at all")
     with pytest.raises(ContractViolation, match="readable parquet"):
         land_partition(src, "events", DAY, tmp_path / "raw", tmp_path / "q")
+
+
+def test_a_retried_landing_of_a_quarantined_partition_names_the_violation_not_a_missing_delivery(
+        tmp_path: Path) -> None:
+    """The first attempt moves the bad file to quarantine; Airflow's retries find none in landing. They must still
+    say why (the alert goes out on the last attempt), not send the operator looking for a late delivery."""
+    waiting = tmp_path / "landing" / "catalogue" / f"ds={DAY.isoformat()}.parquet"
+    waiting.parent.mkdir(parents=True)
+    waiting.write_text("not parquet at all")
+    dirs = tmp_path / "raw", tmp_path / "landing", tmp_path / "q"
+    for _attempt in range(2):
+        with pytest.raises(ContractViolation, match="readable parquet") as raised:
+            land_day(DAY, *dirs)
+        assert "not been delivered" not in str(raised.value)
+    assert not waiting.exists() and (tmp_path / "q" / "catalogue" / f"ds={DAY.isoformat()}" / waiting.name).exists()
 
 
 def test_valid_file_lands_atomically(tiny_settings: Settings, tiny_world: SimulationSummary, tmp_path: Path) -> None:

@@ -41,6 +41,23 @@ def _digest(paths: list[Path]) -> list[str]:
     return [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
 
 
+def test_lookup_command_reads_a_feature_service_and_lists_the_known_ones_for_an_unknown(
+        local: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    from typer.testing import CliRunner
+
+    from retrieval_core import cli
+
+    monkeypatch.setattr(cli, "get_settings", lambda: local)
+    found = CliRunner().invoke(cli.app, ["features", "lookup", "--user-id", "1"])
+    assert found.exit_code == 0 and "recent_queries" in found.output, found.output
+    unknown = CliRunner().invoke(cli.app, ["features", "lookup", "--user-id", "1", "--service", "query_tower_v9"])
+    flat = re.sub(r"[\s│╭╮╰╯─]+", "", unknown.output)  # the message as typer boxes it, unwrapped
+    assert unknown.exit_code == 2, unknown.output  # a usage error, not a traceback (exit code 1)
+    assert "nofeatureservice'query_tower_v9'" in flat and "'query_tower_v1'" in flat, unknown.output
+
+
 def test_backlog_and_next_day_are_published(local: Settings) -> None:
     assert published_days(local) == [FIRST_BUILD.replace(day=d) for d in range(1, 6)]
     history = pd.read_parquet(published_path(local, "user_history", NEXT_DAY))

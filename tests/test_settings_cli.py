@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from pydantic import ValidationError
@@ -81,9 +82,12 @@ def test_land_command_reports_rejection_with_exit_code_2(tmp_path, monkeypatch: 
     bad = tmp_path / "bad.parquet"
     bad.write_text("nope")
     try:
+        misdated = CliRunner().invoke(app, ["land", "events", "2026-13-01", str(bad)])  # refused before it is read
         result = CliRunner().invoke(app, ["land", "events", "2026-10-01", str(bad)])
     finally:
         get_settings.cache_clear()
+    # a usage error (exit code 2), not a traceback (1); typer boxes and wraps the message
+    assert misdated.exit_code == 2 and "mustbeYYYY-MM-DD" in re.sub(r"[\s│╭╮╰╯─]+", "", misdated.output)
     assert result.exit_code == 2
     assert "rejected" in result.output and "readable parquet" in result.output
     assert (tmp_path / "data" / "quarantine" / "events" / "ds=2026-10-01" / "reason.json").exists()
