@@ -155,6 +155,13 @@ def test_daily_dag_end_to_end_then_failed_gate_and_rerun_keep_serving(world: Set
     # tf-idf matcher before any training): the branch keeps the previous pair.
     bad = {**TINY_RUN, "train": {**TINY_RUN["train"], "steps": 1, "warmup_steps": 0, "ramp_steps": 0,
                                  "model": {**TINY_RUN["train"]["model"], "lexical_dim": 0}}}
+    # First as a rerun of the promoted day: production already names the day's version, and the run must still not
+    # count as promoted (it used to publish a new collection of the old model).
+    collections = [v.collection for v in lifecycle.versions()]
+    done = dags_test(world, NEXT_DAY, {"run_config": bad})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert [v.collection for v in lifecycle.versions()] == collections and lifecycle.serving() == first
+    # Then on the next day.
     done = dags_test(world, HELD_OUT, {"run_config": bad})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     decision = json.loads(next((world.artifacts_dir / "kfp" / f"daily-{HELD_OUT:%Y%m%d}").glob(
@@ -163,8 +170,9 @@ def test_daily_dag_end_to_end_then_failed_gate_and_rerun_keep_serving(world: Set
     assert lifecycle.serving() == first and smoke_query(world)["index_version"] == first.index_version
     # the promoted run's data and models went when this one finished (the model serves from its bundle); its
     # reports stay, and the refused run, the newest, keeps everything
-    [promoted_run] = (world.artifacts_dir / "kfp" / first.model_version).iterdir()
-    assert not (promoted_run / "train-op" / "models").exists() and (promoted_run / "gate-op" / "decision").exists()
+    earlier_runs = list((world.artifacts_dir / "kfp" / first.model_version).iterdir())  # promoted, refused rerun
+    assert len(earlier_runs) == 2 and all(not (run / "train-op" / "models").exists()
+                                          and (run / "gate-op" / "decision").exists() for run in earlier_runs)
     assert next((world.artifacts_dir / "kfp" / f"daily-{HELD_OUT:%Y%m%d}").glob("*/train-op/models/model"))
 
     # Rerunning a day without training changes nothing that serves.

@@ -79,7 +79,8 @@ def test_model_learns_and_beats_popularity_and_the_no_history_ablation_on_broad_
     assert on_broad["unified"]["recall@10"] > on_broad["no_history"]["recall@10"], on_broad
 
 
-def test_training_run_writes_artefacts_metrics_and_embeddings(tiny_features: Settings) -> None:
+def test_training_run_writes_artefacts_metrics_and_embeddings(tiny_features: Settings,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
     from feature_repo import store
@@ -121,6 +122,24 @@ def test_training_run_writes_artefacts_metrics_and_embeddings(tiny_features: Set
         entity_df=written[["product_id"]].head(3).assign(event_timestamp=pd.Timestamp.now(tz="UTC")),
         features=["product_embeddings:text_embedding"]).to_df()
     assert offline["text_embedding"].map(len).eq(384).all()
+
+    # Production moves last in the export: one that fails (here writing the embeddings) leaves it as it was, on a
+    # version that loads, instead of naming one that was never registered or exported.
+    from training import stages
+    from training.gate import pointer_record, read_pointer
+
+    models_dir, run = tiny_features.artifacts_dir / "models", report.directory
+    before = read_pointer(models_dir)
+    assert pointer_record(before)["version"] == "test-run" and "promoted_at" in pointer_record(before)
+
+    def unavailable(*args: object, **kwargs: object) -> None:
+        raise OSError("warehouse unavailable")
+
+    monkeypatch.setattr(stages, "publish_product_embeddings", unavailable)
+    with pytest.raises(OSError, match="warehouse unavailable"):
+        stages.step_export(tiny_features, run / "dataset", run / "graph.parquet", run / "text.parquet", run,
+                           "test-run-export-failed", run / "metrics.json")
+    assert read_pointer(models_dir) == before
 
 
 def test_kfp_pipeline_compiles_and_runs_every_component_locally(tiny_features: Settings, tmp_path) -> None:

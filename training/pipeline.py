@@ -144,15 +144,15 @@ def gate_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Dataset]
 
 @dsl.component(**COMPONENT)
 def export_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Dataset], models: Input[Model],
-              version: str) -> str:
-    """Publish the run's product embeddings to Feast and register the model in the BentoML store."""
+              metrics: Input[Artifact], version: str) -> str:
+    """Publish the run's product embeddings to Feast, register the model in the BentoML store, then promote it."""
     from pathlib import Path
 
     from retrieval_core.settings import get_settings
     from training.stages import step_export
 
     return step_export(get_settings(), Path(dataset.path), Path(graph.path), Path(text.path) / "text.parquet",
-                       Path(models.path), version)
+                       Path(models.path), version, Path(metrics.path))
 
 
 @dsl.pipeline(name="unified-retrieval-training",
@@ -172,7 +172,7 @@ def training_pipeline(run_config: str = "{}", version: str = "dev") -> None:
                    models=boosted.outputs["boosted"], metrics=evaluated.outputs["metrics"], version=version)
     with dsl.If(gate.outputs["Output"] == True):  # noqa: E712 - a KFP condition, not a Python comparison
         export_op(dataset=data.outputs["dataset"], graph=graph.outputs["graph"], text=text.outputs["text"],
-                  models=boosted.outputs["boosted"], version=version)
+                  models=boosted.outputs["boosted"], metrics=evaluated.outputs["metrics"], version=version)
 
 
 def compile_pipeline(path: Path) -> Path:
@@ -280,9 +280,11 @@ def prune_earlier_runs(settings: Settings, earlier: set[Path]) -> list[Path]:
 
 def run_pipeline(settings: Settings, run_config_json: str, version: str) -> dict:
     """Run the training pipeline where the settings say (kfp.local here; a KFP cluster in production)
-    and report ``{"version", "promoted", "pipeline_root"}``; the gate moves the production pointer."""
-    from training.gate import production_version
+    and report ``{"version", "promoted", "pipeline_root"}``; a promoted run's export moves the production pointer."""
+    from training.gate import pointer_version, read_pointer
 
+    models_dir = settings.artifacts_dir / "models"
+    before = read_pointer(models_dir)
     if settings.kfp.mode == "local":
         root = run_locally(settings, run_config_json, version)
     else:  # submit exactly the compiled YAML to the cluster and wait for it
@@ -295,5 +297,8 @@ def run_pipeline(settings: Settings, run_config_json: str, version: str) -> dict
                                                                                 "version": version})
         client.wait_for_run_completion(run.run_id, timeout=6 * 3600)
         root = Path(settings.kfp.pipeline_root)
-    promoted = production_version(settings.artifacts_dir / "models") == version
+    # Promoted by this run: its gate rewrote the pointer. A rerun of a promoted day that its gate refused finds
+    # production naming the version already (and must not publish the old model again as if it were new).
+    after = read_pointer(models_dir)
+    promoted = after != before and pointer_version(after) == version
     return {"version": version, "promoted": promoted, "pipeline_root": str(root)}

@@ -365,7 +365,8 @@ def step_evaluate(dataset: Path, graph: Path, text: Path | None, models: Path, c
 
 def step_gate(dataset: Path, graph: Path, text: Path | None, models: Path, metrics: Path, models_dir: Path,
               version: str, out: Path, gate: GateConfig | None = None) -> Decision:
-    """Decide whether this run replaces production (decision.json); move the pointer if it does."""
+    """Decide whether this run replaces production (decision.json). The pointer moves in ``step_export``, once the
+    model is registered: production must never name a version that cannot be loaded."""
     gate = gate or GateConfig()
     model = load_model(models / "model")
     products = _with_encodings(pd.read_parquet(dataset / "eval_products.parquet"), graph, text)
@@ -375,18 +376,22 @@ def step_gate(dataset: Path, graph: Path, text: Path | None, models: Path, metri
                       _product_vectors(model, products), _query_vectors(model, test), gate,
                       projection=load_projection(models))
     write_decision(decision, out)
-    if decision.promote:
-        promote(models_dir, version, metrics)
     return decision
 
 
 def step_export(settings: Settings, dataset: Path, graph: Path, text: Path | None, models: Path,
-                version: str) -> str:
-    """Publish the run's product embeddings (text, graph) to Feast's product_embeddings source, and
-    register the model bundle in the BentoML model store; returns the BentoML tag."""
+                version: str, metrics: Path) -> str:
+    """For a run its gate promoted: register the model bundle in the BentoML model store, publish the run's product
+    embeddings (text, graph) to Feast's product_embeddings source, then point production at the version. Production
+    moves last, so a failure before leaves it where it was; the registration comes first, so from then on the
+    version is a live candidate and a concurrent prune (``serving.retention``) keeps its embeddings. Returns the
+    BentoML tag."""
+    tag = register_model(settings, version, models, text.with_name("text_encoder") if text is not None else None)
     products = _with_encodings(pd.read_parquet(dataset / "eval_products.parquet")[["product_id"]], graph, text)
     publish_product_embeddings(settings, products, version)
-    return register_model(settings, version, models, text.with_name("text_encoder") if text is not None else None)
+    # the time makes a day's repeated promotion a new pointer (``training.pipeline.run_pipeline`` compares them)
+    promote(settings.artifacts_dir / "models", version, metrics, {"promoted_at": dt.datetime.now(dt.UTC).isoformat()})
+    return tag
 
 
 def publish_product_embeddings(settings: Settings, products: pd.DataFrame, version: str) -> int:
@@ -426,7 +431,7 @@ def run_training(settings: Settings, config: TrainingRunConfig, version: str | N
     decision = step_gate(dataset, out / "graph.parquet", text, out, out / "metrics.json", out.parent, version,
                          out / "decision.json")
     if decision.promote:
-        step_export(settings, dataset, out / "graph.parquet", text, out, version)
+        step_export(settings, dataset, out / "graph.parquet", text, out, version, out / "metrics.json")
     (out / "run_config.json").write_text(config.model_dump_json(indent=2))
     return TrainingRunReport(version=version, directory=out, metrics=metrics, promoted=decision.promote,
                              examples_per_s=figures["model"]["examples_per_s"],
