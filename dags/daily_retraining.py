@@ -66,7 +66,17 @@ def uer_daily_retraining() -> None:
 
     @task.branch
     def promoted(outcome: dict) -> str:
-        return "publish_index" if outcome["promoted"] else "keep_serving_index"
+        """Publish what this run promoted, or its day's version that production names but no collection serves (an
+        earlier run of the day promoted it and its publication failed; this rerun's gate refused its own model)."""
+        if outcome["promoted"]:
+            return "publish_index"
+        if outcome["version"] is not None:
+            from retrieval_core.settings import get_settings
+            from serving.refresh import awaiting_publication
+
+            if awaiting_publication(get_settings(), outcome["version"]):
+                return "publish_index"
+        return "keep_serving_index"
 
     @task(pool=index_pool())
     def publish_index(outcome: dict) -> dict:

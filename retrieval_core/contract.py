@@ -272,8 +272,12 @@ def land_day(day: dt.date, raw_dir: Path, landing_dir: Path, quarantine_dir: Pat
         quarantined = quarantine_dir / table / f"ds={day.isoformat()}" / "reason.json"
         if not dest.exists() and quarantined.exists():
             # A retry after a violation: the file is in quarantine now, and "not delivered" would mislead.
-            why = json.loads(quarantined.read_text())
-            raise ContractViolation(why.get("file", dest), why.get("column", "*"), why.get("rule", "?"),
+            try:
+                why = json.loads(quarantined.read_text())
+            except (OSError, ValueError):
+                why = {"rule": "see the quarantined file"}
+            raise ContractViolation(quarantined.parent, why.get("column", "*"),
+                                    f"{why.get('rule', '?')} (quarantined from {why.get('file', landing_dir / table)})",
                                     why.get("sample"))
         if not dest.exists():
             raise ContractViolation(dest, "*", f"the {table} partition for {day} has not been delivered "

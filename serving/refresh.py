@@ -21,7 +21,7 @@ import pandas as pd
 from feature_repo.warehouse import EMBEDDINGS, version_rows
 from retrieval_core.errors import OperatorError
 from retrieval_core.settings import Settings
-from serving.bundle import ModelBundle, ModelNotFound, registered_versions
+from serving.bundle import ModelBundle, ModelNotFound, bundle_id_of, registered_versions, registrations
 from serving.index import IndexLifecycle, IndexVersion, StillWanted
 from training.batching import product_text
 from training.dataset import product_features
@@ -62,14 +62,37 @@ def production_model_version(settings: Settings) -> str:
     return version
 
 
-def serving_model_version(settings: Settings, index: IndexLifecycle | None = None) -> str:
-    """The version the nightly work (refresh, user states) keeps up to date: the model of the collection the
-    alias points to — so an ``uer index rollback`` stays rolled back until a promotion publishes a new version —
-    or production's when nothing serves yet or the served model is not registered (an index the API refuses)."""
+def serving_registration(settings: Settings, index: IndexLifecycle | None = None) -> tuple[str, str | None]:
+    """The model the nightly work (refresh, user states) keeps up to date, as (version, bundle id): the registration
+    that built the collection the alias points to — so an ``uer index rollback`` stays rolled back until a promotion
+    publishes a new version, also one back to an earlier registration of a day retrained under its version name —
+    or production's when nothing serves yet or the served model is not registered (an index the API refuses). The
+    bundle id is None where the version's newest registration is meant (or the one recorded is gone)."""
     served = (index or IndexLifecycle(settings)).serving()
-    if served is not None and served.model_version in registered_versions(settings):
-        return served.model_version
-    return production_model_version(settings)
+    found = registrations(settings)
+    if served is not None and served.model_version in {r.model_version for r in found}:
+        kept = served.bundle_id in {bundle_id_of(r.model_version, r.path) for r in found}
+        return served.model_version, served.bundle_id if kept else None
+    return production_model_version(settings), None
+
+
+def serving_model_version(settings: Settings, index: IndexLifecycle | None = None) -> str:
+    """The version of ``serving_registration``."""
+    return serving_registration(settings, index)[0]
+
+
+def awaiting_publication(settings: Settings, model_version: str) -> bool:
+    """Whether production names ``model_version`` but the alias does not serve its newest registration: a promotion
+    whose publication never happened (the daily DAG's publish_index ran out of retries). A rerun of its day must
+    publish it even when that rerun's own gate refuses its new model."""
+    if production_version(settings.artifacts_dir / "models") != model_version:
+        return False
+    newest = registered_versions(settings).get(model_version)
+    if newest is None:  # nothing to publish it with
+        return False
+    served = IndexLifecycle(settings).serving()
+    return served is None or served.model_version != model_version or served.bundle_id not in (
+        None, bundle_id_of(model_version, newest))
 
 
 def roll_back(settings: Settings, forward: bool = False) -> tuple[IndexVersion, str]:
@@ -194,7 +217,7 @@ def unchanged_since(settings: Settings, model_version: str | None, expected_prod
 
 def refresh_index(settings: Settings, model_version: str | None = None, as_of: dt.datetime | None = None,
                   expected_production: str | None = None) -> RefreshReport:
-    """Embed the catalogue with ``model_version`` (default: the one serving, ``serving_model_version``) and
+    """Embed the catalogue with ``model_version`` (default: the registration serving, ``serving_registration``) and
     publish a new collection. Without ``model_version`` the swap happens only if the alias did not move while it
     ran, with one only if production did not, or still names ``expected_production`` when given (``unchanged_since``;
     ``serving.index.PublicationSuperseded``)."""
@@ -204,8 +227,8 @@ def refresh_index(settings: Settings, model_version: str | None = None, as_of: d
     # has loaded (a version that does not exist is refused without touching, or starting, the engine).
     at_start = IndexLifecycle(settings) if model_version is None else None
     still_wanted = unchanged_since(settings, model_version, expected_production, at_start)
-    version = model_version or serving_model_version(settings, at_start)
-    bundle = ModelBundle.load(settings, version)
+    version, bundle_id = (model_version, None) if model_version else serving_registration(settings, at_start)
+    bundle = ModelBundle.load(settings, version, bundle_id)
     products, new = catalogue_with_encodings(settings, bundle, as_of or dt.datetime.now(dt.UTC))
     seconds["features_and_text"] = round(time.perf_counter() - start, 3)
     mark = time.perf_counter()
@@ -240,7 +263,7 @@ def publish_promoted(settings: Settings, model_version: str) -> PromotionPublish
     """The daily DAG's publication of the version its gate just promoted: its user states, then its collection
     (states first: the API serves them from its first request on the new version). None, publishing nothing, if
     production no longer names it: an operator rolled back since the gate (a DAG retry must not undo that)."""
-    from serving.user_states import publish_user_states  # it reads this module's serving_model_version
+    from serving.user_states import publish_user_states  # it reads this module's serving_registration
 
     if (production := production_version(settings.artifacts_dir / "models")) != model_version:
         log.warning("not publishing %s: production is %s (rolled back since the gate promoted it)", model_version,

@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 def live_model_versions(settings: Settings) -> set[str]:
     """The versions the API serves or may soon: production, every version with a collection in Milvus, and
     every *candidate*, a version registered after production's (newest) registration: one rolled back from,
-    which ``rollforward`` may serve again. Until production is registered (a promoted run's export, a promotion
-    of an unregistered version) every registered version is a candidate. Raises if Milvus cannot be listed:
+    which ``rollforward`` may serve again, or one whose export is under way (it registers before it promotes).
+    Until production is registered (a promotion of an unregistered version) every registered version is a
+    candidate. Raises if Milvus cannot be listed:
     nothing may be deleted on a guess."""
     versions = {version.model_version for version in IndexLifecycle(settings).versions()}
     production = production_version(settings.artifacts_dir / "models")
@@ -50,11 +51,12 @@ def live_model_versions(settings: Settings) -> set[str]:
 
 
 def live_bundle_ids(settings: Settings, live_versions: set[str] | None = None) -> set[str]:
-    """The bundles whose states the API may still read: each live version's newest registration, the one
-    ``ModelBundle.load`` serves."""
+    """The bundles whose states the API may still read: each live version's newest registration, and the
+    registration that built each kept collection (a rollback can serve an earlier registration of a version)."""
     versions = live_model_versions(settings) if live_versions is None else live_versions
     registered = registered_versions(settings)
-    return {bundle_id_of(version, registered[version]) for version in versions if version in registered}
+    recorded = {version.bundle_id for version in IndexLifecycle(settings).versions() if version.bundle_id}
+    return {bundle_id_of(version, registered[version]) for version in versions if version in registered} | recorded
 
 
 def prune_user_states(settings: Settings, live_versions: set[str] | None = None) -> list[str]:

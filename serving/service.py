@@ -64,9 +64,10 @@ def _tracing(rate: float) -> dict:
 
 
 class RetrieveInput(RetrievalRequest, bentoml.IODescriptor):
-    """The body of ``/retrieve``: a RetrievalRequest. An unknown field (a typo such as ``userid`` or ``filter``) is
-    a 400 like any other bad input: the input model BentoML infers from the signature ignores it, and the caller
-    gets unfiltered or signed-out results without knowing."""
+    """One retrieval request: the query, the signed-in user if any, how many products (k) and optional filters.
+    Any other field is refused with a 400."""
+    # Why a spec of its own: the input model BentoML infers from the signature ignores unknown fields, so a typo
+    # such as ``userid`` or ``filter`` got signed-out or unfiltered results without the caller knowing.
 
 
 @bentoml.service(name="unified_retrieval", traffic={"timeout": 30}, threads=get_settings().serving.threads,

@@ -37,7 +37,7 @@ from feature_repo.warehouse import (
 from retrieval_core.errors import OperatorError
 from retrieval_core.settings import Settings
 from serving.bundle import ModelBundle
-from serving.refresh import serving_model_version
+from serving.refresh import serving_registration
 from serving.retriever import Retriever, has_history
 
 if TYPE_CHECKING:
@@ -75,7 +75,8 @@ def publish_user_states(settings: Settings, model_version: str | None = None,
     """Compute every materialised user's state with ``model_version`` (default: the one serving) and write them
     to the online store and to the ``user_query_state`` source (replacing that bundle's earlier rows)."""
     start = time.perf_counter()
-    bundle = ModelBundle.load(settings, model_version or serving_model_version(settings))
+    version, bundle_id = (model_version, None) if model_version else serving_registration(settings)
+    bundle = ModelBundle.load(settings, version, bundle_id)
     store = get_store(settings)
     try:
         store.get_feature_view(USER_STATES)

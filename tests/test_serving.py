@@ -448,7 +448,9 @@ def test_a_day_retrained_under_its_version_name_is_served_with_the_towers_that_b
     registration is gone is refused, and the pair serving stays."""
     from serving.bundle import ModelBundle, delete_registration, registrations
     from serving.refresh import refresh_index
+    from serving.retention import prune_user_states
     from serving.retriever import Retriever
+    from serving.user_states import publish_user_states
     from training.export import register_model
 
     index = lifecycle(served)
@@ -471,15 +473,48 @@ def test_a_day_retrained_under_its_version_name_is_served_with_the_towers_that_b
         index.rollback()  # to the first registration's collection
         assert reader.reload() and reader.ready()
         assert reader.pair.bundle.bundle_id == reader.pair.index.bundle_id == first.bundle_id
+        # the nightly work follows that registration too (it used to rebuild with the version's newest), and
+        # retention keeps the states of the registration serving (it kept only the newest's)
+        assert publish_user_states(served).bundle_id == first.bundle_id
+        assert first.bundle_id not in prune_user_states(served)
+        assert refresh_index(served).index.bundle_id == first.bundle_id
+        assert reader.reload() and reader.pair.bundle.bundle_id == first.bundle_id
+        index.rollback()  # back past it, to the second registration's collection: serving it again, then …
         [gone] = [r for r in registrations(served) if r.path == again.path]
         delete_registration(served, gone)
-        index.rollback(forward=True)  # to a collection whose registration is no longer in the store
+        # … its registration is gone: refused, the pair serving stays
         assert not reader.reload() and reader.pair.bundle.bundle_id == first.bundle_id and reader.ready()
         assert again.bundle_id in reader.last_refusal
-    finally:  # FIRST serves again (its earlier collection may have been pruned by now)
+    finally:  # FIRST serves again (its earlier collection may have been pruned by now), and serve-twice goes
         if index.serving().model_version != home.model_version:
             refresh_index(served, home.model_version)
+        for version in index.versions():
+            if version.model_version == "serve-twice":
+                index.drop(version.collection)
+        for registration in registrations(served):
+            if registration.model_version == "serve-twice":
+                delete_registration(served, registration)
+        prune_user_states(served)  # its states too: no bundle of it is live any more
     assert index.serving().model_version == FIRST
+
+
+def test_a_promotion_that_was_never_published_awaits_publication(served: Settings) -> None:
+    """The daily DAG publishes, besides what its run promoted, its day's version when production names it and no
+    collection serves it: an earlier run of the day promoted it and its publication failed, and the rerun's gate
+    refused its own model (it then used to keep serving the previous model while production named this one)."""
+    from serving.refresh import awaiting_publication
+    from training.gate import production_pointer, promote
+
+    pointer = production_pointer(served.artifacts_dir / "models")
+    saved = pointer.read_bytes()
+    assert not awaiting_publication(served, FIRST)  # production, and the alias serves it
+    register_copy(served, "serve-unpublished")
+    assert not awaiting_publication(served, "serve-unpublished")  # registered, but not production
+    try:
+        promote(pointer.parent, "serve-unpublished", served.artifacts_dir / "models" / FIRST / "metrics.json")
+        assert awaiting_publication(served, "serve-unpublished")
+    finally:
+        pointer.write_bytes(saved)
 
 
 def test_a_rollback_makes_the_served_model_production_so_the_next_gate_compares_with_it(served: Settings,

@@ -138,7 +138,16 @@ def test_training_run_writes_artefacts_metrics_and_embeddings(tiny_features: Set
     monkeypatch.setattr(stages, "publish_product_embeddings", unavailable)
     with pytest.raises(OSError, match="warehouse unavailable"):
         stages.step_export(tiny_features, run / "dataset", run / "graph.parquet", run / "text.parquet", run,
-                           "test-run-export-failed", run / "metrics.json")
+                           "test-run-export-failed", run / "metrics.json", run / "decision.json")
+    assert read_pointer(models_dir) == before
+    monkeypatch.undo()
+    # Production changed after the gate compared against it (an operator's rollback while the run exported): the
+    # export completes, the version stays a registered candidate, and the rollback stands.
+    moved = run / "decision-before-a-rollback.json"
+    moved.write_text(json.dumps({**json.loads((run / "decision.json").read_text()),
+                                 "production_pointer": json.dumps({"version": "rolled-back-from"})}))
+    stages.step_export(tiny_features, run / "dataset", run / "graph.parquet", run / "text.parquet", run,
+                       "test-run-superseded", run / "metrics.json", moved)
     assert read_pointer(models_dir) == before
 
 

@@ -1,8 +1,9 @@
 """The validation gate: promote a trained model only if it is at least as good as production (within a
 tolerance), its embeddings are sane, and an ANN index built from them keeps its recall.
 
-The decision and every reason are written as an artefact (``decision.json``); the production pointer
-(``artifacts/models/production.json``) only moves when the gate promotes.
+The decision and every reason are written as an artefact (``decision.json``), with the production pointer it was
+compared against; the pointer (``artifacts/models/production.json``) moves only after a promoted run's export
+(``training.stages.step_export``), and only if it is still the one the gate compared against.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Decision:
     promote: bool
     reasons: list[str] = field(default_factory=list)
     checks: dict[str, float] = field(default_factory=dict)
+    production_pointer: str | None = None  # the pointer compared against, as read (None: nothing in production)
 
 
 def ann_recall_at_100(products: np.ndarray, queries: np.ndarray, config: GateConfig) -> float:

@@ -144,15 +144,16 @@ def gate_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Dataset]
 
 @dsl.component(**COMPONENT)
 def export_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Dataset], models: Input[Model],
-              metrics: Input[Artifact], version: str) -> str:
-    """Publish the run's product embeddings to Feast, register the model in the BentoML store, then promote it."""
+              metrics: Input[Artifact], decision: Input[Artifact], version: str) -> str:
+    """Register the model in the BentoML store, publish the run's product embeddings to Feast, then promote it
+    (unless production changed since the gate decided)."""
     from pathlib import Path
 
     from retrieval_core.settings import get_settings
     from training.stages import step_export
 
     return step_export(get_settings(), Path(dataset.path), Path(graph.path), Path(text.path) / "text.parquet",
-                       Path(models.path), version, Path(metrics.path))
+                       Path(models.path), version, Path(metrics.path), Path(decision.path))
 
 
 @dsl.pipeline(name="unified-retrieval-training",
@@ -172,7 +173,8 @@ def training_pipeline(run_config: str = "{}", version: str = "dev") -> None:
                    models=boosted.outputs["boosted"], metrics=evaluated.outputs["metrics"], version=version)
     with dsl.If(gate.outputs["Output"] == True):  # noqa: E712 - a KFP condition, not a Python comparison
         export_op(dataset=data.outputs["dataset"], graph=graph.outputs["graph"], text=text.outputs["text"],
-                  models=boosted.outputs["boosted"], metrics=evaluated.outputs["metrics"], version=version)
+                  models=boosted.outputs["boosted"], metrics=evaluated.outputs["metrics"],
+                  decision=gate.outputs["decision"], version=version)
 
 
 def compile_pipeline(path: Path) -> Path:
@@ -297,7 +299,7 @@ def run_pipeline(settings: Settings, run_config_json: str, version: str) -> dict
                                                                                 "version": version})
         client.wait_for_run_completion(run.run_id, timeout=6 * 3600)
         root = Path(settings.kfp.pipeline_root)
-    # Promoted by this run: its gate rewrote the pointer. A rerun of a promoted day that its gate refused finds
+    # Promoted by this run: its export rewrote the pointer. A rerun of a promoted day that its gate refused finds
     # production naming the version already (and must not publish the old model again as if it were new).
     after = read_pointer(models_dir)
     promoted = after != before and pointer_version(after) == version

@@ -4,8 +4,8 @@ pipeline (``training/pipeline.py``) runs each as a component with the same files
 dataset (Feast, point in time) → graph embeddings (training-window engagement graph) → text
 encodings (MiniLM adapted on the training window's query→product pairs, cached by content hash) →
 train (unified model + no-history ablation) → evaluate (test window, vs popularity, BM25, MiniLM) →
-gate (not worse than production, sane embeddings, ANN recall) → export (product embeddings to Feast),
-only when the gate promotes.
+gate (not worse than production, sane embeddings, ANN recall) → export (bundle registered, product embeddings to
+Feast, then the production pointer moved), only when the gate promotes.
 """
 
 from __future__ import annotations
@@ -43,7 +43,16 @@ from training.calibration import CalibrationConfig, calibrate_channels
 from training.dataset import load_training_data, product_features, validation_purchases
 from training.evaluate import Retriever, bm25_retriever, evaluate, model_retriever, popularity_retriever
 from training.export import register_model
-from training.gate import Decision, GateConfig, decide, production_metrics, promote, write_decision
+from training.gate import (
+    Decision,
+    GateConfig,
+    decide,
+    pointer_version,
+    production_metrics,
+    promote,
+    read_pointer,
+    write_decision,
+)
 from training.graph import graph_embeddings
 from training.model import ModelConfig, UnifiedModel
 from training.report import write_report
@@ -372,25 +381,36 @@ def step_gate(dataset: Path, graph: Path, text: Path | None, models: Path, metri
     products = _with_encodings(pd.read_parquet(dataset / "eval_products.parquet"), graph, text)
     examples = pd.read_parquet(dataset / "examples.parquet")
     test = examples[examples["split"] == "test"].head(gate.ann_queries)
+    compared_with = read_pointer(models_dir)  # read once: the export promotes only if it still holds
     decision = decide(json.loads(metrics.read_text()), production_metrics(models_dir),
                       _product_vectors(model, products), _query_vectors(model, test), gate,
                       projection=load_projection(models))
+    decision.production_pointer = None if compared_with is None else compared_with.decode()
     write_decision(decision, out)
     return decision
 
 
 def step_export(settings: Settings, dataset: Path, graph: Path, text: Path | None, models: Path,
-                version: str, metrics: Path) -> str:
+                version: str, metrics: Path, decision: Path) -> str:
     """For a run its gate promoted: register the model bundle in the BentoML model store, publish the run's product
     embeddings (text, graph) to Feast's product_embeddings source, then point production at the version. Production
     moves last, so a failure before leaves it where it was; the registration comes first, so from then on the
-    version is a live candidate and a concurrent prune (``serving.retention``) keeps its embeddings. Returns the
-    BentoML tag."""
+    version is a live candidate and a concurrent prune (``serving.retention``) keeps its embeddings. If production
+    changed since the gate compared against it (``decision``; an operator's rollback meanwhile), the version stays a
+    registered candidate and production is left alone. Returns the BentoML tag."""
     tag = register_model(settings, version, models, text.with_name("text_encoder") if text is not None else None)
     products = _with_encodings(pd.read_parquet(dataset / "eval_products.parquet")[["product_id"]], graph, text)
     publish_product_embeddings(settings, products, version)
+    models_dir = settings.artifacts_dir / "models"
+    compared_with = json.loads(decision.read_text()).get("production_pointer")
+    now = read_pointer(models_dir)
+    if (None if now is None else now.decode()) != compared_with:
+        logging.getLogger(__name__).warning(
+            "not promoting %s: production changed since its gate compared against it (now %s); it stays a registered "
+            "candidate, and the next run is gated against what serves now", version, pointer_version(now))
+        return tag
     # the time makes a day's repeated promotion a new pointer (``training.pipeline.run_pipeline`` compares them)
-    promote(settings.artifacts_dir / "models", version, metrics, {"promoted_at": dt.datetime.now(dt.UTC).isoformat()})
+    promote(models_dir, version, metrics, {"promoted_at": dt.datetime.now(dt.UTC).isoformat()})
     return tag
 
 
@@ -431,7 +451,8 @@ def run_training(settings: Settings, config: TrainingRunConfig, version: str | N
     decision = step_gate(dataset, out / "graph.parquet", text, out, out / "metrics.json", out.parent, version,
                          out / "decision.json")
     if decision.promote:
-        step_export(settings, dataset, out / "graph.parquet", text, out, version, out / "metrics.json")
+        step_export(settings, dataset, out / "graph.parquet", text, out, version, out / "metrics.json",
+                    out / "decision.json")
     (out / "run_config.json").write_text(config.model_dump_json(indent=2))
     return TrainingRunReport(version=version, directory=out, metrics=metrics, promoted=decision.promote,
                              examples_per_s=figures["model"]["examples_per_s"],
