@@ -40,8 +40,7 @@ def live_model_versions(settings: Settings) -> set[str]:
     every *candidate*, a version registered after production's (newest) registration: one rolled back from,
     which ``rollforward`` may serve again, or one whose export is under way (it registers before it promotes).
     Until production is registered (a promotion of an unregistered version) every registered version is a
-    candidate. Raises if Milvus cannot be listed:
-    nothing may be deleted on a guess."""
+    candidate. Raises if Milvus cannot be listed: nothing may be deleted on a guess."""
     versions = {version.model_version for version in IndexLifecycle(settings).versions()}
     production = production_version(settings.artifacts_dir / "models")
     found = registrations(settings)
