@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import io
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ import pandas as pd
 import yaml
 
 from retrieval_core.settings import Settings
+
+log = logging.getLogger(__name__)
 
 PROJECT = "uer"
 # Views that the feature pipeline materialises; product_embeddings is written by training.
@@ -100,7 +103,12 @@ def materialize(settings: Settings, start: dt.datetime, end: dt.datetime,
     ``distinct on`` in Postgres) and they go to the online store ``chunk_rows`` at a time through the
     SDK's ``write_to_online_store`` (SQLite and Redis alike, one code path). Each view's window is then
     recorded in the registry exactly as Feast records it (``apply_materialization``), so
-    ``most_recent_end_time`` and ``feast materialize-incremental`` carry on from here."""
+    ``most_recent_end_time`` and ``feast materialize-incremental`` carry on from here.
+
+    One difference from Feast: before the window is recorded, the view's entities that have aged past
+    its TTL at ``end`` leave the online store (:func:`expire_online_rows`). Feast applies no TTL on online
+    reads, so a user inactive for longer would be served the history that training's point-in-time join
+    no longer returns (a skew), and other teams would read stale 30-day counts."""
     from feature_repo.warehouse import latest_rows
 
     start, end = _utc(start), _utc(end)
@@ -120,8 +128,40 @@ def materialize(settings: Settings, start: dt.datetime, end: dt.datetime,
             # Arrow-backed columns: Feast turns the frame back into exactly these Arrow arrays.
             store.write_to_online_store(name, chunk.to_pandas(types_mapper=pd.ArrowDtype))
             written[name] += chunk.num_rows
+        # Before the window is recorded: a crash in between makes the next run redo both.
+        expired = expire_online_rows(settings, store, name, start, end, chunk_rows)
+        if expired:
+            log.info("%s: %d entities aged past the view's TTL left the online store", name, expired)
         store.registry.apply_materialization(view, store.project, start, end)
     return written
+
+
+def expire_online_rows(settings: Settings, store: Any, name: str, start: dt.datetime, end: dt.datetime,
+                       chunk_rows: int = ONLINE_WRITE_CHUNK_ROWS) -> int:
+    """Delete the online rows of ``name``'s entities whose newest published row is older than the view's
+    TTL at ``end``: after it, an online read returns what a point-in-time join at ``end`` returns (nothing)
+    for them. Returns how many entities were deleted.
+
+    Only entities that could have crossed that line since the window ``[start, end]`` began are read
+    (newest row since ``start - ttl``); older ones crossed it in an earlier window, whose materialisation
+    deleted them. Rows newer than ``end`` that a later window already put online keep their entity."""
+    from feature_repo.warehouse import latest_rows
+
+    view = store.get_feature_view(name)
+    if not view.ttl:
+        return 0
+    start, end = _utc(start), _utc(end)
+    cutoff = end - view.ttl
+    key = view.entity_columns[0].name
+    timestamp = view.batch_source.timestamp_field
+    newest = max(end, _utc(view.most_recent_end_time)) if view.most_recent_end_time else end
+    expired = 0
+    for chunk in latest_rows(settings, name, key, [key, timestamp], start - view.ttl, newest, chunk_rows):
+        aged = [entity for entity, ts in zip(chunk[key].to_pylist(), chunk[timestamp].to_pylist(), strict=True)
+                if _utc(ts) < cutoff]
+        if aged:
+            expired += delete_online_rows(store, name, [{key: entity} for entity in aged])
+    return expired
 
 
 def materialize_incremental(settings: Settings, end: dt.datetime, views: tuple[str, ...] = PIPELINE_VIEWS,

@@ -55,13 +55,20 @@ def test_online_history_comes_from_redis(production: Settings) -> None:
 
 def test_redis_rows_equal_the_point_in_time_join_and_survive_a_chunked_rewrite(production: Settings) -> None:
     """What the pipeline wrote to Redis (via Postgres' ``distinct on``) is, per user and product, what
-    the point-in-time join over Postgres returns at the end of the last window; emptying Redis and
-    writing the whole backlog again in small chunks gives back exactly the same online store."""
+    the point-in-time join over Postgres returns at the end of the last window, and still is once users
+    aged past the TTL were expired; emptying Redis and writing the whole backlog again in small chunks
+    gives back exactly the same online store."""
     end = store.get_store(production).get_feature_view("user_history").most_recent_end_time
     assert end == closed_at(NEXT_DAY) + dt.timedelta(seconds=1)
-    assert assert_online_is_point_in_time(production, end) > 50
+    users_with_history = assert_online_is_point_in_time(production, end)
+    assert users_with_history > 50
     assert assert_online_is_point_in_time(production, end, "product_quality") > 50
     before = online_snapshot(production)
+    # Users and products aged past the 30-day TTL leave Redis (the Postgres path of the same code).
+    later = end + dt.timedelta(days=27, hours=12)
+    feast = store.get_store(production)
+    assert store.expire_online_rows(production, feast, "user_history", end, later) > 0
+    assert 0 < assert_online_is_point_in_time(production, later) < users_with_history
     redis.Redis(host=production.redis.host, port=production.redis.port, db=REDIS_DB).flushdb()
     written = store.materialize(production, FIRST_MATERIALIZATION_START, end, chunk_rows=41)
     assert written["user_history"] > 41 * 3
