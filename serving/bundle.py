@@ -55,9 +55,13 @@ class Registration:
     path: Path
     created: dt.datetime
 
+    @property
+    def bundle_id(self) -> str:
+        return bundle_id_of(self.model_version, self.path)
 
-def registrations(settings: Settings) -> list[Registration]:
-    """Every bundle in the model store, oldest first."""
+
+def registrations(settings: Settings, model_version: str | None = None) -> list[Registration]:
+    """Every bundle in the model store (or ``model_version``'s), oldest first."""
     bentoml = _bentoml(settings)
     from bentoml.exceptions import NotFound
 
@@ -66,7 +70,8 @@ def registrations(settings: Settings) -> list[Registration]:
     except NotFound:  # nothing registered yet
         return []
     found = [Registration(model.info.labels["model_version"], str(model.tag), Path(model.path),
-                          model.info.creation_time) for model in models if model.info.labels.get("model_version")]
+                          model.info.creation_time) for model in models if model.info.labels.get("model_version")
+             and model_version in (None, model.info.labels["model_version"])]
     return sorted(found, key=lambda registration: registration.created)
 
 
@@ -97,17 +102,17 @@ class ModelBundle:
     @classmethod
     def load(cls, settings: Settings, model_version: str, bundle_id: str | None = None) -> ModelBundle:
         """The version's newest registration, or the one whose ``bundle_id`` is given (what built a collection)."""
-        found = [r.path for r in registrations(settings) if r.model_version == model_version]
+        found = registrations(settings, model_version)
         if not found:
             raise ModelNotFound(f"model version {model_version!r} is not in the BentoML model store at "
                                 f"{bentoml_home(settings)}; train and export it (uer train) first")
         if bundle_id is not None:
-            found = [path for path in found if bundle_id_of(model_version, path) == bundle_id]
+            found = [registration for registration in found if registration.bundle_id == bundle_id]
             if not found:
                 raise ModelNotFound(f"the registration {bundle_id} of model version {model_version!r}, which built "
                                     f"the collection, is no longer in the BentoML model store at "
                                     f"{bentoml_home(settings)}; publish the version again (uer index publish)")
-        return cls.from_directory(model_version, found[-1])
+        return cls.from_directory(model_version, found[-1].path)
 
     @classmethod
     def from_directory(cls, model_version: str, path: Path) -> ModelBundle:

@@ -21,7 +21,7 @@ import pandas as pd
 from feature_repo.warehouse import EMBEDDINGS, version_rows
 from retrieval_core.errors import OperatorError
 from retrieval_core.settings import Settings
-from serving.bundle import ModelBundle, ModelNotFound, bundle_id_of, registered_versions, registrations
+from serving.bundle import ModelBundle, ModelNotFound, registered_versions, registrations
 from serving.index import IndexLifecycle, IndexVersion, StillWanted
 from training.batching import product_text
 from training.dataset import product_features
@@ -71,7 +71,7 @@ def serving_registration(settings: Settings, index: IndexLifecycle | None = None
     served = (index or IndexLifecycle(settings)).serving()
     found = registrations(settings)
     if served is not None and served.model_version in {r.model_version for r in found}:
-        kept = served.bundle_id in {bundle_id_of(r.model_version, r.path) for r in found}
+        kept = served.bundle_id in {r.bundle_id for r in found}
         return served.model_version, served.bundle_id if kept else None
     return production_model_version(settings), None
 
@@ -87,12 +87,12 @@ def awaiting_publication(settings: Settings, model_version: str) -> bool:
     publish it even when that rerun's own gate refuses its new model."""
     if production_version(settings.artifacts_dir / "models") != model_version:
         return False
-    newest = registered_versions(settings).get(model_version)
-    if newest is None:  # nothing to publish it with
+    found = registrations(settings, model_version)
+    if not found:  # nothing to publish it with
         return False
     served = IndexLifecycle(settings).serving()
     return served is None or served.model_version != model_version or served.bundle_id not in (
-        None, bundle_id_of(model_version, newest))
+        None, found[-1].bundle_id)
 
 
 def roll_back(settings: Settings, forward: bool = False) -> tuple[IndexVersion, str]:

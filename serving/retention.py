@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass
 
 from feature_repo.store import get_store
 from feature_repo.warehouse import EMBEDDINGS, USER_STATES, delete_version, version_keys, written_versions
 from retrieval_core.settings import Settings
-from serving.bundle import bundle_id_of, delete_registration, registered_versions, registrations
+from serving.bundle import delete_registration, registrations
 from serving.index import IndexLifecycle
 from serving.refresh import encoding_cache_path
 from serving.user_states import delete_online_states
@@ -35,44 +36,53 @@ from training.gate import production_version
 log = logging.getLogger(__name__)
 
 
-def live_model_versions(settings: Settings) -> set[str]:
-    """The versions the API serves or may soon: production, every version with a collection in Milvus, and
-    every *candidate*, a version registered after production's (newest) registration: one rolled back from,
-    which ``rollforward`` may serve again, or one whose export is under way (it registers before it promotes).
-    Until production is registered (a promotion of an unregistered version) every registered version is a
-    candidate. Raises if Milvus cannot be listed: nothing may be deleted on a guess."""
-    versions = {version.model_version for version in IndexLifecycle(settings).versions()}
+@dataclass(frozen=True)
+class Live:
+    """What the API serves or may soon, looked up once for every prune (one listing of Milvus and of the
+    model store): model versions, and the registrations (bundle ids) whose user states it may read."""
+    versions: set[str]
+    bundle_ids: set[str]
+
+
+def live(settings: Settings) -> Live:
+    """Live versions: production, every version with a collection in Milvus, and every *candidate*, a version
+    registered after production's (newest) registration: one rolled back from, which ``rollforward`` may serve
+    again, or one whose export is under way (it registers before it promotes). Until production is registered
+    (a promotion of an unregistered version) every registered version is a candidate. Live bundles: each live
+    version's newest registration, and the registration that built each kept collection (a rollback can serve
+    an earlier registration of a version). Raises if Milvus cannot be listed: nothing may be deleted on a guess."""
+    collections = IndexLifecycle(settings).versions()
     production = production_version(settings.artifacts_dir / "models")
-    found = registrations(settings)
+    found = registrations(settings)  # oldest first
     promoted_at = max((r.created for r in found if r.model_version == production), default=None)
-    versions |= {r.model_version for r in found if promoted_at is None or r.created > promoted_at}
-    return versions | ({production} if production else set())
+    versions = {c.model_version for c in collections} | ({production} if production else set()) | {
+        r.model_version for r in found if promoted_at is None or r.created > promoted_at}
+    newest = {r.model_version: r for r in found}
+    bundle_ids = {newest[version].bundle_id for version in versions if version in newest} | {
+        c.bundle_id for c in collections if c.bundle_id}
+    return Live(versions, bundle_ids)
 
 
-def live_bundle_ids(settings: Settings, live_versions: set[str] | None = None) -> set[str]:
-    """The bundles whose states the API may still read: each live version's newest registration, and the
-    registration that built each kept collection (a rollback can serve an earlier registration of a version)."""
-    versions = live_model_versions(settings) if live_versions is None else live_versions
-    registered = registered_versions(settings)
-    recorded = {version.bundle_id for version in IndexLifecycle(settings).versions() if version.bundle_id}
-    return {bundle_id_of(version, registered[version]) for version in versions if version in registered} | recorded
+def live_model_versions(settings: Settings) -> set[str]:
+    """The versions of :func:`live`."""
+    return live(settings).versions
 
 
-def prune_user_states(settings: Settings, live_versions: set[str] | None = None) -> list[str]:
-    """Delete the states of every bundle that is not live from the online store and from the
+def prune_user_states(settings: Settings, live_bundles: set[str] | None = None) -> list[str]:
+    """Delete the states of every bundle that is not live (:func:`live`) from the online store and from the
     ``user_query_state`` source; returns the bundles pruned. Online rows go first: the offline rows list
     them, so a crash in between leaves them listed for the next run."""
-    live = live_bundle_ids(settings, live_versions)
-    if not live:  # nothing registered and published: refuse rather than empty the store
+    kept = live(settings).bundle_ids if live_bundles is None else live_bundles
+    if not kept:  # nothing registered and published: refuse rather than empty the store
         log.warning("no live model bundle (no production model, no collection): not pruning user states")
         return []
     store = get_store(settings)
-    pruned = [bundle for bundle in written_versions(settings, USER_STATES) if bundle not in live]
+    pruned = [bundle for bundle in written_versions(settings, USER_STATES) if bundle not in kept]
     for bundle in pruned:
         delete_online_states(store, bundle, version_keys(settings, USER_STATES, bundle, "user_id"))
         delete_version(settings, USER_STATES, bundle)
     if pruned:
-        log.info("pruned the user states of %s (kept %s)", ", ".join(pruned), ", ".join(sorted(live)))
+        log.info("pruned the user states of %s (kept %s)", ", ".join(pruned), ", ".join(sorted(kept)))
     return pruned
 
 
@@ -80,15 +90,15 @@ def prune_product_embeddings(settings: Settings, live_versions: set[str] | None 
     """Delete the ``product_embeddings`` rows of every model version that is not live; returns the versions
     pruned. Only the serving version's rows are ever used as they are (a refresh re-encodes the rest), so a
     retired version's rows are dead weight. The view is not materialised online: offline rows only."""
-    live = live_model_versions(settings) if live_versions is None else live_versions
-    if not live:
+    kept = live(settings).versions if live_versions is None else live_versions
+    if not kept:
         log.warning("no live model version (no production model, no collection): not pruning product embeddings")
         return []
-    pruned = [version for version in written_versions(settings, EMBEDDINGS) if version not in live]
+    pruned = [version for version in written_versions(settings, EMBEDDINGS) if version not in kept]
     for version in pruned:
         delete_version(settings, EMBEDDINGS, version)
     if pruned:
-        log.info("pruned the product embeddings of %s (kept %s)", ", ".join(pruned), ", ".join(sorted(live)))
+        log.info("pruned the product embeddings of %s (kept %s)", ", ".join(pruned), ", ".join(sorted(kept)))
     return pruned
 
 
@@ -99,26 +109,26 @@ def prune_version_files(settings: Settings, live_versions: set[str] | None = Non
     next run. A candidate is live (``live_model_versions``): only versions registered before production go. Kept:
     a version's metrics and report under ``artifacts/models/<version>/`` (kilobytes: the history of what was
     promoted). Returns the versions pruned."""
-    live = live_model_versions(settings) if live_versions is None else live_versions
-    if not live:
+    kept = live(settings).versions if live_versions is None else live_versions
+    if not kept:
         log.warning("no live model version (no production model, no collection): not pruning model files")
         return []
     found = registrations(settings)
-    retired = sorted({r.model_version for r in found if r.model_version not in live})
+    retired = sorted({r.model_version for r in found if r.model_version not in kept})
     for version in retired:
         encoding_cache_path(settings, version).unlink(missing_ok=True)
         shutil.rmtree(settings.kfp_local_dir / version, ignore_errors=True)
         for registration in (r for r in found if r.model_version == version):
             delete_registration(settings, registration)
     if retired:
-        log.info("pruned the files of %s (kept %s)", ", ".join(retired), ", ".join(sorted(live)))
+        log.info("pruned the files of %s (kept %s)", ", ".join(retired), ", ".join(sorted(kept)))
     return retired
 
 
 def prune_retired_versions(settings: Settings) -> dict[str, list[str]]:
     """Everything of the versions that can no longer serve: both sources' rows, then their files; run after
     each alias swap, once the index has pruned its collections."""
-    live = live_model_versions(settings)
-    return {"user_states": prune_user_states(settings, live),
-            "product_embeddings": prune_product_embeddings(settings, live),
-            "files": prune_version_files(settings, live)}
+    now = live(settings)
+    return {"user_states": prune_user_states(settings, now.bundle_ids),
+            "product_embeddings": prune_product_embeddings(settings, now.versions),
+            "files": prune_version_files(settings, now.versions)}
