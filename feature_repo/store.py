@@ -207,6 +207,14 @@ def online_user_history(settings: Settings, user_ids: list[int], service: str = 
                                      entity_rows=[{"user_id": u} for u in user_ids]).to_dict()
 
 
+def service_join_keys(store: Any, service: Any) -> list[str]:
+    """The join keys an entity row of ``service`` needs (the entities of its views), in view order."""
+    keys: dict[str, None] = {}
+    for projection in service.feature_view_projections:
+        keys.update(dict.fromkeys(c.name for c in store.get_feature_view(projection.name).entity_columns))
+    return list(keys)
+
+
 # Redis pipelines and SQLite statements delete this many entities at a time.
 _DELETE_CHUNK = 5000
 

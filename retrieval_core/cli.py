@@ -106,6 +106,9 @@ def land_homedepot() -> None:
     except FileNotFoundError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(code=2) from exc
+    except ContractViolation as violation:  # the adapted tables break the contract: none was landed
+        console.print(f"[red]rejected[/] {violation}")
+        raise typer.Exit(code=2) from violation
     console.print(f"[green]landed[/] Home Depot: {counts}")
 
 
@@ -170,20 +173,37 @@ def features_materialize(ds: DsOption = None) -> None:
 
 @features.command("lookup")
 def features_lookup(
-    user_id: Annotated[list[int], typer.Option("--user-id", help="repeatable")],
+    user_id: Annotated[list[int] | None, typer.Option("--user-id", help="repeatable; services keyed by user")] = None,
+    product_id: Annotated[list[int] | None,
+                          typer.Option("--product-id", help="repeatable; services keyed by product")] = None,
+    model_bundle: Annotated[str | None, typer.Option(help="the bundle id, for query_tower_state_v1")] = None,
     service: Annotated[str, typer.Option(help="feature service")] = "query_tower_v1",
 ) -> None:
-    """Read users' features from the online store through a feature service, as JSON."""
+    """Read entities' features from the online store through a feature service, as JSON."""
     from feast.errors import FeatureServiceNotFoundException
 
-    from feature_repo.store import get_store, online_user_history
+    from feature_repo.store import get_store, service_join_keys
 
+    store = get_store(get_settings())
     try:
-        rows = online_user_history(get_settings(), user_id, service)
+        feature_service = store.get_feature_service(service)
     except FeatureServiceNotFoundException as exc:
-        known = sorted(s.name for s in get_store(get_settings()).list_feature_services())
+        known = sorted(s.name for s in store.list_feature_services())
         raise typer.BadParameter(f"no feature service {service!r}; the registry has {known}") from exc
-    print(json.dumps(rows, indent=2, default=str))
+    keys = service_join_keys(store, feature_service)
+    given = {"user_id": user_id or [], "product_id": product_id or [],
+             "model_bundle": [model_bundle] if model_bundle else []}
+    options = {key: "--" + key.replace("_", "-") for key in given}
+    extra = [options[key] for key, values in given.items() if values and key not in keys]
+    missing = [options.get(key, key) for key in keys if not given.get(key)]
+    if extra or missing:
+        raise typer.BadParameter(f"{service} is keyed by {', '.join(options.get(k, k) for k in keys)}"
+                                 + (f"; missing {', '.join(missing)}" if missing else "")
+                                 + (f"; not a key of it: {', '.join(extra)}" if extra else ""))
+    ids = next(key for key in keys if key != "model_bundle")  # the repeated key; a bundle applies to every row
+    rows = [{ids: value, **({"model_bundle": model_bundle} if "model_bundle" in keys else {})} for value in given[ids]]
+    print(json.dumps(store.get_online_features(features=feature_service, entity_rows=rows).to_dict(),
+                     indent=2, default=str))
 
 
 @features.command("serve")
@@ -282,7 +302,8 @@ def index_status() -> None:
     serving = lifecycle.serving()
     for v in lifecycle.versions():
         mark = "→" if serving is not None and v.collection == serving.collection else " "
-        console.print(f"{mark} {v.collection}  model={v.model_version}  state={v.state}  created={v.created_at}")
+        console.print(f"{mark} {v.collection}  model={v.model_version}  bundle={v.bundle_id}  state={v.state}  "
+                      f"created={v.created_at}", soft_wrap=True)
 
 
 def _re_point(forward: bool) -> None:

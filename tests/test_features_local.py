@@ -6,6 +6,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import io
+import json
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -56,6 +57,16 @@ def test_lookup_command_reads_a_feature_service_and_lists_the_known_ones_for_an_
     flat = re.sub(r"[\s│╭╮╰╯─]+", "", unknown.output)  # the message as typer boxes it, unwrapped
     assert unknown.exit_code == 2, unknown.output  # a usage error, not a traceback (exit code 1)
     assert "nofeatureservice'query_tower_v9'" in flat and "'query_tower_v1'" in flat, unknown.output
+    # Each service is read by its own entity: other teams' product service by product id.
+    products = CliRunner().invoke(cli.app, ["features", "lookup", "--service", "product_insights_v1",
+                                            "--product-id", "1", "--product-id", "2"])
+    assert products.exit_code == 0, products.output
+    read = json.loads(products.output)
+    assert read["product_id"] == [1, 2] and read["category_path"][0], read
+    wrong = CliRunner().invoke(cli.app, ["features", "lookup", "--service", "product_insights_v1", "--user-id", "1"])
+    flat = re.sub(r"[\s│╭╮╰╯─]+", "", wrong.output)
+    assert wrong.exit_code == 2, wrong.output
+    assert "missing--product-id" in flat and "notakeyofit:--user-id" in flat, wrong.output
 
 
 def test_backlog_and_next_day_are_published(local: Settings) -> None:

@@ -44,3 +44,38 @@ def test_judgments_become_events_whose_type_follows_the_grade(landed) -> None:
     assert events.user_id.isna().all()
     assert (events.ts.dt.date == DAY).all()
     assert counts["queries"] == judgments["query"].str.strip().str.lower().nunique()
+
+
+def _land_command(tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], products: str,
+                  judgments: str) -> tuple[Settings, int, str]:
+    """``uer land-homedepot`` (through ``main``, as the script runs) on these two files: settings, exit code, output."""
+    from retrieval_core import cli
+
+    source = tmp_path / "homedepot"
+    source.mkdir()
+    (source / "products.csv").write_text(products)
+    (source / "judgments_dev.csv").write_text(judgments)
+    settings = Settings(data_dir=tmp_path / "data", homedepot_dir=source)
+    monkeypatch.setattr(cli, "get_settings", lambda: settings)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["land-homedepot"])
+    printed = capsys.readouterr()
+    return settings, exited.value.code, printed.out + printed.err
+
+
+GOOD_PRODUCTS = "product_id,title\n1,Oak &amp; pine shelf\n2,Brass hinge\n"
+
+
+@pytest.mark.parametrize(("products", "judgments", "code", "message"), [
+    ("product_id,name\n1,Oak shelf\n", "query,product_id,relevance\nshelf,1,3\n", 3, "needs the columns"),
+    (GOOD_PRODUCTS, "query,product_id,relevance\nshelf,one,3\n", 3, "judgments_dev.csv cannot be read"),
+    (GOOD_PRODUCTS, "query,product_id,relevance\nshelf,1,3\n   ,2,2\n", 2, "column 'query' breaks rule 'non-blank'"),
+], ids=["missing column", "non-integer id", "blank query"])
+def test_a_bad_home_depot_file_is_a_clear_error_and_lands_nothing(
+        tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], products: str, judgments: str,
+        code: int, message: str) -> None:
+    settings, exit_code, output = _land_command(tmp_path, monkeypatch, capsys, products, judgments)
+    assert exit_code == code, output
+    assert "Traceback" not in output
+    assert message in " ".join(output.split()), output
+    assert not list(settings.raw_dir.rglob("*.parquet"))  # not even the catalogue, when the events break the contract

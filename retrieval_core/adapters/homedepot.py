@@ -24,22 +24,37 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retrieval_core.contract import land_partition
+from retrieval_core.contract import CONTRACTS, land_partition, validate_table
+from retrieval_core.errors import OperatorError
 
 DAY = dt.date(2016, 1, 1)  # the Kaggle competition's year; all pairs land as one day
 PURCHASE_GRADE = 2.5
 CLICK_GRADE = 2.0
+PRODUCT_COLUMNS = {"product_id": "int64", "title": "string"}
+JUDGMENT_COLUMNS = {"query": "string", "product_id": "int64", "relevance": "float64"}
+
+
+class HomeDepotFileInvalid(OperatorError, ValueError):
+    """products.csv or judgments_dev.csv is not the file the adapter reads: nothing was landed."""
+
+
+def _read_csv(path: Path, columns: dict[str, str]) -> pd.DataFrame:
+    """``path``'s ``columns`` with their types, or an error that names the file and what it must hold."""
+    try:
+        return pd.read_csv(path, usecols=list(columns), dtype=columns)
+    except (ValueError, TypeError, pd.errors.ParserError) as exc:  # a missing column, a value of the wrong type
+        raise HomeDepotFileInvalid(f"{path} cannot be read as the Home Depot file: it needs the columns "
+                                   f"{columns} ({exc}); nothing was landed") from exc
 
 
 def read_products(homedepot_dir: Path) -> pd.DataFrame:
-    products = pd.read_csv(homedepot_dir / "products.csv", dtype={"product_id": "int64", "title": "string"})
+    products = _read_csv(homedepot_dir / "products.csv", PRODUCT_COLUMNS)
     products["title"] = products["title"].fillna("").map(html.unescape).str.strip()
     return products[products["title"] != ""].drop_duplicates("product_id")
 
 
 def read_judgments(homedepot_dir: Path) -> pd.DataFrame:
-    judgments = pd.read_csv(homedepot_dir / "judgments_dev.csv",
-                            dtype={"query": "string", "product_id": "int64", "relevance": "float64"})
+    judgments = _read_csv(homedepot_dir / "judgments_dev.csv", JUDGMENT_COLUMNS)
     judgments["query"] = judgments["query"].str.strip().str.lower()
     return judgments.dropna()
 
@@ -103,10 +118,13 @@ def land_homedepot(homedepot_dir: Path, raw_dir: Path, landing_dir: Path, quaran
     products = read_products(homedepot_dir)
     judgments = read_judgments(homedepot_dir)
     judgments = judgments[judgments["product_id"].isin(products["product_id"])]
+    tables = {"catalogue": catalogue_table(products), "events": events_table(judgments),
+              "users": pa.table({"user_id": pa.array([], pa.int64()), "country": pa.array([], pa.string()),
+                                 "signup_date": pa.array([], pa.date32())})}
+    for name, table in tables.items():  # all three first: a violation in one lands none of them
+        validate_table(table, CONTRACTS[name], DAY, homedepot_dir / f"{name} (as adapted)")
     counts = {}
-    for name, table in (("catalogue", catalogue_table(products)), ("events", events_table(judgments)),
-                        ("users", pa.table({"user_id": pa.array([], pa.int64()), "country": pa.array([], pa.string()),
-                                            "signup_date": pa.array([], pa.date32())}))):
+    for name, table in tables.items():
         src = landing_dir / name / f"homedepot-{DAY}.parquet"
         src.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, src)
