@@ -36,6 +36,26 @@ def test_worse_than_production_beyond_tolerance_is_refused() -> None:
     assert not refused.promote and any("worse than production" in r for r in refused.reasons)
 
 
+def test_production_is_compared_on_this_runs_window_when_the_evaluation_scored_it() -> None:
+    """The evaluate step scores production on the run's own test window (``metrics["production"]``, its served
+    ranking): the gate compares the run's served ranking with that, not with production's score on the window it
+    was promoted on — an easier window then would refuse every later model, a harder one pass a worse model."""
+    products, queries = _vectors()
+    stored = _metrics(0.50)  # production's score on its own, easier or harder, window
+    worse_today = {**_metrics(0.60), "production": {"all": {"recall@100": 0.70}}}
+    refused = decide(worse_today, stored, products, queries, CONFIG)
+    assert not refused.promote and any("0.600 is worse than production's 0.700 (on this run's test window)" in r
+                                       for r in refused.reasons), refused.reasons
+    better_today = {**_metrics(0.60), "production": {"all": {"recall@100": 0.55}}}
+    assert decide(better_today, _metrics(0.90), products, queries, CONFIG).promote
+    # served against served: this run's boosted ranking, when it has one
+    boosted = {**_metrics(0.70), "unified_boosted": {"all": {"recall@100": 0.60}},
+               "production": {"all": {"recall@100": 0.65}}}
+    decision = decide(boosted, stored, products, queries, CONFIG)
+    assert not decision.promote and decision.checks["served_recall@100"] == 0.60
+    assert decision.checks["production_recall@100"] == 0.65
+
+
 def test_nan_or_unnormalised_embeddings_are_refused() -> None:
     products, queries = _vectors()
     products[5, 0] = np.nan

@@ -9,6 +9,7 @@ compared against; the pointer (``artifacts/models/production.json``) moves only 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -99,19 +100,32 @@ def decide(metrics: dict, production: dict | None, products: np.ndarray, queries
             fail(f"the served vectors (narrowed to {projection.shape[1]} dimensions, boosted) reach "
                  f"{config.recall_metric} {served:.3f}, worse than the full-width model's {new:.3f} beyond "
                  f"{config.served_recall_tolerance}: raise boost.serving_dim (0: full width)")
-    if production is None:
-        decision.reasons.append("no model in production yet: nothing to compare against")
-    else:
+    if "production" in metrics:
+        # Paired: production's served ranking scored on this run's test window (the evaluate step), against this
+        # run's served ranking, so a window's difficulty weighs on both sides alike.
+        ours = metrics.get("unified_boosted", metrics["unified"])["all"][config.recall_metric]
+        old = metrics["production"]["all"][config.recall_metric]
+        decision.checks[f"served_{config.recall_metric}"] = ours
+        _compare(decision, ours, old, "on this run's test window", config, fail)
+    elif production is not None:  # production could not be scored today (its encodings are gone): its own window
         old = production["unified"]["all"][config.recall_metric]
-        decision.checks[f"production_{config.recall_metric}"] = old
-        if new < old - config.recall_tolerance:
-            fail(f"{config.recall_metric} {new:.3f} is worse than production's {old:.3f} "
-                 f"beyond the tolerance {config.recall_tolerance}")
-        else:
-            decision.reasons.append(f"{config.recall_metric} {new:.3f} vs production {old:.3f}: within tolerance")
+        _compare(decision, new, old, "on its own promotion's test window", config, fail)
+    else:
+        decision.reasons.append("no model in production yet: nothing to compare against")
     if decision.promote:
         decision.reasons.append("promoted")
     return decision
+
+
+def _compare(decision: Decision, new: float, old: float, where: str, config: GateConfig,
+             fail: Callable[[str], None]) -> None:
+    decision.checks[f"production_{config.recall_metric}"] = old
+    if new < old - config.recall_tolerance:
+        fail(f"{config.recall_metric} {new:.3f} is worse than production's {old:.3f} ({where}) "
+             f"beyond the tolerance {config.recall_tolerance}")
+    else:
+        decision.reasons.append(f"{config.recall_metric} {new:.3f} vs production {old:.3f} ({where}): "
+                                f"within tolerance")
 
 
 def write_decision(decision: Decision, path: Path) -> None:
