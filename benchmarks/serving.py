@@ -343,7 +343,7 @@ def synthesize(products: pd.DataFrame, vectors: np.ndarray, channels: list[int],
                seed: int) -> tuple[pd.DataFrame, np.ndarray]:
     """``total`` rows: the real catalogue, then rows made from randomly sampled real products.
 
-    A synthetic row copies a sampled product's scalar fields (category_path, shop_country, price) and its
+    A synthetic row copies a sampled product's scalar fields (category_path, shop_country, price, currency) and its
     quality columns (the vector's tail beyond the tower channels), and takes its tower vector channel
     by channel plus Gaussian noise of relative norm ``noise``, rescaled to the channel's original norm
     (the towers emit normalised channels times a scale). Its id is ``SYNTHETIC_ID_OFFSET + i``."""
@@ -371,7 +371,7 @@ def synthesize(products: pd.DataFrame, vectors: np.ndarray, channels: list[int],
             block[:, lo:lo + width] = noisy * scale
             lo += width
         out[n_real + start:n_real + start + len(rows)] = block
-    fields = ["category_path", "shop_country", "price"]
+    fields = ["category_path", "shop_country", "price", "currency"]
     synthetic = products[fields].iloc[source].reset_index(drop=True)
     synthetic.insert(0, "product_id", SYNTHETIC_ID_OFFSET + np.arange(extra, dtype=np.int64))
     frame = pd.concat([products[["product_id", *fields]].reset_index(drop=True), synthetic], ignore_index=True)
@@ -479,12 +479,14 @@ def filtered_recall(client: object, collection: str, frame: pd.DataFrame, vector
     price = pd.to_numeric(frame["price"], errors="coerce").fillna(-1.0).astype(np.float32).astype(np.float64)
     lo, hi = (float(round(x, 2)) for x in price[frame["shop_country"] == country].quantile([0.4, 0.6]))
     small = countries.index[-1]
+    currency = frame.loc[frame["shop_country"] == country, "currency"].mode()[0]  # prices compare within one
     # The expressions come from the API's own filter model (serving.filters), as a request's would.
     cases = [
         ("one category", Filters(category=[category]),
          (frame["category_path"] == category).to_numpy()),
-        ("one country + price range", Filters(shop_country=[country], price_min=lo, price_max=hi),
-         ((frame["shop_country"] == country) & (price >= lo) & (price <= hi)).to_numpy()),
+        ("one country + price range", Filters(shop_country=[country], price_min=lo, price_max=hi, currency=currency),
+         ((frame["shop_country"] == country) & (price >= lo) & (price <= hi)
+          & (frame["currency"] == currency)).to_numpy()),
         ("one category + the rarest country", Filters(category=[category], shop_country=[small]),
          ((frame["category_path"] == category) & (frame["shop_country"] == small)).to_numpy()),
     ]

@@ -15,8 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 # Category paths look like "pets > collars"; countries are ISO-3166 alpha-2 codes.
 CATEGORY_PATTERN = r"^[A-Za-z0-9_&/ .,>-]{1,128}$"
 COUNTRY_PATTERN = r"^[A-Z]{2}$"
+CURRENCY_PATTERN = r"^[A-Z]{3}$"  # ISO 4217
 Category = Annotated[str, StringConstraints(pattern=CATEGORY_PATTERN)]
 Country = Annotated[str, StringConstraints(pattern=COUNTRY_PATTERN)]
+Currency = Annotated[str, StringConstraints(pattern=CURRENCY_PATTERN)]
 
 
 class Filters(BaseModel):
@@ -28,14 +30,26 @@ class Filters(BaseModel):
     category_prefix: Category | None = Field(None, description="a category subtree")
     shop_country: list[Country] | None = Field(None, min_length=1, max_length=50,
                                                description="ISO country codes (any of)")
-    price_min: float | None = Field(None, ge=0, le=1e7)
-    price_max: float | None = Field(None, ge=0, le=1e7)
+    price_min: float | None = Field(None, ge=0, le=1e7, description="in `currency`")
+    price_max: float | None = Field(None, ge=0, le=1e7, description="in `currency`")
+    currency: Currency | None = Field(None, description="ISO 4217 code: only listings priced in it (prices are "
+                                                        "never converted); required with price_min / price_max")
 
     @model_validator(mode="after")
     def _price_range(self) -> Filters:
         if self.price_min is not None and self.price_max is not None and self.price_min > self.price_max:
             raise ValueError(f"price_min {self.price_min} is above price_max {self.price_max}")
+        if (self.price_min is not None or self.price_max is not None) and self.currency is None:
+            raise ValueError("price_min / price_max need a currency (ISO 4217, e.g. \"USD\"): each listing is priced "
+                             "in its shop's currency and never converted, so a bare amount would compare dollars "
+                             "with euros")
         return self
+
+    def fields(self) -> set[str]:
+        """The collection's scalar fields the expression reads."""
+        used = {"category_path": self.category or self.category_prefix, "shop_country": self.shop_country,
+                "price": self.price_min is not None or self.price_max is not None, "currency": self.currency}
+        return {name for name, value in used.items() if value}
 
     def expression(self) -> str:
         """The Milvus filter expression ('' when no filter is set)."""
@@ -55,4 +69,6 @@ class Filters(BaseModel):
             clauses.append(f"price >= {float(self.price_min)!r}")
         if self.price_max is not None:
             clauses.append(f"price <= {float(self.price_max)!r}")
+        if self.currency:
+            clauses.append(f"currency == {literal(self.currency)}")
         return " and ".join(clauses)

@@ -26,7 +26,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -44,7 +44,7 @@ MODEL_VERSION, INDEX_VERSION, CREATED_AT, STATE = ("uer.model_version", "uer.ind
 # Which registration of its model version built the collection (``serving.bundle.bundle_id_of``): a day retrained
 # under the same version name is registered again, with other towers, and only its own query tower fits its vectors.
 BUNDLE_ID = "uer.bundle_id"
-SCALAR_FIELDS = {"category_path": 256, "shop_country": 8}  # VARCHAR fields and their max length; + price
+SCALAR_FIELDS = {"category_path": 256, "shop_country": 8, "currency": 8}  # VARCHAR fields, max length; + price
 SMALL_SEGMENT_ROWS = 1024  # Milvus builds no vector index for a sealed segment smaller than this
 # Queries per search call: on Milvus Lite a query costs ~20 ms at 20k rows, and 200 in one call outlasted the
 # 5 s RPC timeout in a busy demo run (DEADLINE_EXCEEDED); the API's usual batches stay within one call.
@@ -85,6 +85,8 @@ class IndexVersion:
     created_at: str
     state: str
     bundle_id: str | None = None  # None: a collection built before BUNDLE_ID was recorded (its version's newest)
+    # The collection's fields, where listed (``versions``): one built before a filter field existed lacks it.
+    fields: frozenset[str] | None = field(default=None, compare=False)
 
     @property
     def ready(self) -> bool:
@@ -125,12 +127,14 @@ class IndexLifecycle:
         for name in self.client.list_collections():
             if not name.startswith(self.config.collection_prefix + "_"):
                 continue
-            props = self.client.describe_collection(name).get("properties", {})
+            described = self.client.describe_collection(name)
+            props = described.get("properties", {})
             if MODEL_VERSION not in props:
                 continue
             state = props.get(STATE, BUILDING)
             out.append(IndexVersion(name, props[MODEL_VERSION], props[INDEX_VERSION], props[CREATED_AT],
-                                    LEGACY_STATES.get(state, state), props.get(BUNDLE_ID)))
+                                    LEGACY_STATES.get(state, state), props.get(BUNDLE_ID),
+                                    frozenset(f["name"] for f in described.get("fields", []))))
         return sorted(out, key=lambda v: v.created_at)
 
     def alias_target(self) -> str | None:
@@ -165,8 +169,8 @@ class IndexLifecycle:
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("product_id", DataType.INT64, is_primary=True)
         schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=int(vectors.shape[1]))
-        for field, length in SCALAR_FIELDS.items():
-            schema.add_field(field, DataType.VARCHAR, max_length=length)
+        for scalar, length in SCALAR_FIELDS.items():
+            schema.add_field(scalar, DataType.VARCHAR, max_length=length)
         schema.add_field("price", DataType.FLOAT)
         params = self.client.prepare_index_params()
         params.add_index(field_name="embedding", index_type=self.config.index_type, metric_type="IP",

@@ -264,6 +264,17 @@ class Retriever:
         self._on_stage("query_tower", time.perf_counter() - mark)
         return vectors, personalized
 
+    def unfilterable(self, filters: Filters | None) -> str | None:
+        """Why the served collection cannot apply ``filters`` (it was built before a field they read was indexed,
+        e.g. ``currency``), or None when it can."""
+        pair = self._pair
+        fields = pair.index.fields if pair is not None else None
+        missing = sorted(filters.fields() - fields) if filters is not None and fields is not None else []
+        if not missing:
+            return None
+        return (f"the served index {pair.index.index_version} was built before {', '.join(missing)} was indexed, so "
+                f"it cannot filter on it; the next refresh (or `uer index publish`) builds one that can")
+
     def retrieve(self, requests: Sequence[RetrievalRequest]) -> list[RetrievalResponse]:
         return [RetrievalResponse.model_validate(row) for row in self.retrieve_rows(requests)]
 
@@ -274,6 +285,9 @@ class Retriever:
         pair = self._pair  # one snapshot for the whole call
         if pair is None or not self.ready():
             raise Unavailable("no model and index are loaded yet: " + (self.last_refusal or "starting"))
+        for request in requests:
+            if request.filters is not None and (reason := self.unfilterable(request.filters)):
+                raise Unavailable(reason)
         vectors, personalized = self.query_vectors(pair.bundle, requests)
         mark = time.perf_counter()
         results: list[list[tuple[int, float]]] = [[] for _ in requests]

@@ -145,6 +145,9 @@ class RetrievalService:
         Concurrent requests are served together (``serving.coalescer``): one query-tower pass, one search."""
         # BentoML validated the body against RetrieveInput, RetrievalRequest's own rules: no need to check again.
         request = RetrievalRequest.model_construct(query=query, user_id=user_id, k=k, filters=filters)
+        if filters is not None and (reason := self.retriever.unfilterable(filters)):
+            # Refused before it joins a batch: a batch fails as a whole, and the others' requests are fine.
+            return JSONResponse({"error": reason}, status_code=HTTPStatus.SERVICE_UNAVAILABLE)
         try:
             row = await asyncio.wrap_future(self._coalescer.submit(request))
         except ServiceUnavailable as exc:

@@ -74,9 +74,12 @@ def register_copy(settings: Settings, version: str) -> None:
     {"shop_country": ["US\" or true"]},
     {"shop_country": ["us"]},
     {"category_prefix": "home%' or 1"},
-    {"price_min": -1},
-    {"price_min": 10, "price_max": 5},
-    {"price_max": float("nan")},
+    {"price_min": -1, "currency": "USD"},
+    {"price_min": 10, "price_max": 5, "currency": "USD"},
+    {"price_max": float("nan"), "currency": "USD"},
+    {"price_max": 20},  # a bare amount: in which currency?
+    {"currency": "usd"},
+    {"currency": 'USD" or true'},
     {"expr": "price > 0"},
     {"category": []},
     {"shop_country": []},
@@ -88,9 +91,9 @@ def test_filter_values_that_could_inject_are_rejected(bad: dict) -> None:
 
 def test_filter_expression_quotes_every_value() -> None:
     expr = Filters(category=["pets > collars", "art & craft"], shop_country=["US", "FR"], price_min=1.5,
-                   price_max=20).expression()
+                   price_max=20, currency="EUR").expression()
     assert expr == ('category_path in ["pets > collars", "art & craft"] and shop_country in ["US", "FR"] '
-                    "and price >= 1.5 and price <= 20.0")
+                    'and price >= 1.5 and price <= 20.0 and currency == "EUR"')
     assert Filters().expression() == ""
 
 
@@ -172,9 +175,39 @@ def test_published_index_matches_catalogue_and_filters_hold(served: Settings) ->
     assert count == len(products)
     category = products["category_path"].mode()[0]
     query = np.ones((1, index.client.describe_collection(current.collection)["fields"][1]["params"]["dim"]), np.float32)
-    hits = index.search(current.collection, query, 50, Filters(category=[category], price_max=50).expression())
-    allowed = set(products.loc[(products["category_path"] == category) & (products["price"] <= 50), "product_id"])
+    currency = products.loc[products["category_path"] == category, "currency"].mode()[0]
+    hits = index.search(current.collection, query, 50,
+                        Filters(category=[category], price_max=50, currency=currency).expression())
+    allowed = set(products.loc[(products["category_path"] == category) & (products["price"] <= 50)
+                               & (products["currency"] == currency), "product_id"])
     assert hits[0] and {pid for pid, _ in hits[0]} <= allowed
+    assert {"category_path", "shop_country", "currency", "price"} <= current.fields
+
+
+def test_a_collection_built_before_currency_was_indexed_refuses_currency_filters_and_serves_the_rest(
+        served: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A collection kept from before ``currency`` was a field (a rollback can serve one) cannot apply a price or
+    currency filter: the request gets a 503 that says so (Milvus's own error named no way out), the others are
+    served; the next publication builds a collection that can."""
+    from serving import index as index_module
+    from serving.refresh import refresh_index
+    from serving.retriever import RetrievalRequest, Retriever, Unavailable
+
+    monkeypatch.setattr(index_module, "SCALAR_FIELDS", {"category_path": 256, "shop_country": 8})
+    old = refresh_index(served).index
+    monkeypatch.undo()
+    retriever = Retriever(served)
+    retriever.reload()
+    assert retriever.pair.index.collection == old.collection and "currency" not in retriever.pair.index.fields
+    priced = RetrievalRequest(query="mug", k=5, filters=Filters(price_max=40, currency="USD"))
+    assert "was built before currency was indexed" in retriever.unfilterable(priced.filters)
+    with pytest.raises(Unavailable, match="next refresh"):
+        retriever.retrieve([priced])
+    by_country = RetrievalRequest(query="mug", k=5, filters=Filters(shop_country=["US"]))
+    assert len(retriever.retrieve([by_country])[0].results) == 5
+    refresh_index(served)
+    retriever.reload()
+    assert retriever.unfilterable(priced.filters) is None and len(retriever.retrieve([priced])[0].results) <= 5
 
 
 def test_search_reads_the_raw_reply_as_pymilvus_would(served: Settings) -> None:
@@ -186,7 +219,7 @@ def test_search_reads_the_raw_reply_as_pymilvus_would(served: Settings) -> None:
     current = index.serving()
     dim = index.client.describe_collection(current.collection)["fields"][1]["params"]["dim"]
     queries = np.random.default_rng(3).standard_normal((3, dim)).astype(np.float32)
-    for expr in ("", Filters(price_max=50).expression()):
+    for expr in ("", Filters(price_max=50, currency="USD").expression()):
         raw = index.search(current.collection, queries, 20, expr)
         public = index.client.search(current.collection, data=[q.tolist() for q in queries], limit=20, filter=expr,
                                      anns_field="embedding", search_params={"params": index.search_params(20)})
@@ -1092,7 +1125,8 @@ def test_concurrent_requests_are_served_together_and_each_gets_its_own_answer(ap
 
     bodies = [{"query": q, "k": k, **({"user_id": u} if u is not None else {}), **({"filters": f} if f else {})}
               for q, k, u, f in [("wooden bowl", 5, None, None), ("silver ring", 7, 1, None),
-                                 ("linen dress", 3, 2, None), ("mug", 4, None, {"price_max": 40})] * 8]
+                                 ("linen dress", 3, 2, None), ("mug", 4, None, {"price_max": 40, "currency": "USD"})]
+              * 8]
     alone = [post(api, "/retrieve", body).json() for body in bodies[:4]]
     before = _batch_metric(api)
     with ThreadPoolExecutor(16) as pool:
@@ -1140,12 +1174,14 @@ def test_metrics_expose_garbage_collector_pauses(api: str) -> None:
     {"query": "bowl", "user_id": -1}, {"query": "bowl", "filters": {"category": ['a" or 1==1']}},
     {"query": "bowl", "filters": {"price_min": 9, "price_max": 1}}, {"query": "bowl", "filters": {"raw": "x"}},
     {"query": "bowl", "k": "many"}, {"query": "bowl", "userid": 5}, {"query": "bowl", "filter": {"price_max": 20}},
-    {"query": "bowl", "filters": {"category": []}},
+    {"query": "bowl", "filters": {"category": []}}, {"query": "bowl", "filters": {"price_max": 20}},
 ])
 def test_api_rejects_bad_input_with_a_clear_4xx(api: str, body: dict) -> None:
     response = post(api, "/retrieve", body)
     assert 400 <= response.status_code < 500, response.text
     assert response.text  # a message a person can act on
+    if body.get("filters") == {"price_max": 20}:
+        assert "need a currency" in response.text, response.text
 
 
 def test_alias_swap_under_load_fails_no_request_and_is_picked_up(api: str, served: Settings) -> None:
