@@ -193,21 +193,30 @@ def test_a_collection_built_before_currency_was_indexed_refuses_currency_filters
     from serving.refresh import refresh_index
     from serving.retriever import RetrievalRequest, Retriever, Unavailable
 
+    index = lifecycle(served)
+    first = index.serving()
     monkeypatch.setattr(index_module, "SCALAR_FIELDS", {"category_path": 256, "shop_country": 8})
     old = refresh_index(served).index
     monkeypatch.undo()
-    retriever = Retriever(served)
-    retriever.reload()
-    assert retriever.pair.index.collection == old.collection and "currency" not in retriever.pair.index.fields
-    priced = RetrievalRequest(query="mug", k=5, filters=Filters(price_max=40, currency="USD"))
-    assert "was built before currency was indexed" in retriever.unfilterable(priced.filters)
-    with pytest.raises(Unavailable, match="next refresh"):
-        retriever.retrieve([priced])
-    by_country = RetrievalRequest(query="mug", k=5, filters=Filters(shop_country=["US"]))
-    assert len(retriever.retrieve([by_country])[0].results) == 5
-    refresh_index(served)
-    retriever.reload()
-    assert retriever.unfilterable(priced.filters) is None and len(retriever.retrieve([priced])[0].results) <= 5
+    try:
+        retriever = Retriever(served)
+        retriever.reload()
+        assert retriever.pair.index.collection == old.collection and "currency" not in retriever.pair.index.fields
+        priced = RetrievalRequest(query="mug", k=5, filters=Filters(price_max=40, currency="USD"))
+        assert "was built before currency was indexed" in retriever.unfilterable(priced.filters)
+        with pytest.raises(Unavailable, match="next refresh"):
+            retriever.retrieve([priced])
+        by_country = RetrievalRequest(query="mug", k=5, filters=Filters(shop_country=["US"]))
+        assert len(retriever.retrieve([by_country])[0].results) == 5
+        new = refresh_index(served).index
+        retriever.reload()
+        assert retriever.unfilterable(priced.filters) is None and len(retriever.retrieve([priced])[0].results) <= 5
+    finally:  # the module's later tests expect the one collection they started with
+        index.swap(first)
+        for version in index.versions():
+            if version.collection != first.collection:
+                index.drop(version.collection)
+    assert new.collection != first.collection
 
 
 def test_search_reads_the_raw_reply_as_pymilvus_would(served: Settings) -> None:
