@@ -105,10 +105,12 @@ def materialize(settings: Settings, start: dt.datetime, end: dt.datetime,
     recorded in the registry exactly as Feast records it (``apply_materialization``), so
     ``most_recent_end_time`` and ``feast materialize-incremental`` carry on from here.
 
-    One difference from Feast: before the window is recorded, the view's entities that have aged past
-    its TTL at ``end`` leave the online store (:func:`expire_online_rows`). Feast applies no TTL on online
-    reads, so a user inactive for longer would be served the history that training's point-in-time join
-    no longer returns (a skew), and other teams would read stale 30-day counts."""
+    Two differences from Feast. A window that ends before the view's last recorded end (an earlier day built
+    again) runs on to that end, so rows already online are never replaced by older ones. And before the window
+    is recorded, the view's entities that have aged past its TTL at its end leave the online store
+    (:func:`expire_online_rows`): Feast applies no TTL on online reads, so a user inactive for longer would
+    be served the history that training's point-in-time join no longer returns (a skew), and other teams
+    would read stale 30-day counts."""
     from feature_repo.warehouse import latest_rows
 
     start, end = _utc(start), _utc(end)
@@ -124,15 +126,19 @@ def materialize(settings: Settings, start: dt.datetime, end: dt.datetime,
         timestamp = view.batch_source.timestamp_field
         columns = [*keys, *(f.name for f in view.features), timestamp]
         written[name] = 0
-        for chunk in latest_rows(settings, name, keys[0], columns, start, end, chunk_rows):
+        # A window that ends before what is already online (a rebuilt earlier day) runs on to that end: the newest
+        # row per entity then stays the one online, and a rebuilt row goes online only where it is the newest.
+        # Feast would write the window's rows over newer ones (SQLite overwrites; Redis keeps equal timestamps).
+        window_end = max(end, _utc(view.most_recent_end_time)) if view.most_recent_end_time else end
+        for chunk in latest_rows(settings, name, keys[0], columns, start, window_end, chunk_rows):
             # Arrow-backed columns: Feast turns the frame back into exactly these Arrow arrays.
             store.write_to_online_store(name, chunk.to_pandas(types_mapper=pd.ArrowDtype))
             written[name] += chunk.num_rows
         # Before the window is recorded: a crash in between makes the next run redo both.
-        expired = expire_online_rows(settings, store, name, start, end, chunk_rows)
+        expired = expire_online_rows(settings, store, name, start, window_end, chunk_rows)
         if expired:
             log.info("%s: %d entities aged past the view's TTL left the online store", name, expired)
-        store.registry.apply_materialization(view, store.project, start, end)
+        store.registry.apply_materialization(view, store.project, start, window_end)
     return written
 
 

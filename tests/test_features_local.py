@@ -20,7 +20,14 @@ import pytest
 
 from feature_repo import store
 from feature_repo.stages import FIRST_MATERIALIZATION_START, build_feature_day, closed_at
-from feature_repo.warehouse import DayRejected, features_dir, published_days, published_path, published_rows
+from feature_repo.warehouse import (
+    DAILY_MARTS,
+    DayRejected,
+    features_dir,
+    published_days,
+    published_path,
+    published_rows,
+)
 from retrieval_core.contract import partition_path, read_table
 from retrieval_core.settings import Settings
 from tests.feature_helpers import (
@@ -128,6 +135,25 @@ def test_rerunning_a_day_changes_nothing(local: Settings) -> None:
     build_feature_day(local, NEXT_DAY)
     assert _digest(files) == before
     assert store.online_user_history(local, list(range(1, 40))) == online_before
+
+
+def test_rebuilding_an_earlier_day_works_and_keeps_the_newer_rows_online(local: Settings) -> None:
+    """An earlier day built again after later ones (an Airflow clear of that day, a backfill): dbt's relationships
+    tests used to fail on later days' rows naming users and listings that the day's staging does not know yet,
+    and its materialisation wrote the day's rows over the newer ones online. Now it builds, publishes only its
+    own partitions, and every entity keeps its newest row online; building the latest day again afterwards
+    gives back exactly the offline store of before (the whole-table marts are as of the day built last)."""
+    days = published_days(local)
+    earlier, latest = days[-2], days[-1]
+    files = sorted(features_dir(local).rglob("*.parquet"))
+    before, online_before = _digest(files), online_snapshot(local)
+    report = build_feature_day(local, earlier)
+    assert report.published_days == [earlier]
+    assert online_snapshot(local) == online_before
+    daily = [published_path(local, mart, day) for mart in DAILY_MARTS for day in days]
+    assert _digest(daily) == [before[files.index(path)] for path in daily]
+    build_feature_day(local, latest)
+    assert _digest(files) == before and online_snapshot(local) == online_before
 
 
 def test_chunked_online_write_matches_feast_materialize(local: Settings, tmp_path: Path) -> None:
