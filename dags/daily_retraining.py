@@ -52,7 +52,8 @@ def uer_daily_retraining() -> None:
 
     @task
     def train_and_validate(features: dict, ds: str | None = None) -> dict:
-        """The KFP training pipeline; its validation gate decides promotion."""
+        """The KFP training pipeline; its validation gate decides promotion. Not for an earlier day built again."""
+        from feature_repo.stages import later_day_published
         from retrieval_core.settings import get_settings
         from training.pipeline import run_pipeline
         from training.stages import TrainingRunConfig
@@ -60,6 +61,9 @@ def uer_daily_retraining() -> None:
         params = get_current_context()["params"]
         if not params.get("train", True):
             return {"version": None, "promoted": False}
+        if (later := later_day_published(get_settings(), day_of(ds))) is not None:
+            return {"version": None, "promoted": False,
+                    "skipped": f"{later} is published already: features rebuilt, no model trained on an earlier day"}
         config = TrainingRunConfig.model_validate(params.get("run_config") or {})
         # One version per data day: rerunning the day retrains under the same name.
         return run_pipeline(get_settings(), config.model_dump_json(), f"daily-{day_of(ds):%Y%m%d}")

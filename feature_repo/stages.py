@@ -64,6 +64,14 @@ def build_feature_day(settings: Settings, ds: dt.date) -> FeatureDayReport:
                             online_rows=online)
 
 
+def later_day_published(settings: Settings, ds: dt.date) -> dt.date | None:
+    """The newest published day after ``ds``, if any. A run of ``ds`` is then a rebuild of an earlier day (an
+    Airflow clear, a backfill): its features are rebuilt, but a model trained on them would be gated, and may be
+    promoted, over one trained on later data, so the daily DAG trains none."""
+    later = [day for day in warehouse.published_days(settings) if day > ds]
+    return max(later) if later else None
+
+
 def materialize_days(settings: Settings, days: list[dt.date], first_publication: bool) -> dict[str, int]:
     """Materialise the published days in one window: the latest row per entity goes online, written
     in bounded chunks (:func:`feature_repo.store.materialize`). The first publication also loads
