@@ -134,35 +134,40 @@ def materialize(settings: Settings, start: dt.datetime, end: dt.datetime,
             # Arrow-backed columns: Feast turns the frame back into exactly these Arrow arrays.
             store.write_to_online_store(name, chunk.to_pandas(types_mapper=pd.ArrowDtype))
             written[name] += chunk.num_rows
-        # Before the window is recorded: a crash in between makes the next run redo both.
-        expired = expire_online_rows(settings, store, name, start, window_end, chunk_rows)
+        # Before the window is recorded: a crash in between makes the next run redo both. Entities whose newest
+        # row is older than this window and the last recorded end (a gap: days never built) aged out since then.
+        since = min(start, _utc(view.most_recent_end_time)) if view.most_recent_end_time else start
+        expired = expire_online_rows(settings, store, name, window_end, since, chunk_rows)
         if expired:
             log.info("%s: %d entities aged past the view's TTL left the online store", name, expired)
         store.registry.apply_materialization(view, store.project, start, window_end)
     return written
 
 
-def expire_online_rows(settings: Settings, store: Any, name: str, start: dt.datetime, end: dt.datetime,
+def expire_online_rows(settings: Settings, store: Any, name: str, end: dt.datetime, since: dt.datetime | None = None,
                        chunk_rows: int = ONLINE_WRITE_CHUNK_ROWS) -> int:
     """Delete the online rows of ``name``'s entities whose newest published row is older than the view's
     TTL at ``end``: after it, an online read returns what a point-in-time join at ``end`` returns (nothing)
     for them. Returns how many entities were deleted.
 
-    Only entities that could have crossed that line since the window ``[start, end]`` began are read
-    (newest row since ``start - ttl``); older ones crossed it in an earlier window, whose materialisation
-    deleted them. Rows newer than ``end`` that a later window already put online keep their entity."""
+    With ``since``, only entities that could have crossed that line since then are read (newest row since
+    ``since - ttl``): materialisation passes the start of its window or the view's last recorded end, whichever
+    is earlier, as the ones before crossed it in an earlier window, whose materialisation deleted them. Without
+    it, every published row is read (:func:`expire_all`). Rows newer than ``end`` that a later window already
+    put online keep their entity."""
     from feature_repo.warehouse import latest_rows
 
     view = store.get_feature_view(name)
     if not view.ttl:
         return 0
-    start, end = _utc(start), _utc(end)
+    end = _utc(end)
     cutoff = end - view.ttl
+    scan_from = _utc(since) - view.ttl if since is not None else dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
     key = view.entity_columns[0].name
     timestamp = view.batch_source.timestamp_field
     newest = max(end, _utc(view.most_recent_end_time)) if view.most_recent_end_time else end
     expired = 0
-    for chunk in latest_rows(settings, name, key, [key, timestamp], start - view.ttl, newest, chunk_rows):
+    for chunk in latest_rows(settings, name, key, [key, timestamp], scan_from, newest, chunk_rows):
         aged = [entity for entity, ts in zip(chunk[key].to_pylist(), chunk[timestamp].to_pylist(), strict=True)
                 if _utc(ts) < cutoff]
         if aged:
@@ -191,6 +196,18 @@ def materialize_incremental(settings: Settings, end: dt.datetime, views: tuple[s
             continue
         written.update(materialize(settings, start, end, (name,), chunk_rows))
     return written
+
+
+def expire_all(settings: Settings, views: tuple[str, ...] = PIPELINE_VIEWS) -> dict[str, int]:
+    """:func:`expire_online_rows` over every published row, at each view's last recorded end: once after an
+    upgrade from a version that did not expire online rows (a materialisation only reads the entities that may
+    have aged out since the previous one). Returns the entities deleted per view."""
+    store = get_store(settings)
+    expired = {}
+    for name in views:
+        end = store.get_feature_view(name).most_recent_end_time
+        expired[name] = expire_online_rows(settings, store, name, end) if end is not None else 0
+    return expired
 
 
 def _utc(ts: dt.datetime) -> dt.datetime:

@@ -168,7 +168,16 @@ def features_materialize(ds: DsOption = None) -> None:
 
     day = _day(ds)
     materialize(get_settings(), FIRST_MATERIALIZATION_START, closed_at(day) + dt.timedelta(seconds=1))
-    console.print(f"[green]materialised[/] up to {closed_at(day)}")
+    console.print(f"[green]materialised[/] up to {closed_at(day)} (or the later end already online)")
+
+
+@features.command("expire")
+def features_expire() -> None:
+    """Delete online rows older than their view's TTL, reading every published row (once, after upgrading from
+    a version that did not expire them; each materialisation expires what aged out since the previous one)."""
+    from feature_repo.store import expire_all
+
+    console.print(f"[green]expired[/] entities per view: {expire_all(get_settings())}")
 
 
 @features.command("lookup")

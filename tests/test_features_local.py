@@ -201,10 +201,12 @@ def test_online_history_equals_the_point_in_time_join_at_the_window_end(local: S
     assert assert_online_is_point_in_time(local, end) > 50
 
 
-def test_entities_aged_past_the_ttl_leave_the_online_store(local: Settings, tmp_path: Path) -> None:
+def test_entities_aged_past_the_ttl_leave_the_online_store(local: Settings, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Feast applies no TTL on online reads: the materialisation deletes the entities whose newest row aged
     past its view's TTL, so at each window end the online store (what the API and other teams read) still
-    equals the point-in-time join training uses — for users inactive longer than 30 days, nothing."""
+    equals the point-in-time join training uses — for users inactive longer than 30 days, nothing. Also after
+    a gap (days never built), and once `uer features expire` has run on a store materialised before."""
     copy = Settings(profile="local", data_dir=tmp_path / "data", artifacts_dir=tmp_path / "artifacts")
     shutil.copytree(features_dir(local), features_dir(copy))
     store.apply(copy)
@@ -212,15 +214,24 @@ def test_entities_aged_past_the_ttl_leave_the_online_store(local: Settings, tmp_
     store.materialize(copy, FIRST_MATERIALIZATION_START, end)
     views = ("user_history", "product_quality", "product_profile")
     at_end = {view: assert_online_is_point_in_time(copy, end, view) for view in views}
-    # No new day, but the clock moves on: the 30-day TTL now ends inside the published days.
+    # No new day, but the clock moves on: the 30-day TTL now ends inside the published days. First as a store
+    # materialised before expiry existed, then mended by `uer features expire`.
     later = end + dt.timedelta(days=27, hours=12)
+    monkeypatch.setattr(store, "expire_online_rows", lambda *args, **kwargs: 0)
     assert store.materialize_incremental(copy, later) == dict.fromkeys(store.PIPELINE_VIEWS, 0)
+    monkeypatch.undo()
+    with pytest.raises(AssertionError, match="online .* != point-in-time"):
+        assert_online_is_point_in_time(copy, later)
+    assert store.expire_all(copy)["user_history"] > 0
     at_later = {view: assert_online_is_point_in_time(copy, later, view) for view in views}
     assert 0 < at_later["user_history"] < at_end["user_history"], (at_later, at_end)
     assert 0 < at_later["product_quality"] <= at_end["product_quality"], (at_later, at_end)
     assert at_later["product_profile"] == at_end["product_profile"] > 50  # a 10-year TTL: every listing stays
-    store.materialize_incremental(copy, end + dt.timedelta(days=31))
-    aged = {view: assert_online_is_point_in_time(copy, end + dt.timedelta(days=31), view) for view in views}
+    # A gap: the next window starts 40 days on (the days between never built). Its own expiry reads back to the
+    # last recorded end, so the entities that aged out meanwhile go too.
+    gap = end + dt.timedelta(days=40)
+    store.materialize(copy, gap, gap + dt.timedelta(days=1))
+    aged = {view: assert_online_is_point_in_time(copy, gap + dt.timedelta(days=1), view) for view in views}
     assert aged == {"user_history": 0, "product_quality": 0, "product_profile": at_end["product_profile"]}
 
 

@@ -67,7 +67,7 @@ def test_redis_rows_equal_the_point_in_time_join_and_survive_a_chunked_rewrite(p
     # Users and products aged past the 30-day TTL leave Redis (the Postgres path of the same code).
     later = end + dt.timedelta(days=27, hours=12)
     feast = store.get_store(production)
-    assert store.expire_online_rows(production, feast, "user_history", end, later) > 0
+    assert store.expire_online_rows(production, feast, "user_history", later, since=end) > 0
     assert 0 < assert_online_is_point_in_time(production, later) < users_with_history
     redis.Redis(host=production.redis.host, port=production.redis.port, db=REDIS_DB).flushdb()
     written = store.materialize(production, FIRST_MATERIALIZATION_START, end, chunk_rows=41)
