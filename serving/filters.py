@@ -60,9 +60,13 @@ class Filters(BaseModel):
         if self.category:
             clauses.append(f"category_path in [{', '.join(literal(v) for v in self.category)}]")
         if self.category_prefix:
-            # LIKE treats % and _ specially: escape them so the prefix matches literally.
-            escaped = self.category_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            clauses.append(f"category_path like {literal(escaped + '%')}")
+            # A range, not LIKE: Milvus 2.3 reads "_" in a LIKE pattern as itself and has no escape for it, Milvus
+            # Lite 3 (as newer servers) as a wildcard unless escaped, so no one pattern matches a prefix with "_" on
+            # both (tried on both). Every path that starts with the prefix sorts from it to the prefix with its last
+            # character incremented: strings compare bytewise, and the pattern allows ASCII only.
+            prefix = self.category_prefix
+            upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+            clauses.append(f"category_path >= {literal(prefix)} and category_path < {literal(upper)}")
         if self.shop_country:
             clauses.append(f"shop_country in [{', '.join(literal(v) for v in self.shop_country)}]")
         if self.price_min is not None:
