@@ -25,7 +25,8 @@ Result = TypeVar("Result")
 
 class Coalescer(Generic[Item, Result]):
     """``submit(item)`` → a Future of ``handler([... item ...])[i]``; the handler must return one result
-    per item, in order. An exception from the handler fails every item of that batch with it."""
+    per item, in order. An exception from the handler fails every item of that batch with it; an exception
+    returned as an item's result fails that item alone."""
 
     def __init__(self, handler: Callable[[list[Item]], Sequence[Result]], max_batch: int = 32,
                  workers: int = 2, name: str = "coalescer", on_batch: Callable[[int], None] | None = None):
@@ -80,4 +81,7 @@ class Coalescer(Generic[Item, Result]):
                     future.set_exception(exc)
                 continue
             for (_, future), result in zip(live, results, strict=True):
-                future.set_result(result)
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)

@@ -264,10 +264,10 @@ class Retriever:
         self._on_stage("query_tower", time.perf_counter() - mark)
         return vectors, personalized
 
-    def unfilterable(self, filters: Filters | None) -> str | None:
-        """Why the served collection cannot apply ``filters`` (it was built before a field they read was indexed,
-        e.g. ``currency``), or None when it can."""
-        pair = self._pair
+    def unfilterable(self, filters: Filters | None, pair: ServingPair | None = None) -> str | None:
+        """Why the collection of ``pair`` (default: the one served now) cannot apply ``filters`` (it was built before
+        a field they read was indexed, e.g. ``currency``), or None when it can."""
+        pair = pair or self._pair
         fields = pair.index.fields if pair is not None else None
         missing = sorted(filters.fields() - fields) if filters is not None and fields is not None else []
         if not missing:
@@ -276,18 +276,26 @@ class Retriever:
                 f"it cannot filter on it; the next refresh (or `uer index publish`) builds one that can")
 
     def retrieve(self, requests: Sequence[RetrievalRequest]) -> list[RetrievalResponse]:
-        return [RetrievalResponse.model_validate(row) for row in self.retrieve_rows(requests)]
+        rows = self.retrieve_rows(requests)
+        if refused := next((row for row in rows if isinstance(row, Unavailable)), None):
+            raise refused
+        return [RetrievalResponse.model_validate(row) for row in rows]
 
-    def retrieve_rows(self, requests: Sequence[RetrievalRequest]) -> list[dict]:
+    def retrieve_rows(self, requests: Sequence[RetrievalRequest]) -> list[dict | Unavailable]:
         """What ``retrieve`` returns, as plain dicts of :class:`RetrievalResponse`'s shape: the API writes
         them to JSON as they are. Validating 100 results into a model cost 12 % of the API's GIL time at
-        100 requests/s (py-spy); every value here is already an int, float or str of a known field."""
+        100 requests/s (py-spy); every value here is already an int, float or str of a known field. A request
+        whose filters the served collection cannot apply gets its ``Unavailable`` in its place: the others of
+        its batch (other callers' requests, coalesced) are still served."""
         pair = self._pair  # one snapshot for the whole call
         if pair is None or not self.ready():
             raise Unavailable("no model and index are loaded yet: " + (self.last_refusal or "starting"))
-        for request in requests:
-            if request.filters is not None and (reason := self.unfilterable(request.filters)):
-                raise Unavailable(reason)
+        refused = {i: Unavailable(reason) for i, request in enumerate(requests)
+                   if request.filters is not None and (reason := self.unfilterable(request.filters, pair))}
+        if refused:
+            served = [i for i in range(len(requests)) if i not in refused]
+            rows = iter(self.retrieve_rows([requests[i] for i in served]) if served else [])
+            return [refused[i] if i in refused else next(rows) for i in range(len(requests))]
         vectors, personalized = self.query_vectors(pair.bundle, requests)
         mark = time.perf_counter()
         results: list[list[tuple[int, float]]] = [[] for _ in requests]

@@ -145,12 +145,9 @@ class RetrievalService:
         Concurrent requests are served together (``serving.coalescer``): one query-tower pass, one search."""
         # BentoML validated the body against RetrieveInput, RetrievalRequest's own rules: no need to check again.
         request = RetrievalRequest.model_construct(query=query, user_id=user_id, k=k, filters=filters)
-        if filters is not None and (reason := self.retriever.unfilterable(filters)):
-            # Refused before it joins a batch: a batch fails as a whole, and the others' requests are fine.
-            return JSONResponse({"error": reason}, status_code=HTTPStatus.SERVICE_UNAVAILABLE)
         try:
             row = await asyncio.wrap_future(self._coalescer.submit(request))
-        except ServiceUnavailable as exc:
+        except (ServiceUnavailable, Unavailable) as exc:  # the batch's, or this request's alone (its filters)
             # BentoML hides the text of 5xx errors; the caller should learn which dependency is down.
             return JSONResponse({"error": str(exc)}, status_code=HTTPStatus.SERVICE_UNAVAILABLE)
         # Written as it is (orjson): the same JSON as RetrievalResponse's, without validating 100 results again.
@@ -161,7 +158,11 @@ class RetrievalService:
     def retrieve_batch(self, requests: list[RetrievalRequest]) -> list[RetrievalResponse]:
         """Many requests in one call; concurrent calls are merged by BentoML's adaptive batching.
         (A 503 here carries BentoML's generic text: batched outputs cannot be a custom response.)"""
-        return [RetrievalResponse.model_validate(row) for row in self._run(requests)]
+        rows = self._run(requests)
+        if refused := next((row for row in rows if isinstance(row, Unavailable)), None):
+            # One call's refusal fails the merged batch: BentoML's batched outputs cannot carry an error per row.
+            raise ServiceUnavailable(str(refused))
+        return [RetrievalResponse.model_validate(row) for row in rows]
 
 
 def limit_compute_threads(serving: ServingSettings) -> None:

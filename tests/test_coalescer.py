@@ -93,3 +93,23 @@ def test_a_failing_batch_hook_fails_its_batch_but_not_the_worker() -> None:
         assert coalescer.submit(2).result(5) == 2
     finally:
         coalescer.close()
+
+
+def test_an_exception_returned_as_a_result_fails_that_request_alone() -> None:
+    """How /retrieve refuses one request of a batch (filters its collection cannot apply) and serves the rest."""
+    gate = threading.Event()
+
+    def handler(items: list[int]) -> list[int | Exception]:
+        gate.wait(5)
+        return [ValueError(f"item {i} refused") if i % 2 else i for i in items]
+
+    coalescer = Coalescer(handler, max_batch=8, workers=1)
+    try:
+        futures = [coalescer.submit(i) for i in range(4)]
+        gate.set()
+        assert [futures[i].result(5) for i in (0, 2)] == [0, 2]
+        for i in (1, 3):
+            with pytest.raises(ValueError, match=f"item {i} refused"):
+                futures[i].result(5)
+    finally:
+        coalescer.close()

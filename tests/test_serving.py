@@ -213,15 +213,20 @@ def test_a_collection_built_before_currency_was_indexed_refuses_currency_filters
         retriever = Retriever(served)
         retriever.reload()
         assert retriever.pair.index.collection == old.collection and "currency" not in retriever.pair.index.fields
-        priced = RetrievalRequest(query="mug", k=5, filters=Filters(price_max=40, currency="USD"))
+        priced = RetrievalRequest(query="mug", k=5, filters=Filters(price_max=1e6, currency="USD"))
         assert "was built before currency was indexed" in retriever.unfilterable(priced.filters)
         with pytest.raises(Unavailable, match="next refresh"):
             retriever.retrieve([priced])
         by_country = RetrievalRequest(query="mug", k=5, filters=Filters(shop_country=["US"]))
         assert len(retriever.retrieve([by_country])[0].results) == 5
+        # in one batch (other callers' requests, coalesced): only the request it cannot filter is refused
+        refused, answered = retriever.retrieve_rows([priced, by_country])
+        assert isinstance(refused, Unavailable) and len(answered["results"]) == 5
         new = refresh_index(served).index
         retriever.reload()
-        assert retriever.unfilterable(priced.filters) is None and len(retriever.retrieve([priced])[0].results) <= 5
+        assert retriever.unfilterable(priced.filters) is None
+        [response] = retriever.retrieve([priced])
+        assert len(response.results) == 5  # US listings, all priced in USD
     finally:  # the module's later tests expect the one collection they started with
         index.swap(first)
         for version in index.versions():
