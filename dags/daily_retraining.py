@@ -61,12 +61,14 @@ def uer_daily_retraining() -> None:
         params = get_current_context()["params"]
         if not params.get("train", True):
             return {"version": None, "promoted": False}
+        # One version per data day: rerunning the day retrains under the same name.
+        version = f"daily-{day_of(ds):%Y%m%d}"
         if (later := later_day_published(get_settings(), day_of(ds))) is not None:
-            return {"version": None, "promoted": False,
+            # The version still goes to the branch: an earlier run of the day may have promoted it unpublished.
+            return {"version": version, "promoted": False,
                     "skipped": f"{later} is published already: features rebuilt, no model trained on an earlier day"}
         config = TrainingRunConfig.model_validate(params.get("run_config") or {})
-        # One version per data day: rerunning the day retrains under the same name.
-        return run_pipeline(get_settings(), config.model_dump_json(), f"daily-{day_of(ds):%Y%m%d}")
+        return run_pipeline(get_settings(), config.model_dump_json(), version)
 
     @task.branch
     def promoted(outcome: dict) -> str:

@@ -68,7 +68,7 @@ def live_model_versions(settings: Settings) -> set[str]:
     return live(settings).versions
 
 
-def prune_user_states(settings: Settings, live_bundles: set[str] | None = None) -> list[str]:
+def prune_user_states(settings: Settings, *, live_bundles: set[str] | None = None) -> list[str]:
     """Delete the states of every bundle that is not live (:func:`live`) from the online store and from the
     ``user_query_state`` source; returns the bundles pruned. Online rows go first: the offline rows list
     them, so a crash in between leaves them listed for the next run."""
@@ -129,6 +129,6 @@ def prune_retired_versions(settings: Settings) -> dict[str, list[str]]:
     """Everything of the versions that can no longer serve: both sources' rows, then their files; run after
     each alias swap, once the index has pruned its collections."""
     now = live(settings)
-    return {"user_states": prune_user_states(settings, now.bundle_ids),
+    return {"user_states": prune_user_states(settings, live_bundles=now.bundle_ids),
             "product_embeddings": prune_product_embeddings(settings, now.versions),
             "files": prune_version_files(settings, now.versions)}
