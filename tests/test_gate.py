@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.gate import GateConfig, decide, production_metrics, promote
+from training.gate import GateConfig, decide, production_metrics, promote, without_stale_production
 
 CONFIG = GateConfig(ann_queries=200)
 
@@ -54,6 +54,20 @@ def test_production_is_compared_on_this_runs_window_when_the_evaluation_scored_i
     decision = decide(boosted, stored, products, queries, CONFIG)
     assert not decision.promote and decision.checks["served_recall@100"] == 0.60
     assert decision.checks["production_recall@100"] == 0.65
+
+
+def test_a_production_row_that_scored_another_production_is_not_used() -> None:
+    """The evaluate step records the pointer its production row scored; a rollback or promotion before the gate
+    makes that row another model's, and the gate then uses the stored score of the production it compares with."""
+    metrics = {**_metrics(0.60), "production": {"all": {"recall@100": 0.70}}}
+    pointer = b'{"version": "daily-20261201"}'
+    assert without_stale_production(metrics, pointer, pointer) is metrics
+    assert without_stale_production(metrics, b"", None) is metrics  # nothing in production either time
+    moved = without_stale_production(metrics, pointer, b'{"version": "daily-20261130"}')
+    assert "production" not in moved and moved["unified"] == metrics["unified"]
+    products, queries = _vectors()
+    decision = decide(moved, _metrics(0.59), products, queries, CONFIG)
+    assert decision.promote and decision.checks["production_recall@100"] == 0.59
 
 
 def test_nan_or_unnormalised_embeddings_are_refused() -> None:

@@ -128,6 +128,16 @@ def _compare(decision: Decision, new: float, old: float, where: str, config: Gat
                                 f"within tolerance")
 
 
+def without_stale_production(metrics: dict, scored_pointer: bytes | None, current_pointer: bytes | None) -> dict:
+    """``metrics`` as the gate may use them: without the ``production`` row when it scored another production than
+    the one the gate compares against now (``scored_pointer``, recorded by the evaluate step, differs from
+    ``current_pointer``: a rollback or another promotion landed in between), so ``decide`` falls back to the
+    current production's stored score rather than compare with a model this run does not replace."""
+    if "production" not in metrics or scored_pointer == (current_pointer or b""):
+        return metrics
+    return {system: scores for system, scores in metrics.items() if system != "production"}
+
+
 def write_decision(decision: Decision, path: Path) -> None:
     path.write_text(json.dumps(asdict(decision), indent=2))
 

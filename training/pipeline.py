@@ -110,7 +110,7 @@ def boost_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Dataset
 @dsl.component(**COMPONENT)
 def evaluate_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Dataset], models: Input[Model],
                 run_config: str, metrics: Output[Artifact], summary: Output[Metrics],
-                report_html: Output[HTML]) -> float:
+                report_html: Output[HTML], scored_production: Output[Artifact]) -> float:
     """Recall@K / NDCG@10 on the test window for the model, its ablations, production and the baselines."""
     import shutil
     from pathlib import Path
@@ -120,7 +120,8 @@ def evaluate_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Data
 
     config = TrainingRunConfig.model_validate_json(run_config)
     report = step_evaluate(Path(dataset.path), Path(graph.path), Path(text.path) / "text.parquet",
-                           Path(models.path), config, Path(metrics.path), get_settings())
+                           Path(models.path), config, Path(metrics.path), get_settings(),
+                           Path(scored_production.path))
     shutil.copy(Path(metrics.path).with_name("report.html"), report_html.path)
     for system, slices in report.items():
         summary.log_metric(f"{system}_recall_at_100", slices["all"]["recall@100"])
@@ -129,7 +130,8 @@ def evaluate_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Data
 
 @dsl.component(**COMPONENT)
 def gate_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Dataset], models: Input[Model],
-            metrics: Input[Artifact], version: str, decision: Output[Artifact]) -> bool:
+            metrics: Input[Artifact], scored_production: Input[Artifact], version: str,
+            decision: Output[Artifact]) -> bool:
     """Promote only if not worse than production, embeddings sane, ANN recall kept; reasons written."""
     from pathlib import Path
 
@@ -138,7 +140,8 @@ def gate_op(dataset: Input[Dataset], graph: Input[Dataset], text: Input[Dataset]
 
     models_dir = get_settings().artifacts_dir / "models"
     result = step_gate(Path(dataset.path), Path(graph.path), Path(text.path) / "text.parquet", Path(models.path),
-                       Path(metrics.path), models_dir, version, Path(decision.path))
+                       Path(metrics.path), models_dir, version, Path(decision.path),
+                       scored_pointer=Path(scored_production.path))
     return result.promote
 
 
@@ -170,7 +173,8 @@ def training_pipeline(run_config: str = "{}", version: str = "dev") -> None:
     evaluated = evaluate_op(dataset=data.outputs["dataset"], graph=graph.outputs["graph"],
                             text=text.outputs["text"], models=boosted.outputs["boosted"], run_config=run_config)
     gate = gate_op(dataset=data.outputs["dataset"], graph=graph.outputs["graph"], text=text.outputs["text"],
-                   models=boosted.outputs["boosted"], metrics=evaluated.outputs["metrics"], version=version)
+                   models=boosted.outputs["boosted"], metrics=evaluated.outputs["metrics"],
+                   scored_production=evaluated.outputs["scored_production"], version=version)
     with dsl.If(gate.outputs["Output"] == True):  # noqa: E712 - a KFP condition, not a Python comparison
         export_op(dataset=data.outputs["dataset"], graph=graph.outputs["graph"], text=text.outputs["text"],
                   models=boosted.outputs["boosted"], metrics=evaluated.outputs["metrics"],

@@ -51,6 +51,7 @@ from training.gate import (
     production_metrics,
     promote,
     read_pointer,
+    without_stale_production,
     write_decision,
 )
 from training.graph import graph_embeddings
@@ -60,6 +61,7 @@ from training.text_encoder import EmbeddingCache, TextEncoderConfig, adapt, enco
 from training.train import TrainConfig, encode_products, train
 
 ENGAGED = ("add_to_cart", "purchase")
+SCORED_POINTER = "production_pointer"  # beside metrics.json: the production pointer its production row scored
 
 
 class TrainingRunConfig(BaseModel):
@@ -340,9 +342,10 @@ def production_retriever(settings: Settings, dataset: Path) -> Retriever | None:
 
 
 def step_evaluate(dataset: Path, graph: Path, text: Path | None, models: Path, config: TrainingRunConfig,
-                  out: Path, settings: Settings | None = None) -> dict:
+                  out: Path, settings: Settings | None = None, scored_pointer: Path | None = None) -> dict:
     """metrics.json: every system on the test window's purchases, overall and by slice; with
-    ``settings``, the production model too (as ``production``)."""
+    ``settings``, the production model too (as ``production``), and the production pointer it scored in
+    ``scored_pointer`` (default: ``SCORED_POINTER`` beside ``out``; empty when nothing is in production)."""
     examples = pd.read_parquet(dataset / "examples.parquet")
     meta = json.loads((dataset / "meta.json").read_text())
     train_rows = examples[examples["split"] == "train"]
@@ -361,9 +364,11 @@ def step_evaluate(dataset: Path, graph: Path, text: Path | None, models: Path, c
     if base is not None and base.exists():
         vectors = np.stack(pd.read_parquet(base)["text_embedding"].to_numpy()).astype(np.float32)
         systems["minilm"] = minilm_retriever(load_minilm(config.text), vectors, config.text)
-    production = production_retriever(settings, dataset) if settings is not None else None
-    if production is not None:
+    # The pointer as the production row is scored: the gate uses that row only if production is unchanged.
+    scored = read_pointer(settings.artifacts_dir / "models") if settings is not None else None
+    if settings is not None and (production := production_retriever(settings, dataset)) is not None:
         systems["production"] = production
+    (scored_pointer or out.with_name(SCORED_POINTER)).write_bytes(scored or b"")
     metrics = evaluate(systems, test, products, meta["query_class"])
     out.write_text(json.dumps(metrics, indent=2))
     write_report(metrics, out.with_name("report.html"), "Unified retrieval: evaluation on the test window",
@@ -373,7 +378,7 @@ def step_evaluate(dataset: Path, graph: Path, text: Path | None, models: Path, c
 
 
 def step_gate(dataset: Path, graph: Path, text: Path | None, models: Path, metrics: Path, models_dir: Path,
-              version: str, out: Path, gate: GateConfig | None = None) -> Decision:
+              version: str, out: Path, gate: GateConfig | None = None, scored_pointer: Path | None = None) -> Decision:
     """Decide whether this run replaces production (decision.json). The pointer moves in ``step_export``, once the
     model is registered: production must never name a version that cannot be loaded."""
     gate = gate or GateConfig()
@@ -382,7 +387,10 @@ def step_gate(dataset: Path, graph: Path, text: Path | None, models: Path, metri
     examples = pd.read_parquet(dataset / "examples.parquet")
     test = examples[examples["split"] == "test"].head(gate.ann_queries)
     compared_with = read_pointer(models_dir)  # read once: the export promotes only if it still holds
-    decision = decide(json.loads(metrics.read_text()), production_metrics(models_dir),
+    scored = scored_pointer or metrics.with_name(SCORED_POINTER)  # what the evaluate step wrote
+    scores = without_stale_production(json.loads(metrics.read_text()),
+                                      scored.read_bytes() if scored.exists() else None, compared_with)
+    decision = decide(scores, production_metrics(models_dir),
                       _product_vectors(model, products), _query_vectors(model, test), gate,
                       projection=load_projection(models))
     decision.production_pointer = None if compared_with is None else compared_with.decode()
