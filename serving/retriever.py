@@ -292,10 +292,14 @@ class Retriever:
             raise Unavailable("no model and index are loaded yet: " + (self.last_refusal or "starting"))
         refused = {i: Unavailable(reason) for i, request in enumerate(requests)
                    if request.filters is not None and (reason := self.unfilterable(request.filters, pair))}
-        if refused:
-            served = [i for i in range(len(requests)) if i not in refused]
-            rows = iter(self.retrieve_rows([requests[i] for i in served]) if served else [])
-            return [refused[i] if i in refused else next(rows) for i in range(len(requests))]
+        if not refused:
+            return self._rows(pair, requests)
+        served = [i for i in range(len(requests)) if i not in refused]
+        rows = iter(self._rows(pair, [requests[i] for i in served]) if served else [])
+        return [refused[i] if i in refused else next(rows) for i in range(len(requests))]
+
+    def _rows(self, pair: ServingPair, requests: Sequence[RetrievalRequest]) -> list[dict]:
+        """``retrieve_rows`` of requests that ``pair`` can all serve."""
         vectors, personalized = self.query_vectors(pair.bundle, requests)
         mark = time.perf_counter()
         results: list[list[tuple[int, float]]] = [[] for _ in requests]

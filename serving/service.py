@@ -128,8 +128,9 @@ class RetrievalService:
     def __is_ready__(self) -> bool:
         return self.retriever.ready()
 
-    def _run(self, requests: list[RetrievalRequest]) -> list[dict]:
-        """Responses as plain dicts of RetrievalResponse's shape (``Retriever.retrieve_rows``)."""
+    def _run(self, requests: list[RetrievalRequest]) -> list[dict | Unavailable]:
+        """Responses as plain dicts of RetrievalResponse's shape, or a request's own refusal
+        (``Retriever.retrieve_rows``)."""
         self._gc_pauses.flush()
         if self.retriever.pair is None:
             self.retriever.reload()  # e.g. the first index was published after start-up

@@ -107,7 +107,7 @@ def decide(metrics: dict, production: dict | None, products: np.ndarray, queries
         old = metrics["production"]["all"][config.recall_metric]
         decision.checks[f"served_{config.recall_metric}"] = ours
         _compare(decision, ours, old, "on this run's test window", config, fail)
-    elif production is not None:  # production could not be scored today (its encodings are gone): its own window
+    elif production is not None:  # not scored today (its encodings are gone, or it changed since): its own window
         old = production["unified"]["all"][config.recall_metric]
         _compare(decision, new, old, "on its own promotion's test window", config, fail)
     else:
@@ -173,7 +173,12 @@ def production_version(models_dir: Path) -> str | None:
 
 def production_metrics(models_dir: Path) -> dict | None:
     """Metrics of the model currently in production, if any."""
-    record = pointer_record(read_pointer(models_dir))
+    return pointer_metrics(read_pointer(models_dir))
+
+
+def pointer_metrics(saved: bytes | None) -> dict | None:
+    """The kept metrics of the version a pointer read by ``read_pointer`` names (``None``: nothing promoted)."""
+    record = pointer_record(saved)
     return None if record is None else json.loads(Path(record["metrics"]).read_text())
 
 

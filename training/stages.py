@@ -47,8 +47,8 @@ from training.gate import (
     Decision,
     GateConfig,
     decide,
+    pointer_metrics,
     pointer_version,
-    production_metrics,
     promote,
     read_pointer,
     without_stale_production,
@@ -309,9 +309,10 @@ def minilm_retriever(model: torch.nn.Module, product_vectors: np.ndarray, config
     return retrieve
 
 
-def production_retriever(settings: Settings, dataset: Path) -> Retriever | None:
-    """The model serving now, as it serves (its own text encoder and graph, boosting appended), on
-    this run's evaluation catalogue. None before the first promotion, and None (with a warning) when
+def production_retriever(settings: Settings, dataset: Path, version: str | None = None) -> Retriever | None:
+    """The model serving now (``version``: the one a pointer already read names), as it serves (its own text encoder
+    and graph, boosting appended), on this run's evaluation catalogue. None before the first promotion, and None
+    (with a warning) when
     the production bundle no longer loads with this code — after an architecture change the new model
     must still be evaluated and gated, not fail on yesterday's weights — or its product embeddings are
     gone from the warehouse (``EncodingsMissing``)."""
@@ -319,7 +320,7 @@ def production_retriever(settings: Settings, dataset: Path) -> Retriever | None:
     from serving.refresh import EncodingsMissing, production_model_version, with_version_encodings
 
     try:
-        version = production_model_version(settings)
+        version = version or production_model_version(settings)
     except ModelNotFound:
         return None
     try:
@@ -364,9 +365,9 @@ def step_evaluate(dataset: Path, graph: Path, text: Path | None, models: Path, c
     if base is not None and base.exists():
         vectors = np.stack(pd.read_parquet(base)["text_embedding"].to_numpy()).astype(np.float32)
         systems["minilm"] = minilm_retriever(load_minilm(config.text), vectors, config.text)
-    # The pointer as the production row is scored: the gate uses that row only if production is unchanged.
+    # The pointer read once, and the model it names scored: the gate uses that row only if production is unchanged.
     scored = read_pointer(settings.artifacts_dir / "models") if settings is not None else None
-    if settings is not None and (production := production_retriever(settings, dataset)) is not None:
+    if scored is not None and (production := production_retriever(settings, dataset, pointer_version(scored))):
         systems["production"] = production
     (scored_pointer or out.with_name(SCORED_POINTER)).write_bytes(scored or b"")
     metrics = evaluate(systems, test, products, meta["query_class"])
@@ -390,7 +391,7 @@ def step_gate(dataset: Path, graph: Path, text: Path | None, models: Path, metri
     scored = scored_pointer or metrics.with_name(SCORED_POINTER)  # what the evaluate step wrote
     scores = without_stale_production(json.loads(metrics.read_text()),
                                       scored.read_bytes() if scored.exists() else None, compared_with)
-    decision = decide(scores, production_metrics(models_dir),
+    decision = decide(scores, pointer_metrics(compared_with),
                       _product_vectors(model, products), _query_vectors(model, test), gate,
                       projection=load_projection(models))
     decision.production_pointer = None if compared_with is None else compared_with.decode()
