@@ -27,8 +27,11 @@ from serving.filters import Filters  # noqa: E402
 
 COLLECTION = "prefix_filter_check"  # not one of the index lifecycle's (no collection prefix of ours)
 PATHS = ["home_decor > vases", "homeXdecor > vases", "home decor", "home", "home_", "homf", "hom", "home`x",
-         "home > kitchen", "home > kitchen > mugs", "home > kitchenware", "home >", "zebra", "z{"]
-PREFIXES = ["home_", "home_decor > v", "home > kitchen", "home", "z"]
+         "home > kitchen", "home > kitchen > mugs", "home > kitchenware", "home >", "home!x", "zebra", "z{",
+         "art & craft", "art &", "art 'n", "art '", "Zed", "Z", "[x", "Y"]
+# Prefixes whose last character sits beside an awkward neighbour: "_" (a LIKE wildcard), "&" (+1 is a quote),
+# "Z" (+1 is "["), " " (+1 is "!"), "z" (+1 is "{").
+PREFIXES = ["home_", "home_decor > v", "home > kitchen", "home", "home ", "z", "art &", "Z"]
 
 
 def old_like(prefix: str, escape: bool) -> str:
