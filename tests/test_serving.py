@@ -1237,6 +1237,43 @@ def test_alias_swap_under_load_fails_no_request_and_is_picked_up(api: str, serve
     assert failures == [] and SECOND in seen, failures[:3]
 
 
+def test_a_filter_the_served_collection_cannot_apply_is_a_503_for_that_request_alone(
+        api: str, served: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After an upgrade (or a rollback) the alias may point to a collection built before ``currency`` was indexed: a
+    price-filtered request gets a 503 that says why, and the requests coalesced with it are served."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving import index as index_module
+    from serving.refresh import refresh_index
+
+    def serving_now(index_version: str) -> None:
+        deadline = time.monotonic() + 30
+        while post(api, "/retrieve", {"query": "mug", "k": 3}).json()["index_version"] != index_version:
+            assert time.monotonic() < deadline, f"the API did not pick up {index_version}"
+            time.sleep(0.2)
+
+    index = lifecycle(served)
+    first = index.serving()
+    monkeypatch.setattr(index_module, "SCALAR_FIELDS", {"category_path": 256, "shop_country": 8})
+    old = refresh_index(served).index
+    monkeypatch.undo()
+    try:
+        serving_now(old.index_version)
+        priced = {"query": "mug", "k": 3, "filters": {"price_max": 1e6, "currency": "USD"}}
+        plain = {"query": "mug", "k": 3}
+        with ThreadPoolExecutor(16) as pool:
+            responses = list(pool.map(lambda body: post(api, "/retrieve", body), [priced, plain] * 16))
+        refused, answered = responses[::2], responses[1::2]
+        assert all(r.status_code == 503 and "built before currency was indexed" in r.text for r in refused), \
+            [r.text for r in refused][:2]
+        assert all(r.status_code == 200 and r.json()["index_version"] == old.index_version for r in answered), \
+            [r.text for r in answered if r.status_code != 200][:2]
+    finally:  # back to the collection the module's later tests expect
+        index.swap(first)
+        serving_now(first.index_version)
+        index.drop(old.collection)
+
+
 def test_index_of_an_unknown_model_is_refused_and_the_old_pair_keeps_serving(api: str, served: Settings) -> None:
     from serving.bundle import ModelBundle
     from serving.refresh import catalogue_with_encodings
