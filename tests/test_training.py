@@ -124,7 +124,7 @@ def test_training_run_writes_artefacts_metrics_and_embeddings(tiny_features: Set
     assert offline["text_embedding"].map(len).eq(384).all()
 
     # Production moves last in the export: one that fails (here writing the embeddings) leaves it as it was, on a
-    # version that loads, instead of naming one that was never registered or exported.
+    # version that loads, instead of naming one that was never registered or exported, and withdraws its bundle.
     from training import stages
     from training.gate import pointer_record, read_pointer
 
@@ -140,6 +140,9 @@ def test_training_run_writes_artefacts_metrics_and_embeddings(tiny_features: Set
         stages.step_export(tiny_features, run / "dataset", run / "graph.parquet", run / "text.parquet", run,
                            "test-run-export-failed", run / "metrics.json", run / "decision.json")
     assert read_pointer(models_dir) == before
+    from serving.bundle import registrations
+
+    assert registrations(tiny_features, "test-run-export-failed") == []  # withdrawn: never newest of its version
     monkeypatch.undo()
     # Production changed after the gate compared against it (an operator's rollback while the run exported): the
     # export completes, the version stays a registered candidate, and the rollback stands.

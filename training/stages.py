@@ -408,8 +408,18 @@ def step_export(settings: Settings, dataset: Path, graph: Path, text: Path | Non
     changed since the gate compared against it (``decision``; an operator's rollback meanwhile), the version stays a
     registered candidate and production is left alone. Returns the BentoML tag."""
     tag = register_model(settings, version, models, text.with_name("text_encoder") if text is not None else None)
-    products = _with_encodings(pd.read_parquet(dataset / "eval_products.parquet")[["product_id"]], graph, text)
-    publish_product_embeddings(settings, products, version)
+    try:
+        products = _with_encodings(pd.read_parquet(dataset / "eval_products.parquet")[["product_id"]], graph, text)
+        publish_product_embeddings(settings, products, version)
+    except BaseException:
+        # Withdrawn: readers take a version's newest registration (the evaluation's production row, a rerun's
+        # awaiting_publication), and a day retrained under its name would leave this unexported one newest.
+        from serving.bundle import delete_registration, registrations
+
+        for registration in registrations(settings, version):
+            if registration.tag == tag:
+                delete_registration(settings, registration)
+        raise
     models_dir = settings.artifacts_dir / "models"
     compared_with = json.loads(decision.read_text()).get("production_pointer")
     now = read_pointer(models_dir)
