@@ -56,7 +56,10 @@ def build_feature_day(settings: Settings, ds: dt.date) -> FeatureDayReport:
     log.info("features %s: gate on %d day(s)", ds, len(days))
     report = timed("gx", validate_days, settings, ds, days)
     log.info("features %s: publish", ds)
-    rows = timed("publish", warehouse.publish_days, settings, days)
+    # An earlier day built again publishes its own partitions only: the whole-table marts (training examples, query
+    # stats) were built as of it, and the offline store keeps them as of the latest day.
+    marts = warehouse.DAILY_MARTS if later_day_published(settings, ds) else warehouse.MARTS
+    rows = timed("publish", warehouse.publish_days, settings, days, marts)
     timed("apply", store.apply, settings)
     log.info("features %s: materialise", ds)
     online = timed("materialize", materialize_days, settings, days, first_publication)

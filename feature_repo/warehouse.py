@@ -215,14 +215,15 @@ def published_path(settings: Settings, mart: str, ds: dt.date | None = None) -> 
     return base / f"ds={ds.isoformat()}" / "part-0.parquet" if ds is not None else base / "data.parquet"
 
 
-def publish_days(settings: Settings, days: list[dt.date]) -> dict[str, int]:
-    """Copy the given days' rows of every daily mart, and the whole-table marts, to the offline store.
+def publish_days(settings: Settings, days: list[dt.date], marts: tuple[str, ...] = MARTS) -> dict[str, int]:
+    """Copy the given days' rows of every daily mart, and the whole-table marts, to the offline store (of ``marts``
+    only, when given).
 
     Each day is replaced as a unit, so publishing a day again yields the same offline store."""
-    counts: dict[str, int] = dict.fromkeys(MARTS, 0)
+    counts: dict[str, int] = dict.fromkeys(marts, 0)
     if settings.offline_store == "duckdb":
         with duckdb.connect(str(warehouse_path(settings)), read_only=True) as con:
-            for mart in MARTS:
+            for mart in marts:
                 if mart in DAILY_MARTS:
                     for day in days:
                         table = con.execute(f"select * from {BUILD_SCHEMA}.{mart} where ds = ? "
@@ -237,7 +238,7 @@ def publish_days(settings: Settings, days: list[dt.date]) -> dict[str, int]:
         return counts
     with postgres(settings) as conn:
         conn.execute(f"create schema if not exists {FEATURES_SCHEMA}")
-        for mart in MARTS:
+        for mart in marts:
             conn.execute(f"create table if not exists {FEATURES_SCHEMA}.{mart} "
                          f"as select * from {BUILD_SCHEMA}.{mart} where false")
             if mart in DAILY_MARTS:
