@@ -312,9 +312,8 @@ def minilm_retriever(model: torch.nn.Module, product_vectors: np.ndarray, config
 def production_retriever(settings: Settings, dataset: Path, version: str | None = None) -> Retriever | None:
     """The model serving now (``version``: the one a pointer already read names), as it serves (its own text encoder
     and graph, boosting appended), on this run's evaluation catalogue. None before the first promotion, and None
-    (with a warning) when
-    the production bundle no longer loads with this code — after an architecture change the new model
-    must still be evaluated and gated, not fail on yesterday's weights — or its product embeddings are
+    (with a warning) when the production bundle no longer loads with this code — after an architecture change the
+    new model must still be evaluated and gated, not fail on yesterday's weights — or its product embeddings are
     gone from the warehouse (``EncodingsMissing``)."""
     from serving.bundle import ModelBundle, ModelNotFound
     from serving.refresh import EncodingsMissing, production_model_version, with_version_encodings
