@@ -65,6 +65,20 @@ def register_copy(settings: Settings, version: str) -> None:
     copy_version(settings, EMBEDDINGS, FIRST, version)
 
 
+def publish_without_currency(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> IndexVersion:
+    """A collection as built before ``currency`` was a scalar field (kept for a rollback, or serving right after an
+    upgrade), published under the alias with the serving model."""
+    from serving import index as index_module
+    from serving.refresh import refresh_index
+
+    monkeypatch.setattr(index_module, "SCALAR_FIELDS",
+                        {name: length for name, length in index_module.SCALAR_FIELDS.items() if name != "currency"})
+    try:
+        return refresh_index(settings).index
+    finally:
+        monkeypatch.undo()
+
+
 # -- filters ---------------------------------------------------------------------------------------------
 
 
@@ -200,15 +214,12 @@ def test_a_collection_built_before_currency_was_indexed_refuses_currency_filters
     """A collection kept from before ``currency`` was a field (a rollback can serve one) cannot apply a price or
     currency filter: the request gets a 503 that says so (Milvus's own error named no way out), the others are
     served; the next publication builds a collection that can."""
-    from serving import index as index_module
     from serving.refresh import refresh_index
     from serving.retriever import RetrievalRequest, Retriever, Unavailable
 
     index = lifecycle(served)
     first = index.serving()
-    monkeypatch.setattr(index_module, "SCALAR_FIELDS", {"category_path": 256, "shop_country": 8})
-    old = refresh_index(served).index
-    monkeypatch.undo()
+    old = publish_without_currency(served, monkeypatch)
     try:
         retriever = Retriever(served)
         retriever.reload()
@@ -1243,9 +1254,6 @@ def test_a_filter_the_served_collection_cannot_apply_is_a_503_for_that_request_a
     price-filtered request gets a 503 that says why, and the requests coalesced with it are served."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from serving import index as index_module
-    from serving.refresh import refresh_index
-
     def serving_now(index_version: str) -> None:
         deadline = time.monotonic() + 30
         while post(api, "/retrieve", {"query": "mug", "k": 3}).json()["index_version"] != index_version:
@@ -1254,9 +1262,7 @@ def test_a_filter_the_served_collection_cannot_apply_is_a_503_for_that_request_a
 
     index = lifecycle(served)
     first = index.serving()
-    monkeypatch.setattr(index_module, "SCALAR_FIELDS", {"category_path": 256, "shop_country": 8})
-    old = refresh_index(served).index
-    monkeypatch.undo()
+    old = publish_without_currency(served, monkeypatch)
     try:
         serving_now(old.index_version)
         priced = {"query": "mug", "k": 3, "filters": {"price_max": 1e6, "currency": "USD"}}
