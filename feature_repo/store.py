@@ -129,14 +129,15 @@ def materialize(settings: Settings, start: dt.datetime, end: dt.datetime,
         # A window that ends before what is already online (a rebuilt earlier day) runs on to that end: the newest
         # row per entity then stays the one online, and a rebuilt row goes online only where it is the newest.
         # Feast would write the window's rows over newer ones (SQLite overwrites; Redis keeps equal timestamps).
-        window_end = max(end, _utc(view.most_recent_end_time)) if view.most_recent_end_time else end
+        last_end = _utc(view.most_recent_end_time) if view.most_recent_end_time else None
+        window_end = max(end, last_end) if last_end else end
         for chunk in latest_rows(settings, name, keys[0], columns, start, window_end, chunk_rows):
             # Arrow-backed columns: Feast turns the frame back into exactly these Arrow arrays.
             store.write_to_online_store(name, chunk.to_pandas(types_mapper=pd.ArrowDtype))
             written[name] += chunk.num_rows
         # Before the window is recorded: a crash in between makes the next run redo both. Entities whose newest
         # row is older than this window and the last recorded end (a gap: days never built) aged out since then.
-        since = min(start, _utc(view.most_recent_end_time)) if view.most_recent_end_time else start
+        since = min(start, last_end) if last_end else start
         expired = expire_online_rows(settings, store, name, window_end, since, chunk_rows)
         if expired:
             log.info("%s: %d entities aged past the view's TTL left the online store", name, expired)
