@@ -277,7 +277,7 @@ class Retriever:
 
     def retrieve(self, requests: Sequence[RetrievalRequest]) -> list[RetrievalResponse]:
         rows = self.retrieve_rows(requests)
-        if refused := next((row for row in rows if isinstance(row, Unavailable)), None):
+        if refused := first_refusal(rows):
             raise refused
         return [RetrievalResponse.model_validate(row) for row in rows]
 
@@ -324,6 +324,11 @@ class Retriever:
         return [{"model_version": pair.bundle.model_version, "index_version": pair.index.index_version,
                  "personalized": p, "results": [{"product_id": pid, "score": score} for pid, score in row]}
                 for p, row in zip(personalized, results, strict=True)]
+
+
+def first_refusal(rows: Sequence[dict | Unavailable]) -> Unavailable | None:
+    """The first request's own refusal among ``Retriever.retrieve_rows``' rows, if any."""
+    return next((row for row in rows if isinstance(row, Unavailable)), None)
 
 
 def has_history(row: dict) -> bool:

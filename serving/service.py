@@ -29,7 +29,7 @@ from threadpoolctl import threadpool_limits
 from retrieval_core.settings import ServingSettings, get_settings
 from serving.coalescer import Coalescer
 from serving.filters import Filters
-from serving.retriever import RetrievalRequest, RetrievalResponse, Retriever, Unavailable
+from serving.retriever import RetrievalRequest, RetrievalResponse, Retriever, Unavailable, first_refusal
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class RetrievalService:
         """Many requests in one call; concurrent calls are merged by BentoML's adaptive batching.
         (A 503 here carries BentoML's generic text: batched outputs cannot be a custom response.)"""
         rows = self._run(requests)
-        if refused := next((row for row in rows if isinstance(row, Unavailable)), None):
+        if refused := first_refusal(rows):
             # One call's refusal fails the merged batch: BentoML's batched outputs cannot carry an error per row.
             raise ServiceUnavailable(str(refused))
         return [RetrievalResponse.model_validate(row) for row in rows]
