@@ -28,7 +28,7 @@ from training.boosting import PROJECTION_FILE, augment, quality_vectors
 from training.export import BENTO_MODEL_NAME, bentoml_home, model_store
 from training.model import PackedUserState, UnifiedModel, UserState
 from training.stages import load_model, load_projection
-from training.text_encoder import TextEncoderConfig, encode
+from training.text_encoder import TextEncoderConfig, encode, encoder_config, saved_fingerprint
 
 
 class ModelNotFound(OperatorError, LookupError):
@@ -208,7 +208,13 @@ class ModelBundle:
 
         return SentenceTransformer(str(directory), device="cpu")
 
+    @cached_property
+    def text_fingerprint(self) -> str | None:
+        """The digest of the adapted encoder's weights, saved with it (what its cached encodings are keyed by)."""
+        return saved_fingerprint(self.path / "text_encoder")
+
     def encode_texts(self, texts: list[str], config: TextEncoderConfig | None = None) -> np.ndarray:
+        """Encodings of ``texts`` as training made the version's (by default with the sequence length it used)."""
         if self.text_encoder is None:
             raise ModelNotFound(f"model version {self.model_version!r} has no text encoder in its bundle")
-        return encode(self.text_encoder, texts, config or TextEncoderConfig())
+        return encode(self.text_encoder, texts, config or encoder_config(self.text_encoder))

@@ -35,7 +35,7 @@ from training.gate import (
     restore_pointer,
 )
 from training.stages import publish_product_embeddings
-from training.text_encoder import EmbeddingCache
+from training.text_encoder import EmbeddingCache, version_cache, version_cache_path
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +131,12 @@ def roll_back(settings: Settings, forward: bool = False) -> tuple[IndexVersion, 
 
 def encoding_cache_path(settings: Settings, model_version: str) -> Path:
     """Where the version's text encodings are cached (the file training's text step fills)."""
-    return settings.artifacts_dir / "encoder_cache" / f"minilm-{model_version}.parquet"
+    return version_cache_path(settings.artifacts_dir / "encoder_cache", model_version)
 
 
-def encoding_cache(settings: Settings, model_version: str) -> EmbeddingCache:
-    """The version's text encodings by content hash, opened (read whole)."""
-    return EmbeddingCache(encoding_cache_path(settings, model_version), model_version)
+def encoding_cache(settings: Settings, bundle: ModelBundle) -> EmbeddingCache:
+    """The bundle's text encodings by content hash (and its encoder's fingerprint), opened (read whole)."""
+    return version_cache(settings.artifacts_dir / "encoder_cache", bundle.model_version, bundle.text_fingerprint)
 
 
 def with_version_encodings(settings: Settings, bundle: ModelBundle,
@@ -163,7 +163,7 @@ def with_version_encodings(settings: Settings, bundle: ModelBundle,
     new = 0
     if bundle.model.config.text_dim:
         texts = [product_text(row) for row in products[["title", "tags"]].to_dict("records")]  # what it reads
-        vectors, new = encoding_cache(settings, bundle.model_version).encode(texts, bundle.encode_texts)
+        vectors, new = encoding_cache(settings, bundle).encode(texts, bundle.encode_texts)
         changed |= np.array([not isinstance(read, list | np.ndarray) or not np.array_equal(read, vector)
                              for read, vector in zip(products["text_embedding"], vectors, strict=True)], dtype=bool)
         products["text_embedding"] = list(vectors)

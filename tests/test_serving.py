@@ -924,6 +924,31 @@ def test_a_refresh_uses_its_versions_own_encodings_and_retired_versions_are_prun
     assert not (product_features(served, dt.datetime.now(dt.UTC))["embedding_version"] == "retired-version").any()
 
 
+def test_the_refresh_encodes_new_product_text_as_training_encoded_its_own(served: Settings, tmp_path: Path) -> None:
+    """A run whose config cuts product text at another sequence length saves its encoder with that length; the
+    refresh encodes new and changed products with it, not with the default, or new products' vectors would come
+    from another featurisation than the catalogue the model was trained on. Its cache keys by the encoder's
+    fingerprint, saved with the bundle."""
+    import json
+
+    from serving.bundle import ModelBundle
+    from training.text_encoder import TextEncoderConfig, encode, saved_fingerprint
+
+    production = ModelBundle.load(served, FIRST)
+    assert production.text_fingerprint is not None
+    assert production.text_fingerprint == saved_fingerprint(served.artifacts_dir / "models" / FIRST / "text_encoder")
+    shutil.copytree(production.path, tmp_path / "bundle")
+    config = tmp_path / "bundle" / "text_encoder" / "sentence_bert_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "max_seq_length": 16}))
+    short = ModelBundle.from_directory(FIRST, tmp_path / "bundle")
+    text = ("hand thrown stoneware coffee mug with a speckled oatmeal glaze, a gift for tea lovers, "
+            "dishwasher safe, twelve ounces, made to order in our small studio by the sea")
+    encoded = short.encode_texts([text])
+    np.testing.assert_allclose(encoded, encode(short.text_encoder, [text], TextEncoderConfig(max_seq_length=16)),
+                               atol=1e-6)
+    assert not np.allclose(encoded, production.encode_texts([text]), atol=1e-3)  # 64 tokens see more of it
+
+
 def test_a_version_whose_product_embeddings_are_gone_is_not_published(served: Settings) -> None:
     """Without its rows every product would take the tower's graph fallback: an index quietly worse than the one
     the version was promoted on, with nothing to flag it (the ANN check compares it with itself). The refresh is

@@ -15,6 +15,11 @@ from training.text_encoder import (
     for_inference,
     length_batches,
     load_minilm,
+    save_adapted,
+    saved_fingerprint,
+    version_cache,
+    version_cache_path,
+    weights_fingerprint,
 )
 
 TITLES = ["Boho Sterling Silver Necklace, Gift For Her", "Rustic Walnut Cutting Board", "Gothic Black Velvet Dress",
@@ -69,6 +74,35 @@ def test_cache_encodes_only_new_text(tmp_path, minilm) -> None:
     assert np.allclose(again[:4], first, atol=1e-6)
     _, new = EmbeddingCache(tmp_path / "cache.parquet", encoder_version="v2").encode(TITLES[:1], encode_fn)
     assert new == 1  # another encoder version never reuses old vectors
+
+
+def test_a_versions_cache_keeps_the_encodings_of_each_adapted_encoder_under_one_version_name(tmp_path, minilm) -> None:
+    """A day retrained under its version name adapts its encoder again; on rebuilt features or another run config
+    that is another encoder, whose product encodings must be its own, not the first run's from the shared cache."""
+    config = TextEncoderConfig(int8=False)
+    first = save_adapted(minilm, tmp_path / "first")
+    retrained = load_minilm(TextEncoderConfig(max_seq_length=32))
+    adapt(retrained, list(zip(QUERIES, TITLES, strict=True)), TextEncoderConfig(adapt_batch_size=6))
+    second = save_adapted(retrained, tmp_path / "second")
+    assert first != second and saved_fingerprint(tmp_path / "second") == second
+    assert weights_fingerprint(load_minilm(TextEncoderConfig(max_seq_length=32))) == first  # the same weights
+
+    cache_dir = tmp_path / "cache"
+    mine, new = version_cache(cache_dir, "daily-20261014", first).encode(TITLES, lambda t: encode(minilm, t, config))
+    assert new == 6
+    theirs, new = version_cache(cache_dir, "daily-20261014", second).encode(
+        TITLES, lambda t: encode(retrained, t, config))
+    assert new == 6
+    np.testing.assert_allclose(theirs, encode(retrained, TITLES, config), atol=1e-6)
+    assert not np.allclose(theirs, mine, atol=1e-3)
+    again, new = version_cache(cache_dir, "daily-20261014", first).encode(TITLES, lambda t: encode(minilm, t, config))
+    assert new == 0 and np.array_equal(again, mine)  # the first registration (a rollback target) keeps its own
+
+    # A bundle saved before fingerprints reads the cache its version wrote then, keyed by the version alone.
+    EmbeddingCache(version_cache_path(cache_dir, "older"), "older").encode(TITLES, lambda t: encode(minilm, t, config))
+    _, new = version_cache(cache_dir, "older", saved_fingerprint(tmp_path / "nowhere")).encode(
+        TITLES, lambda t: encode(minilm, t, config))
+    assert new == 0
 
 
 def test_the_cache_opens_files_of_the_list_format_and_saves_every_row_exactly(tmp_path: Path) -> None:

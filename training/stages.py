@@ -57,7 +57,16 @@ from training.gate import (
 from training.graph import graph_embeddings
 from training.model import ModelConfig, UnifiedModel
 from training.report import write_report
-from training.text_encoder import EmbeddingCache, TextEncoderConfig, adapt, encode, load_minilm, title_spans
+from training.text_encoder import (
+    EmbeddingCache,
+    TextEncoderConfig,
+    adapt,
+    encode,
+    load_minilm,
+    save_adapted,
+    title_spans,
+    version_cache,
+)
 from training.train import TrainConfig, encode_products, train
 
 ENGAGED = ("add_to_cart", "purchase")
@@ -170,9 +179,8 @@ def step_text(dataset: Path, config: TrainingRunConfig, cache_dir: Path, version
     adapted = load_minilm(config.text)
     adapt(adapted, pairs[: config.adapt_pairs_max], config.text)
     # Kept with the model version: the nightly index refresh encodes new products with it.
-    adapted.save(str(out.with_name("text_encoder")))
-    vectors, _ = EmbeddingCache(cache_dir / f"minilm-{version}.parquet", version).encode(
-        texts, lambda t: encode(adapted, t, config.text))
+    fingerprint = save_adapted(adapted, out.with_name("text_encoder"))
+    vectors, _ = version_cache(cache_dir, version, fingerprint).encode(texts, lambda t: encode(adapted, t, config.text))
     ids = products["product_id"].to_numpy()
     pd.DataFrame({"product_id": ids, "text_embedding": list(vectors)}).to_parquet(out)
     # Not cached: the adapted encoder is new every day, so are its encodings.

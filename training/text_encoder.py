@@ -4,7 +4,8 @@
 * ``adapt``: the project's pre-training step (the paper pre-trains T5 on product text → purchased
   queries): one pass of in-batch softmax (multiple-negatives ranking) over query/product-text pairs.
 * ``EmbeddingCache``: encodings keyed by a hash of (encoder version, text), so a nightly refresh only
-  encodes new or changed product text.
+  encodes new or changed product text; a model version's cache (``version_cache``) also keys by a digest of
+  its adapted encoder's weights, saved beside it (``save_adapted``).
 * speed (``encode``): titles are short, so sequences are cut at ``max_seq_length`` tokens; the texts
   are tokenised once, sorted by token length and cut into batches of about ``bucket_tokens`` padded
   tokens each (short titles go in big batches, long ones in small, and almost nothing is padding),
@@ -164,6 +165,53 @@ def _encode_by_length(model: torch.nn.Module, texts: list[str], config: TextEnco
             out = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)
         out[index] = vectors
     return out
+
+
+FINGERPRINT_FILE = "uer_fingerprint.txt"  # beside a saved adapted encoder: the digest of its weights
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A digest of the encoder's weights: what its encodings depend on besides the text and the sequence length."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def save_adapted(model: torch.nn.Module, directory: Path) -> str:
+    """Save an adapted encoder (its ``max_seq_length`` with it) and its weights' fingerprint; returns the latter."""
+    model.save(str(directory))
+    fingerprint = weights_fingerprint(model)
+    (directory / FINGERPRINT_FILE).write_text(fingerprint)
+    return fingerprint
+
+
+def saved_fingerprint(directory: Path) -> str | None:
+    """The fingerprint ``save_adapted`` wrote (None: an encoder saved before fingerprints were)."""
+    try:
+        return (directory / FINGERPRINT_FILE).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def version_cache_path(cache_dir: Path, version: str) -> Path:
+    """The file of a model version's adapted-encoder encodings (training's text step and the refresh share it)."""
+    return cache_dir / f"minilm-{version}.parquet"
+
+
+def version_cache(cache_dir: Path, version: str, fingerprint: str | None) -> EmbeddingCache:
+    """A model version's adapted-encoder encodings, keyed by its encoder's ``fingerprint`` as well: a day retrained
+    under one version name adapts its encoder again, and on rebuilt features or another run config that is
+    another encoder, whose encodings must not be the first one's. None: an encoder saved before fingerprints,
+    keyed by the version alone as its cache was written."""
+    return EmbeddingCache(version_cache_path(cache_dir, version),
+                          version if fingerprint is None else f"{version}#{fingerprint}")
+
+
+def encoder_config(model: torch.nn.Module) -> TextEncoderConfig:
+    """How to encode with a saved adapted encoder as training encoded with it: its own ``max_seq_length``."""
+    return TextEncoderConfig(max_seq_length=model.max_seq_length)
 
 
 class EmbeddingCache:
