@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from feature_repo.warehouse import EMBEDDINGS, copy_version
-    from serving.bundle import registered_versions
+    from serving.bundle import bundle_id_of, registered_bundle_id, registered_versions
     from training.export import register_model
     from training.gate import pointer_record, promote, read_pointer
 
@@ -55,7 +55,8 @@ def main() -> None:
         (models / "boost.json").write_text(json.dumps(boost, indent=2))
         encoder = source / "text_encoder"
         tag = register_model(settings, version + SUFFIX, models, encoder if encoder.exists() else None)
-    copy_version(settings, EMBEDDINGS, version, version + SUFFIX)  # the same encodings, as its export would write
+    target = registered_bundle_id(settings, version + SUFFIX, tag)
+    copy_version(settings, EMBEDDINGS, bundle_id_of(version, source), target)  # the same encodings, as exported
     promote(models_dir, version + SUFFIX, metrics)
     print(f"registered {tag}; production -> {version + SUFFIX}")
 

@@ -60,7 +60,7 @@ PRODUCT_QUALITY_FIELDS = [
 PRODUCT_EMBEDDING_FIELDS = [
     Field(name="text_embedding", dtype=Array(Float32), description="adapted MiniLM encoding of title+tags"),
     Field(name="graph_embedding", dtype=Array(Float32), description="query-product graph embedding"),
-    Field(name="embedding_version", dtype=String, description="the model version that wrote them"),
+    Field(name="embedding_version", dtype=String, description="the bundle that wrote them (version@registration)"),
 ]
 USER_STATE_FIELDS = [
     Field(name="state", dtype=Array(Float32),

@@ -80,6 +80,15 @@ def registered_versions(settings: Settings) -> dict[str, Path]:
     return {registration.model_version: registration.path for registration in registrations(settings)}
 
 
+def registered_bundle_id(settings: Settings, model_version: str, tag: str) -> str:
+    """The bundle id of ``model_version``'s registration ``tag`` (what ``training.export.register_model`` returns)."""
+    for registration in registrations(settings, model_version):
+        if registration.tag == tag:
+            return registration.bundle_id
+    raise ModelNotFound(f"{tag} (model version {model_version!r}) is not in the BentoML model store at "
+                        f"{bentoml_home(settings)}")
+
+
 def delete_registration(settings: Settings, registration: Registration) -> None:
     """Remove one bundle from the model store (a retired version's: ``serving.retention``)."""
     _bentoml(settings).models.delete(registration.tag, _model_store=model_store(settings))

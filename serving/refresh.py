@@ -142,19 +142,23 @@ def encoding_cache(settings: Settings, bundle: ModelBundle) -> EmbeddingCache:
 def with_version_encodings(settings: Settings, bundle: ModelBundle,
                            products: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, int]:
     """``product_tower_v1`` rows with this version's encodings, whatever Feast's join picked: the graph
-    encoding from the version's own ``product_embeddings`` rows (none for a product its graph never saw: the
-    tower's fallback), and the text encoding of each product's *current* text through the version's cache, so
-    only new and changed texts are encoded (a product whose title changed since the version encoded it gets
+    encoding from the bundle's own ``product_embeddings`` rows (keyed by bundle id: a day retrained under its
+    version name trains another graph; none for a product its graph never saw: the tower's fallback), and the text
+    encoding of each product's *current* text through the version's cache, so only new and changed texts are
+    encoded (a product whose title changed since the version encoded it gets
     its new text's encoding). Returns the rows, which rows' encodings differ from the ones Feast read, and how
     many texts were newly encoded. Writes nothing. A version with a graph but no rows at all is refused
     (``EncodingsMissing``): every product would take the tower's fallback, an index quietly worse than the one
     the version was promoted on, which no index check would notice."""
     products = products.copy()
-    changed = (products["embedding_version"] != bundle.model_version).to_numpy(dtype=bool, na_value=True)
-    own = version_rows(settings, EMBEDDINGS, bundle.model_version, ["product_id", "graph_embedding"])
+    changed = (products["embedding_version"] != bundle.bundle_id).to_numpy(dtype=bool, na_value=True)
+    own = version_rows(settings, EMBEDDINGS, bundle.bundle_id, ["product_id", "graph_embedding"])
+    if own.num_rows == 0:  # exported before the rows were keyed by bundle: the version's
+        own = version_rows(settings, EMBEDDINGS, bundle.model_version, ["product_id", "graph_embedding"])
     if bundle.model.config.graph_dim and own.num_rows == 0:
         raise EncodingsMissing(
-            f"model {bundle.model_version} has no rows in {EMBEDDINGS} (never exported, or pruned as retired): "
+            f"model {bundle.model_version} ({bundle.bundle_id}) has no rows in {EMBEDDINGS} (never exported, or "
+            "pruned as retired): "
             "its graph encodings are gone, so its product vectors cannot be rebuilt. Serve a version that has "
             "them (`uer index status` lists what is kept) or train a new one; nothing was published")
     graph = dict(zip(own.column("product_id").to_pylist(),
@@ -167,7 +171,7 @@ def with_version_encodings(settings: Settings, bundle: ModelBundle,
         changed |= np.array([not isinstance(read, list | np.ndarray) or not np.array_equal(read, vector)
                              for read, vector in zip(products["text_embedding"], vectors, strict=True)], dtype=bool)
         products["text_embedding"] = list(vectors)
-    products["embedding_version"] = bundle.model_version
+    products["embedding_version"] = bundle.bundle_id
     return products, changed, new
 
 
@@ -178,7 +182,7 @@ def catalogue_with_encodings(settings: Settings, bundle: ModelBundle, as_of: dt.
     products, changed, new = with_version_encodings(settings, bundle, product_features(settings, as_of))
     if changed.any():
         publish_product_embeddings(settings, products[["product_id", "text_embedding", "graph_embedding"]],
-                                   bundle.model_version)
+                                   bundle.bundle_id)
     return products, new
 
 

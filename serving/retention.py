@@ -1,7 +1,7 @@
 """What each model version leaves behind, and its removal once the version can no longer serve.
 
 Beside its Milvus collection (pruned by ``serving.index``), every promoted version writes two sources of
-its own: its product encodings (``product_embeddings``, keyed by model version: training's export and each
+its own: its product encodings (``product_embeddings``, keyed by bundle: training's export and each
 refresh) and its bundle's user states (``user_query_state``, keyed by bundle, online and offline). Each is a
 full copy per version, so without pruning the offline store grows by a catalogue's encodings and a window's
 states every day, and every point-in-time read of ``product_tower_v1`` (each refresh) scans them all.
@@ -86,19 +86,22 @@ def prune_user_states(settings: Settings, *, live_bundles: set[str] | None = Non
     return pruned
 
 
-def prune_product_embeddings(settings: Settings, live_versions: set[str] | None = None) -> list[str]:
-    """Delete the ``product_embeddings`` rows of every model version that is not live; returns the versions
-    pruned. Only the serving version's rows are ever used as they are (a refresh re-encodes the rest), so a
-    retired version's rows are dead weight. The view is not materialised online: offline rows only."""
-    kept = live(settings).versions if live_versions is None else live_versions
-    if not kept:
+def prune_product_embeddings(settings: Settings, live_keys: set[str] | None = None) -> list[str]:
+    """Delete the ``product_embeddings`` rows of every model bundle that is not live (and of every version that is
+    not, for rows written before they were keyed by bundle); returns the keys pruned. Only the serving bundle's
+    rows are ever used as they are (a refresh re-encodes the rest), so a retired one's rows are dead weight. The
+    view is not materialised online: offline rows only."""
+    if live_keys is None:
+        now = live(settings)
+        live_keys = now.bundle_ids | now.versions
+    if not live_keys:
         log.warning("no live model version (no production model, no collection): not pruning product embeddings")
         return []
-    pruned = [version for version in written_versions(settings, EMBEDDINGS) if version not in kept]
-    for version in pruned:
-        delete_version(settings, EMBEDDINGS, version)
+    pruned = [key for key in written_versions(settings, EMBEDDINGS) if key not in live_keys]
+    for key in pruned:
+        delete_version(settings, EMBEDDINGS, key)
     if pruned:
-        log.info("pruned the product embeddings of %s (kept %s)", ", ".join(pruned), ", ".join(sorted(kept)))
+        log.info("pruned the product embeddings of %s (kept %s)", ", ".join(pruned), ", ".join(sorted(live_keys)))
     return pruned
 
 
@@ -130,5 +133,5 @@ def prune_retired_versions(settings: Settings) -> dict[str, list[str]]:
     each alias swap, once the index has pruned its collections."""
     now = live(settings)
     return {"user_states": prune_user_states(settings, live_bundles=now.bundle_ids),
-            "product_embeddings": prune_product_embeddings(settings, now.versions),
+            "product_embeddings": prune_product_embeddings(settings, now.bundle_ids | now.versions),
             "files": prune_version_files(settings, now.versions)}

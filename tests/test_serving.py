@@ -58,11 +58,13 @@ def register_copy(settings: Settings, version: str) -> None:
     """``FIRST``'s weights as a version of its own, exported as the export step does: its bundle registered and
     its product embeddings written (a refresh refuses a version without them)."""
     from feature_repo.warehouse import EMBEDDINGS, copy_version
+    from serving.bundle import ModelBundle, registered_bundle_id
     from training.export import register_model
 
     run = settings.artifacts_dir / "models" / FIRST
-    register_model(settings, version, run, run / "text_encoder")
-    copy_version(settings, EMBEDDINGS, FIRST, version)
+    tag = register_model(settings, version, run, run / "text_encoder")
+    copy_version(settings, EMBEDDINGS, ModelBundle.load(settings, FIRST).bundle_id,
+                 registered_bundle_id(settings, version, tag))
 
 
 def publish_without_currency(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> IndexVersion:
@@ -515,12 +517,15 @@ def test_a_day_retrained_under_its_version_name_is_served_with_the_towers_that_b
     retriever used to keep the bundle it held for the name (the old query tower against the new product vectors),
     and a rollback would have paired the first collection with the newest registration. A collection whose
     registration is gone is refused, and the pair serving stays."""
+    from feature_repo.warehouse import EMBEDDINGS, version_rows
     from serving.bundle import ModelBundle, delete_registration, registrations
-    from serving.refresh import refresh_index
+    from serving.refresh import refresh_index, with_version_encodings
     from serving.retention import prune_user_states
     from serving.retriever import Retriever
     from serving.user_states import publish_user_states
+    from training.dataset import product_features
     from training.export import register_model
+    from training.stages import publish_product_embeddings
 
     index = lifecycle(served)
     home = index.serving()
@@ -535,6 +540,12 @@ def test_a_day_retrained_under_its_version_name_is_served_with_the_towers_that_b
         register_model(served, "serve-twice", run, run / "text_encoder")  # the day retrained
         again = ModelBundle.load(served, "serve-twice")
         assert again.bundle_id != first.bundle_id
+        # … and exported: its graph is another (here each vector negated) under the same version name
+        exported = version_rows(served, EMBEDDINGS, first.bundle_id, ["product_id", "graph_embedding"]).to_pandas()
+        graph_of_first = {p: list(g) for p, g in zip(exported["product_id"], exported["graph_embedding"],
+                                                     strict=True) if g is not None}
+        publish_product_embeddings(served, exported.assign(graph_embedding=[
+            None if g is None else -np.asarray(g) for g in exported["graph_embedding"]]), again.bundle_id)
         refresh_index(served, "serve-twice")
         assert reader.reload() and reader.ready()
         assert reader.pair.bundle.bundle_id == reader.pair.index.bundle_id == again.bundle_id
@@ -547,6 +558,11 @@ def test_a_day_retrained_under_its_version_name_is_served_with_the_towers_that_b
         assert publish_user_states(served).bundle_id == first.bundle_id
         assert first.bundle_id not in prune_user_states(served)
         assert refresh_index(served).index.bundle_id == first.bundle_id
+        # with the first registration's own graph encodings: rows keyed by version, the retrained day's export
+        # had replaced them and this rebuild took the second graph's vectors for the first model's tower
+        rebuilt, _, _ = with_version_encodings(served, first, product_features(served, dt.datetime.now(dt.UTC)))
+        assert {p: list(g) for p, g in zip(rebuilt["product_id"], rebuilt["graph_embedding"], strict=True)
+                if g is not None} == graph_of_first
         assert reader.reload() and reader.pair.bundle.bundle_id == first.bundle_id
         index.rollback()  # back past it, to the second registration's collection: serving it again, then …
         [gone] = [r for r in registrations(served) if r.path == again.path]
@@ -916,7 +932,7 @@ def test_a_refresh_uses_its_versions_own_encodings_and_retired_versions_are_prun
     assert not np.allclose(after_edit["text_embedding"].iloc[0], again["text_embedding"].iloc[0])
 
     kept = set(written_versions(served, EMBEDDINGS)) - {"retired-version"}
-    assert FIRST in kept
+    assert production.bundle_id in kept
     assert prune_product_embeddings(served, set()) == []  # nothing live: refuse
     assert "retired-version" in written_versions(served, EMBEDDINGS)
     assert prune_product_embeddings(served, kept) == ["retired-version"]
@@ -956,24 +972,26 @@ def test_a_version_whose_product_embeddings_are_gone_is_not_published(served: Se
     longer loads."""
     from feature_repo.warehouse import EMBEDDINGS, delete_version, version_rows, write_version
     from feature_repo.warehouse import WRITTEN_SOURCES as sources
+    from serving.bundle import ModelBundle
     from serving.refresh import EncodingsMissing, production_model_version, refresh_index
     from training.stages import production_retriever
 
     index = lifecycle(served)
     before, collections = index.serving(), index.versions()
     production = production_model_version(served)
+    bundle = ModelBundle.load(served, production).bundle_id
     dataset = served.artifacts_dir / "models" / production / "dataset"  # its training run's (run_training)
     assert production_retriever(served, dataset) is not None
-    rows = version_rows(served, EMBEDDINGS, production, sources[EMBEDDINGS][0].names)
+    rows = version_rows(served, EMBEDDINGS, bundle, sources[EMBEDDINGS][0].names)
     assert rows.num_rows > 0
-    delete_version(served, EMBEDDINGS, production)
+    delete_version(served, EMBEDDINGS, bundle)
     try:
-        with pytest.raises(EncodingsMissing, match=f"model {production} has no rows in {EMBEDDINGS}"):
+        with pytest.raises(EncodingsMissing, match=re.escape(f"model {production} ({bundle}) has no rows")):
             refresh_index(served, production)
         assert index.serving() == before and index.versions() == collections  # nothing built, nothing moved
         assert production_retriever(served, dataset) is None
     finally:
-        write_version(served, EMBEDDINGS, rows, production)
+        write_version(served, EMBEDDINGS, rows, bundle)
     assert refresh_index(served, production).model_version == production  # rows back: published again
 
 

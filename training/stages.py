@@ -414,15 +414,15 @@ def step_export(settings: Settings, dataset: Path, graph: Path, text: Path | Non
     version is a live candidate and a concurrent prune (``serving.retention``) keeps its embeddings. If production
     changed since the gate compared against it (``decision``; an operator's rollback meanwhile), the version stays a
     registered candidate and production is left alone. Returns the BentoML tag."""
+    from serving.bundle import delete_registration, registered_bundle_id, registrations
+
     tag = register_model(settings, version, models, text.with_name("text_encoder") if text is not None else None)
     try:
         products = _with_encodings(pd.read_parquet(dataset / "eval_products.parquet")[["product_id"]], graph, text)
-        publish_product_embeddings(settings, products, version)
+        publish_product_embeddings(settings, products, registered_bundle_id(settings, version, tag))
     except BaseException:
         # Withdrawn: readers take a version's newest registration (the evaluation's production row, a rerun's
         # awaiting_publication), and a day retrained under its name would leave this unexported one newest.
-        from serving.bundle import delete_registration, registrations
-
         for registration in registrations(settings, version):
             if registration.tag == tag:
                 delete_registration(settings, registration)
@@ -440,8 +440,10 @@ def step_export(settings: Settings, dataset: Path, graph: Path, text: Path | Non
     return tag
 
 
-def publish_product_embeddings(settings: Settings, products: pd.DataFrame, version: str) -> int:
-    """Write text and graph embeddings as the ``product_embeddings`` source (one version)."""
+def publish_product_embeddings(settings: Settings, products: pd.DataFrame, bundle_id: str) -> int:
+    """Write text and graph embeddings as the ``product_embeddings`` source of one model bundle (a registration,
+    ``serving.bundle.bundle_id_of``: a day retrained under its version name trains another graph, and the first
+    registration, a rollback target, must keep reading its own)."""
     now = pd.Timestamp(dt.datetime.now(dt.UTC))
 
     def column(name: str) -> list:
@@ -453,8 +455,8 @@ def publish_product_embeddings(settings: Settings, products: pd.DataFrame, versi
                       "event_timestamp": pa.array([now] * len(products), pa.timestamp("us", "UTC")),
                       "text_embedding": pa.array(column("text_embedding"), pa.list_(pa.float32())),
                       "graph_embedding": pa.array(column("graph_embedding"), pa.list_(pa.float32())),
-                      "embedding_version": [version] * len(products)}, schema=EMBEDDINGS_SCHEMA)
-    return write_version(settings, EMBEDDINGS, table, version)
+                      "embedding_version": [bundle_id] * len(products)}, schema=EMBEDDINGS_SCHEMA)
+    return write_version(settings, EMBEDDINGS, table, bundle_id)
 
 
 # --------------------------------------------------------------------------------------------------
