@@ -21,12 +21,13 @@ import pandas as pd
 from feature_repo.warehouse import EMBEDDINGS, version_rows
 from retrieval_core.errors import OperatorError
 from retrieval_core.settings import Settings
-from serving.bundle import ModelBundle, ModelNotFound, registered_versions, registrations
+from serving.bundle import ModelBundle, ModelNotFound, registrations
 from serving.index import IndexLifecycle, IndexVersion, StillWanted
 from training.batching import product_text
 from training.dataset import product_features
 from training.gate import (
     kept_metrics,
+    pointer_bundle_id,
     pointer_version,
     production_pointer,
     production_version,
@@ -54,26 +55,49 @@ class RefreshReport:
     seconds: dict[str, float]
 
 
-def production_model_version(settings: Settings) -> str:
+def _read_production(settings: Settings) -> bytes:
+    """The production pointer (``training.gate.read_pointer``); ``ModelNotFound`` before the first promotion."""
     models_dir = settings.artifacts_dir / "models"
-    if (version := production_version(models_dir)) is None:
+    if (saved := read_pointer(models_dir)) is None:
         raise ModelNotFound(f"no production model yet ({production_pointer(models_dir)} is missing): "
                             "run `uer train` first")
-    return version
+    return saved
+
+
+def production_model_version(settings: Settings) -> str:
+    return pointer_version(_read_production(settings))
+
+
+def registration_named(settings: Settings, saved: bytes | None) -> tuple[str, str | None] | None:
+    """What a production pointer read by ``training.gate.read_pointer`` names, as (version, bundle id); None for the
+    bundle where the pointer records none (written before it did) or the one it records is gone from the model
+    store: the version's newest is meant. None: nothing promoted."""
+    if (version := pointer_version(saved)) is None:
+        return None
+    bundle_id = pointer_bundle_id(saved)
+    if bundle_id is not None and bundle_id not in {r.bundle_id for r in registrations(settings, version)}:
+        bundle_id = None
+    return version, bundle_id
+
+
+def production_registration(settings: Settings) -> tuple[str, str | None]:
+    """Production's ``registration_named``; ``ModelNotFound`` before the first promotion."""
+    return registration_named(settings, _read_production(settings))
 
 
 def serving_registration(settings: Settings, index: IndexLifecycle | None = None) -> tuple[str, str | None]:
     """The model the nightly work (refresh, user states) keeps up to date, as (version, bundle id): the registration
     that built the collection the alias points to — so an ``uer index rollback`` stays rolled back until a promotion
     publishes a new version, also one back to an earlier registration of a day retrained under its version name —
-    or production's when nothing serves yet or the served model is not registered (an index the API refuses). The
-    bundle id is None where the version's newest registration is meant (or the one recorded is gone)."""
+    or production's registration when nothing serves yet or the served model is not registered (an index the API
+    refuses). The bundle id is None where the version's newest registration is meant (or the one recorded is
+    gone)."""
     served = (index or IndexLifecycle(settings)).serving()
     found = registrations(settings)
     if served is not None and served.model_version in {r.model_version for r in found}:
         kept = served.bundle_id in {r.bundle_id for r in found}
         return served.model_version, served.bundle_id if kept else None
-    return production_model_version(settings), None
+    return production_registration(settings)
 
 
 def serving_model_version(settings: Settings, index: IndexLifecycle | None = None) -> str:
@@ -82,17 +106,20 @@ def serving_model_version(settings: Settings, index: IndexLifecycle | None = Non
 
 
 def awaiting_publication(settings: Settings, model_version: str) -> bool:
-    """Whether production names ``model_version`` but the alias does not serve its newest registration: a promotion
-    whose publication never happened (the daily DAG's publish_index ran out of retries). A rerun of its day must
-    publish it even when that rerun's own gate refuses its new model."""
-    if production_version(settings.artifacts_dir / "models") != model_version:
+    """Whether production names ``model_version`` but the alias does not serve production's registration of it: a
+    promotion whose publication never happened (the daily DAG's publish_index ran out of retries). A rerun of its
+    day must publish it even when that rerun's own gate refuses its new model. A rollback to an earlier
+    registration of the version moved production with it, so it is not mistaken for one (and undone)."""
+    try:
+        version, bundle_id = production_registration(settings)
+    except ModelNotFound:
         return False
     found = registrations(settings, model_version)
-    if not found:  # nothing to publish it with
+    if version != model_version or not found:  # not production, or nothing to publish it with
         return False
     served = IndexLifecycle(settings).serving()
     return served is None or served.model_version != model_version or served.bundle_id not in (
-        None, found[-1].bundle_id)
+        None, bundle_id or found[-1].bundle_id)
 
 
 def roll_back(settings: Settings, forward: bool = False) -> tuple[IndexVersion, str]:
@@ -107,24 +134,29 @@ def roll_back(settings: Settings, forward: bool = False) -> tuple[IndexVersion, 
     models_dir = settings.artifacts_dir / "models"
     before = read_pointer(models_dir)  # once: the version it names is the one a failed swap puts back
     production = pointer_version(before)
+    newest = {r.model_version: r.bundle_id for r in registrations(settings)}  # oldest first: the newest wins
+    production_bundle = pointer_bundle_id(before) or newest.get(production)
     metrics = kept_metrics(models_dir, target.model_version)
-    if target.model_version == production:
+    if target.model_version == production and target.bundle_id in (None, production_bundle):
         said = f"production stays {production}"
-    elif target.model_version not in registered_versions(settings) or not metrics.exists():
+    elif target.model_version not in newest or not metrics.exists():
         said = (f"production stays {production}: {target.model_version} has no registered bundle or was never "
                 f"promoted (no {metrics}); the next training run is still gated against {production}")
     else:
         moved = "rolled_forward_from" if forward else "rolled_back_from"
         promote(models_dir, target.model_version, metrics,
-                {moved: current.model_version, "at": dt.datetime.now(dt.UTC).isoformat()})
+                {moved: current.model_version, "at": dt.datetime.now(dt.UTC).isoformat(),
+                 **({"bundle_id": target.bundle_id} if target.bundle_id else {})})
         try:
             index.swap(target)
         except Exception:
             restore_pointer(models_dir, before)
             raise
-        log.warning("%s: production %s → %s", "rollforward" if forward else "rollback", production,
-                    target.model_version)
-        return target, f"production {production} → {target.model_version}: the next training run is gated against it"
+        # another registration of the same version (a day retrained): named by its bundle
+        change = (f"{production_bundle} → {target.bundle_id}" if target.model_version == production
+                  else f"{production} → {target.model_version}")
+        log.warning("%s: production %s", "rollforward" if forward else "rollback", change)
+        return target, f"production {change}: the next training run is gated against it"
     index.swap(target)
     return target, said
 
@@ -220,18 +252,18 @@ def unchanged_since(settings: Settings, model_version: str | None, expected_prod
 
 
 def refresh_index(settings: Settings, model_version: str | None = None, as_of: dt.datetime | None = None,
-                  expected_production: str | None = None) -> RefreshReport:
-    """Embed the catalogue with ``model_version`` (default: the registration serving, ``serving_registration``) and
-    publish a new collection. Without ``model_version`` the swap happens only if the alias did not move while it
-    ran, with one only if production did not, or still names ``expected_production`` when given (``unchanged_since``;
-    ``serving.index.PublicationSuperseded``)."""
+                  expected_production: str | None = None, bundle_id: str | None = None) -> RefreshReport:
+    """Embed the catalogue with ``model_version`` (its registration ``bundle_id``, None for its newest; default: the
+    registration serving, ``serving_registration``) and publish a new collection. Without ``model_version`` the swap
+    happens only if the alias did not move while it ran, with one only if production did not, or still names
+    ``expected_production`` when given (``unchanged_since``; ``serving.index.PublicationSuperseded``)."""
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     # Without a version, the alias is read before it decides the model; with one, Milvus waits until the model
     # has loaded (a version that does not exist is refused without touching, or starting, the engine).
     at_start = IndexLifecycle(settings) if model_version is None else None
     still_wanted = unchanged_since(settings, model_version, expected_production, at_start)
-    version, bundle_id = (model_version, None) if model_version else serving_registration(settings, at_start)
+    version, bundle_id = (model_version, bundle_id) if model_version else serving_registration(settings, at_start)
     bundle = ModelBundle.load(settings, version, bundle_id)
     products, new = catalogue_with_encodings(settings, bundle, as_of or dt.datetime.now(dt.UTC))
     seconds["features_and_text"] = round(time.perf_counter() - start, 3)
@@ -269,10 +301,16 @@ def publish_promoted(settings: Settings, model_version: str) -> PromotionPublish
     production no longer names it: an operator rolled back since the gate (a DAG retry must not undo that)."""
     from serving.user_states import publish_user_states  # it reads this module's serving_registration
 
-    if (production := production_version(settings.artifacts_dir / "models")) != model_version:
+    try:
+        production, bundle_id = production_registration(settings)
+    except ModelNotFound:
+        production, bundle_id = None, None
+    if production != model_version:
         log.warning("not publishing %s: production is %s (rolled back since the gate promoted it)", model_version,
                     production)
         return None
-    states = publish_user_states(settings, model_version)
+    # production's registration of it: a rerun's awaiting_publication may concern an earlier one than the newest
+    states = publish_user_states(settings, model_version, bundle_id=bundle_id)
     # production must still name it at the swap: a rollback while the states were written is not undone either
-    return PromotionPublished(states.users, refresh_index(settings, model_version, expected_production=model_version))
+    return PromotionPublished(states.users, refresh_index(settings, model_version, expected_production=model_version,
+                                                          bundle_id=bundle_id))

@@ -602,6 +602,56 @@ def test_a_promotion_that_was_never_published_awaits_publication(served: Setting
         pointer.write_bytes(saved)
 
 
+def test_a_rollback_to_an_earlier_registration_of_a_version_moves_production_to_it(served: Settings) -> None:
+    """A day retrained under its version name and promoted again: a rollback to the first registration's collection
+    used to leave production naming just the version (read as its newest registration), so the day's rerun found
+    it "awaiting publication" and published the newer one again, undoing the rollback. The pointer now records
+    the registration: a rollback moves it, and a publication publishes production's registration."""
+    from serving.bundle import ModelBundle, delete_registration, registrations
+    from serving.refresh import awaiting_publication, publish_promoted, refresh_index, roll_back, serving_registration
+    from serving.retention import prune_user_states
+    from training.gate import pointer_bundle_id, production_pointer, promote, read_pointer
+
+    index = lifecycle(served)
+    models = served.artifacts_dir / "models"
+    pointer = production_pointer(models)
+    saved = pointer.read_bytes()
+    day = "serve-day"
+    try:
+        register_copy(served, day)
+        first = ModelBundle.load(served, day).bundle_id
+        promote(models, day, models / FIRST / "metrics.json", {"bundle_id": first})
+        assert publish_promoted(served, day).refresh.index.bundle_id == first
+        register_copy(served, day)  # the day retrained, and promoted again
+        second = ModelBundle.load(served, day).bundle_id
+        promote(models, day, models / day / "metrics.json", {"bundle_id": second})
+        assert second != first and awaiting_publication(served, day)
+        assert publish_promoted(served, day).refresh.index.bundle_id == second
+        assert not awaiting_publication(served, day)
+
+        target, said = roll_back(served)
+        assert target.bundle_id == index.serving().bundle_id == first
+        assert pointer_bundle_id(read_pointer(models)) == first and f"production {second} → {first}" in said
+        assert not awaiting_publication(served, day)  # a rerun of the day leaves the rollback be
+        assert serving_registration(served) == (day, first)
+
+        index.rollback(forward=True)  # the alias alone back on the second's collection: production names the first
+        assert awaiting_publication(served, day)
+        assert publish_promoted(served, day).refresh.index.bundle_id == first
+    finally:
+        pointer.write_bytes(saved)
+        if index.serving().model_version != FIRST:
+            refresh_index(served, FIRST)
+        for version in index.versions():
+            if version.model_version == day:
+                index.drop(version.collection)
+        for registration in registrations(served):
+            if registration.model_version == day:
+                delete_registration(served, registration)
+        prune_user_states(served)
+    assert index.serving().model_version == FIRST
+
+
 def test_a_rollback_makes_the_served_model_production_so_the_next_gate_compares_with_it(served: Settings,
                                                                                       tmp_path: Path) -> None:
     """``uer index rollback`` used to move only the alias: the gate's production pointer kept naming the model

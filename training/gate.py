@@ -166,6 +166,14 @@ def pointer_version(saved: bytes | None) -> str | None:
     return None if record is None else record["version"]
 
 
+def pointer_bundle_id(saved: bytes | None) -> str | None:
+    """The registration a pointer read by ``read_pointer`` names (``serving.bundle.bundle_id_of``): a day retrained
+    under its version name is registered again, and a rollback can make the first registration production. None:
+    nothing promoted, or a pointer written before it recorded one (its version's newest registration is meant)."""
+    record = pointer_record(saved)
+    return None if record is None else record.get("bundle_id")
+
+
 def production_version(models_dir: Path) -> str | None:
     """The version in production, if any."""
     return pointer_version(read_pointer(models_dir))

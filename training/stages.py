@@ -317,21 +317,21 @@ def minilm_retriever(model: torch.nn.Module, product_vectors: np.ndarray, config
     return retrieve
 
 
-def production_retriever(settings: Settings, dataset: Path, version: str | None = None) -> Retriever | None:
-    """The model serving now (``version``: the one a pointer already read names), as it serves (its own text encoder
-    and graph, boosting appended), on this run's evaluation catalogue. None before the first promotion, and None
+def production_retriever(settings: Settings, dataset: Path, pointer: bytes | None = None) -> Retriever | None:
+    """The model serving now (``pointer``: production as already read, ``training.gate.read_pointer``; the
+    registration it names), as it serves (its own text encoder and graph, boosting appended), on this run's
+    evaluation catalogue. None before the first promotion, and None
     (with a warning) when the production bundle no longer loads with this code — after an architecture change the
     new model must still be evaluated and gated, not fail on yesterday's weights — or its product embeddings are
     gone from the warehouse (``EncodingsMissing``)."""
     from serving.bundle import ModelBundle, ModelNotFound
-    from serving.refresh import EncodingsMissing, production_model_version, with_version_encodings
+    from serving.refresh import EncodingsMissing, registration_named, with_version_encodings
 
-    try:
-        version = version or production_model_version(settings)
-    except ModelNotFound:
+    if (named := registration_named(settings, pointer or read_pointer(settings.artifacts_dir / "models"))) is None:
         return None
+    version, bundle_id = named
     try:
-        bundle = ModelBundle.load(settings, version)
+        bundle = ModelBundle.load(settings, version, bundle_id)
     except (ModelNotFound, RuntimeError, ValueError, KeyError) as exc:
         logging.getLogger(__name__).warning("production model %s not evaluated: it does not load (%s)", version, exc)
         return None
@@ -374,7 +374,7 @@ def step_evaluate(dataset: Path, graph: Path, text: Path | None, models: Path, c
         systems["minilm"] = minilm_retriever(load_minilm(config.text), vectors, config.text)
     # The pointer read once, and the model it names scored: the gate uses that row only if production is unchanged.
     scored = read_pointer(settings.artifacts_dir / "models") if settings is not None else None
-    if scored is not None and (production := production_retriever(settings, dataset, pointer_version(scored))):
+    if scored is not None and (production := production_retriever(settings, dataset, scored)):
         systems["production"] = production
     (scored_pointer or out.with_name(SCORED_POINTER)).write_bytes(scored or b"")
     metrics = evaluate(systems, test, products, meta["query_class"])
@@ -419,7 +419,8 @@ def step_export(settings: Settings, dataset: Path, graph: Path, text: Path | Non
     tag = register_model(settings, version, models, text.with_name("text_encoder") if text is not None else None)
     try:
         products = _with_encodings(pd.read_parquet(dataset / "eval_products.parquet")[["product_id"]], graph, text)
-        publish_product_embeddings(settings, products, registered_bundle_id(settings, version, tag))
+        bundle_id = registered_bundle_id(settings, version, tag)
+        publish_product_embeddings(settings, products, bundle_id)
     except BaseException:
         # Withdrawn: readers take a version's newest registration (the evaluation's production row, a rerun's
         # awaiting_publication), and a day retrained under its name would leave this unexported one newest.
@@ -436,7 +437,7 @@ def step_export(settings: Settings, dataset: Path, graph: Path, text: Path | Non
             "candidate, and the next run is gated against what serves now", version, pointer_version(now))
         return tag
     # the time makes a day's repeated promotion a new pointer (``training.pipeline.run_pipeline`` compares them)
-    promote(models_dir, version, metrics, {"promoted_at": dt.datetime.now(dt.UTC).isoformat()})
+    promote(models_dir, version, metrics, {"promoted_at": dt.datetime.now(dt.UTC).isoformat(), "bundle_id": bundle_id})
     return tag
 
 
