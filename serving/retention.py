@@ -31,7 +31,7 @@ from serving.bundle import delete_registration, registrations
 from serving.index import IndexLifecycle
 from serving.refresh import encoding_cache_path
 from serving.user_states import delete_online_states
-from training.gate import production_version
+from training.gate import pointer_bundle_id, pointer_version, read_pointer
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +49,19 @@ def live(settings: Settings) -> Live:
     registered after production's (newest) registration: one rolled back from, which ``rollforward`` may serve
     again, or one whose export is under way (it registers before it promotes). Until production is registered
     (a promotion of an unregistered version) every registered version is a candidate. Live bundles: each live
-    version's newest registration, and the registration that built each kept collection (a rollback can serve
-    an earlier registration of a version). Raises if Milvus cannot be listed: nothing may be deleted on a guess."""
+    version's newest registration, production's registration, and the registration that built each kept
+    collection (a rollback can serve an earlier registration of a version). Raises if Milvus cannot be listed:
+    nothing may be deleted on a guess."""
     collections = IndexLifecycle(settings).versions()
-    production = production_version(settings.artifacts_dir / "models")
+    pointer = read_pointer(settings.artifacts_dir / "models")
+    production = pointer_version(pointer)
     found = registrations(settings)  # oldest first
     promoted_at = max((r.created for r in found if r.model_version == production), default=None)
     versions = {c.model_version for c in collections} | ({production} if production else set()) | {
         r.model_version for r in found if promoted_at is None or r.created > promoted_at}
     newest = {r.model_version: r for r in found}
     bundle_ids = {newest[version].bundle_id for version in versions if version in newest} | {
-        c.bundle_id for c in collections if c.bundle_id}
+        c.bundle_id for c in collections if c.bundle_id} | ({pointer_bundle_id(pointer)} - {None})
     return Live(versions, bundle_ids)
 
 

@@ -609,7 +609,7 @@ def test_a_rollback_to_an_earlier_registration_of_a_version_moves_production_to_
     the registration: a rollback moves it, and a publication publishes production's registration."""
     from serving.bundle import ModelBundle, delete_registration, registrations
     from serving.refresh import awaiting_publication, publish_promoted, refresh_index, roll_back, serving_registration
-    from serving.retention import prune_user_states
+    from serving.retention import live, prune_user_states
     from training.gate import pointer_bundle_id, production_pointer, promote, read_pointer
 
     index = lifecycle(served)
@@ -637,6 +637,11 @@ def test_a_rollback_to_an_earlier_registration_of_a_version_moves_production_to_
 
         index.rollback(forward=True)  # the alias alone back on the second's collection: production names the first
         assert awaiting_publication(served, day)
+        # nightly refreshes of what serves until the first's collection is pruned: production's registration stays
+        # live, so pruning leaves what publishing it needs (its product embeddings, its user states)
+        while first in {version.bundle_id for version in index.versions()}:
+            assert refresh_index(served).index.bundle_id == second
+        assert first in live(served).bundle_ids
         assert publish_promoted(served, day).refresh.index.bundle_id == first
     finally:
         pointer.write_bytes(saved)
