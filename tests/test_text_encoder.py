@@ -12,6 +12,7 @@ from training.text_encoder import (
     TextEncoderConfig,
     adapt,
     encode,
+    encoder_fingerprint,
     for_inference,
     length_batches,
     load_minilm,
@@ -19,7 +20,6 @@ from training.text_encoder import (
     saved_fingerprint,
     version_cache,
     version_cache_path,
-    weights_fingerprint,
 )
 
 TITLES = ["Boho Sterling Silver Necklace, Gift For Her", "Rustic Walnut Cutting Board", "Gothic Black Velvet Dress",
@@ -85,7 +85,8 @@ def test_a_versions_cache_keeps_the_encodings_of_each_adapted_encoder_under_one_
     adapt(retrained, list(zip(QUERIES, TITLES, strict=True)), TextEncoderConfig(adapt_batch_size=6))
     second = save_adapted(retrained, tmp_path / "second")
     assert first != second and saved_fingerprint(tmp_path / "second") == second
-    assert weights_fingerprint(load_minilm(TextEncoderConfig(max_seq_length=32))) == first  # the same weights
+    assert encoder_fingerprint(load_minilm(TextEncoderConfig(max_seq_length=32))) == first  # the same weights
+    assert encoder_fingerprint(load_minilm(TextEncoderConfig(max_seq_length=64))) != first  # cut elsewhere
 
     cache_dir = tmp_path / "cache"
     mine, new = version_cache(cache_dir, "daily-20261014", first).encode(TITLES, lambda t: encode(minilm, t, config))

@@ -167,12 +167,12 @@ def _encode_by_length(model: torch.nn.Module, texts: list[str], config: TextEnco
     return out
 
 
-FINGERPRINT_FILE = "uer_fingerprint.txt"  # beside a saved adapted encoder: the digest of its weights
+FINGERPRINT_FILE = "uer_fingerprint.txt"  # beside a saved adapted encoder: ``encoder_fingerprint``
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A digest of the encoder's weights: what its encodings depend on besides the text and the sequence length."""
-    digest = hashlib.sha256()
+def encoder_fingerprint(model: torch.nn.Module) -> str:
+    """A digest of what the encoder's encodings depend on besides the text: its weights and its sequence length."""
+    digest = hashlib.sha256(f"max_seq_length={model.max_seq_length}".encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
@@ -180,9 +180,9 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 
 def save_adapted(model: torch.nn.Module, directory: Path) -> str:
-    """Save an adapted encoder (its ``max_seq_length`` with it) and its weights' fingerprint; returns the latter."""
+    """Save an adapted encoder (its ``max_seq_length`` with it) and its fingerprint; returns the latter."""
     model.save(str(directory))
-    fingerprint = weights_fingerprint(model)
+    fingerprint = encoder_fingerprint(model)
     (directory / FINGERPRINT_FILE).write_text(fingerprint)
     return fingerprint
 
