@@ -30,7 +30,6 @@ from training.gate import (
     pointer_bundle_id,
     pointer_version,
     production_pointer,
-    production_version,
     promote,
     read_pointer,
     restore_pointer,
@@ -85,6 +84,11 @@ def production_registration(settings: Settings) -> tuple[str, str | None]:
     return registration_named(settings, _read_production(settings))
 
 
+def production_bundle(settings: Settings) -> ModelBundle:
+    """Production's registration, loaded."""
+    return ModelBundle.load(settings, *production_registration(settings))
+
+
 def serving_registration(settings: Settings, index: IndexLifecycle | None = None) -> tuple[str, str | None]:
     """The model the nightly work (refresh, user states) keeps up to date, as (version, bundle id): the registration
     that built the collection the alias points to — so an ``uer index rollback`` stays rolled back until a promotion
@@ -98,6 +102,22 @@ def serving_registration(settings: Settings, index: IndexLifecycle | None = None
         kept = served.bundle_id in {r.bundle_id for r in found}
         return served.model_version, served.bundle_id if kept else None
     return production_registration(settings)
+
+
+def chosen_registration(settings: Settings, model_version: str | None = None, bundle_id: str | None = None,
+                        index: IndexLifecycle | None = None) -> tuple[str, str | None]:
+    """The registration a refresh or a user-states job works with, as (version, bundle id): ``model_version``'s
+    ``bundle_id``; without one, production's registration when production names that version (a rollback may have
+    made an earlier one production), else its newest (None); without a version, ``serving_registration``."""
+    if model_version is None:
+        return serving_registration(settings, index)
+    if bundle_id is None:
+        try:
+            production, production_bundle = production_registration(settings)
+        except ModelNotFound:
+            return model_version, None
+        bundle_id = production_bundle if production == model_version else None
+    return model_version, bundle_id
 
 
 def serving_model_version(settings: Settings, index: IndexLifecycle | None = None) -> str:
@@ -134,12 +154,15 @@ def roll_back(settings: Settings, forward: bool = False) -> tuple[IndexVersion, 
     models_dir = settings.artifacts_dir / "models"
     before = read_pointer(models_dir)  # once: the version it names is the one a failed swap puts back
     production = pointer_version(before)
-    newest = {r.model_version: r.bundle_id for r in registrations(settings)}  # oldest first: the newest wins
+    found = registrations(settings)
+    newest = {r.model_version: r.bundle_id for r in found}  # oldest first: the newest wins
+    registered = {r.bundle_id for r in found}
     production_bundle = pointer_bundle_id(before) or newest.get(production)
-    metrics = kept_metrics(models_dir, target.model_version)
+    metrics = kept_metrics(models_dir, target.model_version, target.bundle_id)
     if target.model_version == production and target.bundle_id in (None, production_bundle):
         said = f"production stays {production}"
-    elif target.model_version not in newest or not metrics.exists():
+    elif target.model_version not in newest or not metrics.exists() or (
+            target.bundle_id and target.bundle_id not in registered):
         said = (f"production stays {production}: {target.model_version} has no registered bundle or was never "
                 f"promoted (no {metrics}); the next training run is still gated against {production}")
     else:
@@ -239,22 +262,29 @@ def unchanged_since(settings: Settings, model_version: str | None, expected_prod
 
         return alias_moved
     models_dir = settings.artifacts_dir / "models"
-    production = expected_production or production_version(models_dir)
+    saved = read_pointer(models_dir)
+    production = expected_production or pointer_version(saved)
+    # and its registration: a rollback to another registration of the version moves only that
+    registration = pointer_bundle_id(saved) if pointer_version(saved) == production else None
 
     def production_moved(_: IndexLifecycle) -> str | None:
-        if (promoted := production_version(models_dir)) == production:
+        now = read_pointer(models_dir)
+        promoted, promoted_registration = pointer_version(now), pointer_bundle_id(now)
+        if promoted == production and registration in (None, promoted_registration):
             return None
-        return (f"production names {promoted}, not {production} (a rollback or another promotion while it was being "
-                f"published): swapping would serve against that choice. Publish {model_version} again only if it "
-                "should serve after all")
+        named = (f"{promoted}, not {production}" if promoted != production
+                 else f"{promoted_registration}, not {registration}")
+        return (f"production names {named} (a rollback or another promotion while it was being published): "
+                f"swapping would serve against that choice. Publish {model_version} again only if it should serve "
+                "after all")
 
     return production_moved
 
 
 def refresh_index(settings: Settings, model_version: str | None = None, as_of: dt.datetime | None = None,
                   expected_production: str | None = None, bundle_id: str | None = None) -> RefreshReport:
-    """Embed the catalogue with ``model_version`` (its registration ``bundle_id``, None for its newest; default: the
-    registration serving, ``serving_registration``) and publish a new collection. Without ``model_version`` the swap
+    """Embed the catalogue with ``model_version``'s registration (``chosen_registration``: default, the registration
+    serving) and publish a new collection. Without ``model_version`` the swap
     happens only if the alias did not move while it ran, with one only if production did not, or still names
     ``expected_production`` when given (``unchanged_since``; ``serving.index.PublicationSuperseded``)."""
     seconds: dict[str, float] = {}
@@ -263,7 +293,7 @@ def refresh_index(settings: Settings, model_version: str | None = None, as_of: d
     # has loaded (a version that does not exist is refused without touching, or starting, the engine).
     at_start = IndexLifecycle(settings) if model_version is None else None
     still_wanted = unchanged_since(settings, model_version, expected_production, at_start)
-    version, bundle_id = (model_version, bundle_id) if model_version else serving_registration(settings, at_start)
+    version, bundle_id = chosen_registration(settings, model_version, bundle_id, at_start)
     bundle = ModelBundle.load(settings, version, bundle_id)
     products, new = catalogue_with_encodings(settings, bundle, as_of or dt.datetime.now(dt.UTC))
     seconds["features_and_text"] = round(time.perf_counter() - start, 3)

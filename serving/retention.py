@@ -46,7 +46,7 @@ class Live:
 
 def live(settings: Settings) -> Live:
     """Live versions: production, every version with a collection in Milvus, and every *candidate*, a version
-    registered after production's (newest) registration: one rolled back from, which ``rollforward`` may serve
+    registered after production's version's newest registration: one rolled back from, which ``rollforward`` may serve
     again, or one whose export is under way (it registers before it promotes). Until production is registered
     (a promotion of an unregistered version) every registered version is a candidate. Live bundles: each live
     version's newest registration, production's registration, and the registration that built each kept
@@ -89,17 +89,24 @@ def prune_user_states(settings: Settings, *, live_bundles: set[str] | None = Non
 
 
 def prune_product_embeddings(settings: Settings, live_keys: set[str] | None = None) -> list[str]:
-    """Delete the ``product_embeddings`` rows of every model bundle that is not live (and of every version that is
-    not, for rows written before they were keyed by bundle); returns the keys pruned. Only the serving bundle's
-    rows are ever used as they are (a refresh re-encodes the rest), so a retired one's rows are dead weight. The
-    view is not materialised online: offline rows only."""
+    """Delete the ``product_embeddings`` rows of every model bundle that is not live, and the rows written before
+    they were keyed by bundle (keyed by version) of every version that is not live or whose live bundles all have
+    rows of their own by now (a refresh wrote them); returns the keys pruned. Only the serving bundle's rows are ever
+    used as they are (a refresh re-encodes the rest), so a retired one's rows are dead weight. The view is not
+    materialised online: offline rows only."""
     if live_keys is None:
         now = live(settings)
         live_keys = now.bundle_ids | now.versions
     if not live_keys:
         log.warning("no live model version (no production model, no collection): not pruning product embeddings")
         return []
-    pruned = [key for key in written_versions(settings, EMBEDDINGS) if key not in live_keys]
+    written = written_versions(settings, EMBEDDINGS)
+    live_bundles: dict[str, set[str]] = {}  # version → its live bundles
+    for key in live_keys:
+        if "@" in key:
+            live_bundles.setdefault(key.rpartition("@")[0], set()).add(key)
+    superseded = {version for version, bundles in live_bundles.items() if bundles <= set(written)}
+    pruned = [key for key in written if key not in live_keys or key in superseded]
     for key in pruned:
         delete_version(settings, EMBEDDINGS, key)
     if pruned:

@@ -37,7 +37,7 @@ from feature_repo.warehouse import (
 from retrieval_core.errors import OperatorError
 from retrieval_core.settings import Settings
 from serving.bundle import ModelBundle
-from serving.refresh import serving_registration
+from serving.refresh import chosen_registration
 from serving.retriever import Retriever, has_history
 
 if TYPE_CHECKING:
@@ -72,11 +72,11 @@ def materialised_user_ids(settings: Settings, store: FeatureStore, chunk_users: 
 
 def publish_user_states(settings: Settings, model_version: str | None = None,
                         chunk_users: int = 256, bundle_id: str | None = None) -> UserStatesReport:
-    """Compute every materialised user's state with ``model_version`` (default: the one serving; ``bundle_id``: its
-    registration, None for its newest) and write them to the online store and to the ``user_query_state`` source
+    """Compute every materialised user's state with ``model_version``'s registration (``chosen_registration``:
+    default, the one serving) and write them to the online store and to the ``user_query_state`` source
     (replacing that bundle's earlier rows)."""
     start = time.perf_counter()
-    version, bundle_id = (model_version, bundle_id) if model_version else serving_registration(settings)
+    version, bundle_id = chosen_registration(settings, model_version, bundle_id)
     bundle = ModelBundle.load(settings, version, bundle_id)
     store = get_store(settings)
     try:

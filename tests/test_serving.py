@@ -602,46 +602,68 @@ def test_a_promotion_that_was_never_published_awaits_publication(served: Setting
         pointer.write_bytes(saved)
 
 
-def test_a_rollback_to_an_earlier_registration_of_a_version_moves_production_to_it(served: Settings) -> None:
+def test_a_rollback_to_an_earlier_registration_of_a_version_moves_production_to_it(served: Settings,
+                                                                                     tmp_path: Path) -> None:
     """A day retrained under its version name and promoted again: a rollback to the first registration's collection
     used to leave production naming just the version (read as its newest registration), so the day's rerun found
-    it "awaiting publication" and published the newer one again, undoing the rollback. The pointer now records
-    the registration: a rollback moves it, and a publication publishes production's registration."""
+    it "awaiting publication" and published the newer one again, undoing the rollback, and the gate compared with
+    the second's metrics. The pointer now records the registration: a rollback moves it (with that registration's
+    metrics), a publication built meanwhile does not swap, and a publication publishes production's registration."""
+    import json
+
     from serving.bundle import ModelBundle, delete_registration, registrations
-    from serving.refresh import awaiting_publication, publish_promoted, refresh_index, roll_back, serving_registration
+    from serving.refresh import (
+        awaiting_publication,
+        chosen_registration,
+        publish_promoted,
+        refresh_index,
+        roll_back,
+        serving_registration,
+        unchanged_since,
+    )
     from serving.retention import live, prune_user_states
-    from training.gate import pointer_bundle_id, production_pointer, promote, read_pointer
+    from training.gate import pointer_bundle_id, production_metrics, production_pointer, promote, read_pointer
 
     index = lifecycle(served)
     models = served.artifacts_dir / "models"
     pointer = production_pointer(models)
     saved = pointer.read_bytes()
     day = "serve-day"
+    metrics = {}
+    for run in ("first", "second"):  # each promotion's own evaluation
+        metrics[run] = json.loads((models / FIRST / "metrics.json").read_text()) | {"run": run}
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "metrics.json").write_text(json.dumps(metrics[run]))
     try:
         register_copy(served, day)
         first = ModelBundle.load(served, day).bundle_id
-        promote(models, day, models / FIRST / "metrics.json", {"bundle_id": first})
+        promote(models, day, tmp_path / "first" / "metrics.json", {"bundle_id": first})
         assert publish_promoted(served, day).refresh.index.bundle_id == first
         register_copy(served, day)  # the day retrained, and promoted again
         second = ModelBundle.load(served, day).bundle_id
-        promote(models, day, models / day / "metrics.json", {"bundle_id": second})
+        promote(models, day, tmp_path / "second" / "metrics.json", {"bundle_id": second})
         assert second != first and awaiting_publication(served, day)
         assert publish_promoted(served, day).refresh.index.bundle_id == second
         assert not awaiting_publication(served, day)
 
+        publishing_second = unchanged_since(served, day)  # a publication of the second, taken before the rollback
         target, said = roll_back(served)
         assert target.bundle_id == index.serving().bundle_id == first
         assert pointer_bundle_id(read_pointer(models)) == first and f"production {second} → {first}" in said
+        assert production_metrics(models) == metrics["first"]  # the gate compares with what serves
+        assert f"production names {first}, not {second}" in publishing_second(index)  # it would not swap
         assert not awaiting_publication(served, day)  # a rerun of the day leaves the rollback be
-        assert serving_registration(served) == (day, first)
+        assert serving_registration(served) == chosen_registration(served, day) == (day, first)  # `uer index publish`
 
         index.rollback(forward=True)  # the alias alone back on the second's collection: production names the first
         assert awaiting_publication(served, day)
         # nightly refreshes of what serves until the first's collection is pruned: production's registration stays
-        # live, so pruning leaves what publishing it needs (its product embeddings, its user states)
+        # live (retention keeps its product embeddings and user states for its publication)
+        refreshes = 0
         while first in {version.bundle_id for version in index.versions()}:
             assert refresh_index(served).index.bundle_id == second
-        assert first in live(served).bundle_ids
+            refreshes += 1
+        assert refreshes > 0 and first in live(served).bundle_ids
         assert publish_promoted(served, day).refresh.index.bundle_id == first
     finally:
         pointer.write_bytes(saved)
@@ -998,8 +1020,8 @@ def test_a_refresh_uses_its_versions_own_encodings_and_retired_versions_are_prun
 def test_the_refresh_encodes_new_product_text_as_training_encoded_its_own(served: Settings, tmp_path: Path) -> None:
     """A run whose config cuts product text at another sequence length saves its encoder with that length; the
     refresh encodes new and changed products with it, not with the default, or new products' vectors would come
-    from another featurisation than the catalogue the model was trained on. Its cache keys by the encoder's
-    fingerprint, saved with the bundle."""
+    from another featurisation than the catalogue the model was trained on. The bundle carries the fingerprint
+    training saved, which the version's cache keys by."""
     import json
 
     from serving.bundle import ModelBundle
@@ -1018,6 +1040,36 @@ def test_the_refresh_encodes_new_product_text_as_training_encoded_its_own(served
     np.testing.assert_allclose(encoded, encode(short.text_encoder, [text], TextEncoderConfig(max_seq_length=16)),
                                atol=1e-6)
     assert not np.allclose(encoded, production.encode_texts([text]), atol=1e-3)  # 64 tokens see more of it
+
+
+def test_product_embeddings_exported_before_they_were_keyed_by_bundle_are_read_then_superseded(
+        served: Settings) -> None:
+    """A store from before keeps each version's rows under its version name: a refresh reads them (the bundle has
+    none of its own yet) and writes them back under its bundle, and pruning then removes the version-keyed copy."""
+    from feature_repo.warehouse import EMBEDDINGS, copy_version, delete_version, version_rows, written_versions
+    from serving.bundle import ModelBundle
+    from serving.refresh import catalogue_with_encodings, with_version_encodings
+    from serving.retention import prune_product_embeddings
+    from training.dataset import product_features
+
+    production = ModelBundle.load(served, FIRST)
+    own = version_rows(served, EMBEDDINGS, production.bundle_id, ["product_id", "graph_embedding"]).to_pandas()
+    copy_version(served, EMBEDDINGS, production.bundle_id, FIRST)  # as an export before the change left them
+    delete_version(served, EMBEDDINGS, production.bundle_id)
+    try:
+        read, changed, _ = with_version_encodings(served, production, product_features(served, dt.datetime.now(dt.UTC)))
+        assert changed.all()  # Feast's join gave every product the version-keyed row
+        graph = dict(zip(own["product_id"], own["graph_embedding"], strict=True))
+        assert all(np.array_equal(g, graph[p]) for p, g in zip(read["product_id"], read["graph_embedding"],
+                                                              strict=True) if g is not None)
+        assert sum(g is not None for g in read["graph_embedding"]) > 100
+        catalogue_with_encodings(served, production, dt.datetime.now(dt.UTC))  # the refresh's write-back
+        assert version_rows(served, EMBEDDINGS, production.bundle_id, ["product_id"]).num_rows == len(read)
+        assert prune_product_embeddings(served, set(written_versions(served, EMBEDDINGS))) == [FIRST]
+    finally:
+        if version_rows(served, EMBEDDINGS, production.bundle_id, ["product_id"]).num_rows == 0:
+            copy_version(served, EMBEDDINGS, FIRST, production.bundle_id)
+        delete_version(served, EMBEDDINGS, FIRST)
 
 
 def test_a_version_whose_product_embeddings_are_gone_is_not_published(served: Settings) -> None:

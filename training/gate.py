@@ -190,10 +190,18 @@ def pointer_metrics(saved: bytes | None) -> dict | None:
     return None if record is None else json.loads(Path(record["metrics"]).read_text())
 
 
-def kept_metrics(models_dir: Path, version: str) -> Path:
+def kept_metrics(models_dir: Path, version: str, bundle_id: str | None = None) -> Path:
     """Where a promoted version's metrics (and their ``report.html`` beside them) are kept, whatever run
-    directory they came from: a rollback finds them here to make that version production again."""
+    directory they came from: a rollback finds them here to make that version production again. With
+    ``bundle_id``, that registration's own when its promotion kept them (a day retrained under its version name
+    and promoted again replaces the version's; a rollback to the first registration must take the first's)."""
+    if bundle_id is not None and (own := _registration_metrics(models_dir, version, bundle_id)).exists():
+        return own
     return models_dir / version / "metrics.json"
+
+
+def _registration_metrics(models_dir: Path, version: str, bundle_id: str) -> Path:
+    return models_dir / version / "registrations" / bundle_id.rpartition("@")[2] / "metrics.json"
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -205,15 +213,19 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 def promote(models_dir: Path, version: str, metrics_path: Path, record: dict[str, str] | None = None) -> None:
     """Point production at ``version`` (written atomically), its metrics and their report copied to
-    ``kept_metrics`` first (a KFP run leaves them under its pipeline root); ``record`` says why when it is not
-    the gate (a rollback)."""
-    kept = kept_metrics(models_dir, version)
-    if metrics_path.resolve() != kept.resolve():
-        report = metrics_path.with_name("report.html")
-        if report.exists():
-            _write_atomically(kept.with_name(report.name), report.read_bytes())
-        _write_atomically(kept, metrics_path.read_bytes())
-    pointer = {"version": version, "metrics": str(kept), **(record or {})}
+    ``kept_metrics`` first (a KFP run leaves them under its pipeline root), and to its registration's own when
+    ``record`` names one (``bundle_id``); ``record`` also says why when it is not the gate (a rollback)."""
+    bundle_id = (record or {}).get("bundle_id")
+    places = [models_dir / version / "metrics.json"]
+    if bundle_id is not None:
+        places.append(_registration_metrics(models_dir, version, bundle_id))
+    for kept in places:
+        if metrics_path.resolve() != kept.resolve():
+            report = metrics_path.with_name("report.html")
+            if report.exists():
+                _write_atomically(kept.with_name(report.name), report.read_bytes())
+            _write_atomically(kept, metrics_path.read_bytes())
+    pointer = {"version": version, "metrics": str(places[-1]), **(record or {})}
     _write_atomically(production_pointer(models_dir), json.dumps(pointer).encode())
 
 
