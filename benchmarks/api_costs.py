@@ -65,8 +65,7 @@ def main() -> None:
 
     from feature_repo.store import get_store
     from feature_repo.warehouse import EMBEDDINGS, USER_STATES, features_dir, write_version
-    from serving.bundle import ModelBundle
-    from serving.refresh import production_model_version
+    from serving.refresh import production_bundle
     from serving.retention import prune_product_embeddings, prune_user_states
     from serving.retriever import Retriever
     from serving.service import limit_compute_threads
@@ -97,7 +96,7 @@ def main() -> None:
                 hog.kill()
 
     limit_compute_threads(settings.serving)  # as in the API process from here on
-    bundle = ModelBundle.load(settings, production_model_version(settings))
+    bundle = production_bundle(settings)
     tower = bundle.model.query_tower
     signed_out = bundle.user_states([{}])
     text = [{"query": "linen dress for summer"}]
@@ -145,7 +144,7 @@ def main() -> None:
     # Seven retired versions' product embeddings (production's rows copied, a day older each, so production's
     # still win the join) as a week of retraining without pruning would leave them.
     source = features_dir(settings) / EMBEDDINGS
-    own = pq.read_table(source / f"version={bundle.model_version}").to_pandas()
+    own = pq.read_table(source / f"version={bundle.bundle_id}").to_pandas()
 
     def catalogue_read() -> float:  # the read every refresh starts with
         mark = time.perf_counter()

@@ -2,7 +2,7 @@
 
 ``register`` saves the production bundle again as ``<version>-fullwidth`` — the same towers, text encoder
 and boosting weights, no ``projection.npy`` (so 774-d vectors) — and points production at it;
-``restore`` points production back at ``<version>``. Between the two, ``benchmarks/serving.py
+``restore`` puts the production pointer back as ``register`` found it. Between the two, ``benchmarks/serving.py
 --result serving_full_width`` measures the full-width vectors with everything else equal (the boosting
 weights stay those fit on the narrowed vectors). It bypasses the validation gate on purpose: a
 benchmark tool, never a step of the DAGs.
@@ -29,35 +29,44 @@ def main() -> None:
     args = parser.parse_args()
 
     from feature_repo.warehouse import EMBEDDINGS, copy_version
-    from serving.bundle import bundle_id_of, registered_bundle_id, registered_versions
+    from serving.bundle import registered_bundle_id
+    from serving.refresh import production_bundle
     from training.export import register_model
-    from training.gate import pointer_record, promote, read_pointer
+    from training.gate import pointer_record, promote, read_pointer, restore_pointer
 
     settings = get_settings()
     models_dir = settings.artifacts_dir / "models"
-    pointer = pointer_record(read_pointer(models_dir))
-    if pointer is None:
+    kept = models_dir / "production.before-full-width.json"  # the pointer `restore` puts back, as it was
+    saved = read_pointer(models_dir)
+    if saved is None:
         raise SystemExit(f"no production model in {models_dir}: run `uer train` first")
-    version, metrics = pointer["version"], Path(pointer["metrics"])
+    version, metrics = pointer_record(saved)["version"], Path(pointer_record(saved)["metrics"])
     if args.action == "restore":
-        promote(models_dir, version.removesuffix(SUFFIX), metrics)
-        print(f"production -> {version.removesuffix(SUFFIX)}")
+        if not kept.exists():
+            raise SystemExit(f"nothing to restore: {kept} is missing (run `register` first)")
+        restore_pointer(models_dir, kept.read_bytes())
+        kept.unlink()
+        print(f"production -> {pointer_record(read_pointer(models_dir))['version']}")
         return
     if version.endswith(SUFFIX):
         raise SystemExit(f"production is already {version}: run `restore` first")
-    source = registered_versions(settings)[version]
+    source = production_bundle(settings)  # the registration production names
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp)
-        shutil.copytree(source / "model", models / "model")
-        boost = json.loads((source / "boost.json").read_text())
+        shutil.copytree(source.path / "model", models / "model")
+        boost = json.loads((source.path / "boost.json").read_text())
         boost.update(serving_dim=0)
         boost.pop("validation_top_100_kept", None)
         (models / "boost.json").write_text(json.dumps(boost, indent=2))
-        encoder = source / "text_encoder"
+        encoder = source.path / "text_encoder"
         tag = register_model(settings, version + SUFFIX, models, encoder if encoder.exists() else None)
     target = registered_bundle_id(settings, version + SUFFIX, tag)
-    copy_version(settings, EMBEDDINGS, bundle_id_of(version, source), target)  # the same encodings, as exported
-    promote(models_dir, version + SUFFIX, metrics)
+    try:  # the same encodings, as its export would write them
+        copy_version(settings, EMBEDDINGS, source.bundle_id, target)
+    except LookupError:  # exported before rows were keyed by bundle
+        copy_version(settings, EMBEDDINGS, version, target)
+    kept.write_bytes(saved)
+    promote(models_dir, version + SUFFIX, metrics, {"bundle_id": target})
     print(f"registered {tag}; production -> {version + SUFFIX}")
 
 

@@ -129,11 +129,10 @@ def benchmark_users(settings: Settings, n: int = 2000) -> list[int]:
 def stored_state_share(settings: Settings, users: list[int]) -> float:
     """The share of ``users`` whose state the production model has precomputed (``uer user-states``; the
     daily DAG writes them) and the API would read on a cache miss instead of computing it."""
-    from serving.bundle import ModelBundle
-    from serving.refresh import production_model_version
+    from serving.refresh import production_bundle
     from serving.retriever import Retriever
 
-    bundle = ModelBundle.load(settings, production_model_version(settings))
+    bundle = production_bundle(settings)
     return round(len(Retriever(settings).stored_states(bundle, users)) / max(len(users), 1), 3)
 
 
@@ -583,9 +582,10 @@ def benchmark_catalogue(settings: Settings, total: int, n_queries: int, noise: f
     ``make demo``."""
     from feature_repo.warehouse import read_published
     from serving.bundle import ModelBundle
-    from serving.refresh import catalogue_with_encodings, production_model_version
+    from serving.refresh import catalogue_with_encodings, chosen_registration, production_bundle
 
-    bundle = ModelBundle.load(settings, version or production_model_version(settings))
+    bundle = ModelBundle.load(settings, *chosen_registration(settings, version)) if version else production_bundle(
+        settings)
     full = dataclasses.replace(bundle, projection=None)  # synthesized at full width (``synthetic_catalogue``)
     mark = time.perf_counter()
     products, _ = catalogue_with_encodings(settings, bundle, dt.datetime.now(dt.UTC))
