@@ -219,7 +219,7 @@ class ModelBundle:
 
     @cached_property
     def text_fingerprint(self) -> str | None:
-        """The digest of the adapted encoder's weights, saved with it (what its cached encodings are keyed by)."""
+        """The adapted encoder's fingerprint (weights, sequence length), saved with it: its cached encodings' key."""
         return saved_fingerprint(self.path / "text_encoder")
 
     def encode_texts(self, texts: list[str], config: TextEncoderConfig | None = None) -> np.ndarray:

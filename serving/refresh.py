@@ -64,6 +64,7 @@ def _read_production(settings: Settings) -> bytes:
 
 
 def production_model_version(settings: Settings) -> str:
+    """The version production names; ``ModelNotFound`` before the first promotion."""
     return pointer_version(_read_production(settings))
 
 
@@ -146,8 +147,9 @@ def roll_back(settings: Settings, forward: bool = False) -> tuple[IndexVersion, 
     """Point the alias at the previous served collection (``IndexLifecycle.rollback``; ``forward``: the next one,
     undoing a rollback) and production at its model, so the next training run is gated against the model that
     serves, not the one just taken out of service (and ``production_retriever`` evaluates the serving one).
-    Production stays where it is when the model is the same, has no registered bundle or was never promoted (no
-    kept metrics). Production moves first and is put back if the alias cannot move, so a failure of either step
+    Production stays where it is when the registration is the same, has no registered bundle or was never promoted
+    (no kept metrics); a rollback to another registration of the same version (a day retrained) moves it to that
+    one. Production moves first and is put back if the alias cannot move, so a failure of either step
     leaves both as they were. Returns the collection now serving and what became of production, in words."""
     index = IndexLifecycle(settings)
     current, target = index.rollback_target(forward)
@@ -200,8 +202,8 @@ def with_version_encodings(settings: Settings, bundle: ModelBundle,
     encoding from the bundle's own ``product_embeddings`` rows (keyed by bundle id: a day retrained under its
     version name trains another graph; none for a product its graph never saw: the tower's fallback), and the text
     encoding of each product's *current* text through the version's cache, so only new and changed texts are
-    encoded (a product whose title changed since the version encoded it gets
-    its new text's encoding). Returns the rows, which rows' encodings differ from the ones Feast read, and how
+    encoded (a product whose title changed since the version encoded it gets its new text's encoding). Returns the
+    rows, which rows' encodings differ from the ones Feast read, and how
     many texts were newly encoded. Writes nothing. A version with a graph but no rows at all is refused
     (``EncodingsMissing``): every product would take the tower's fallback, an index quietly worse than the one
     the version was promoted on, which no index check would notice."""
@@ -213,9 +215,8 @@ def with_version_encodings(settings: Settings, bundle: ModelBundle,
     if bundle.model.config.graph_dim and own.num_rows == 0:
         raise EncodingsMissing(
             f"model {bundle.model_version} ({bundle.bundle_id}) has no rows in {EMBEDDINGS} (never exported, or "
-            "pruned as retired): "
-            "its graph encodings are gone, so its product vectors cannot be rebuilt. Serve a version that has "
-            "them (`uer index status` lists what is kept) or train a new one; nothing was published")
+            "pruned as retired): its graph encodings are gone, so its product vectors cannot be rebuilt. Serve a "
+            "version that has them (`uer index status` lists what is kept) or train a new one; nothing was published")
     graph = dict(zip(own.column("product_id").to_pylist(),
                      own.column("graph_embedding").to_numpy(zero_copy_only=False), strict=True))
     products["graph_embedding"] = [graph.get(product_id) for product_id in products["product_id"]]
@@ -329,7 +330,7 @@ def publish_promoted(settings: Settings, model_version: str) -> PromotionPublish
     """The daily DAG's publication of the version its gate just promoted: its user states, then its collection
     (states first: the API serves them from its first request on the new version). None, publishing nothing, if
     production no longer names it: an operator rolled back since the gate (a DAG retry must not undo that)."""
-    from serving.user_states import publish_user_states  # it reads this module's serving_registration
+    from serving.user_states import publish_user_states  # it reads this module's chosen_registration
 
     try:
         production, bundle_id = production_registration(settings)
