@@ -155,7 +155,8 @@ def main() -> None:
     if args.only_large and previous:
         worlds = ["large"]
         result = {k: v for k, v in previous.items()
-                  if k not in ("command", "date", "machine", "large_world_attempt")}
+                  if k not in ("command", "date", "machine", "large_world_attempt", "large_world_machine")}
+        result["default_world_machine"] = previous.get("default_world_machine", previous.get("machine"))
     elif args.skip_large and previous:  # the large world's figures stay, as measured then (``large_world_note``)
         for key in ("world", "dbt_seconds", "gx_seconds", "materialize_seconds", "pipeline_seconds", "published_days",
                     "online_rows_written"):
@@ -163,6 +164,9 @@ def main() -> None:
                 result.setdefault(key, {})["large"] = previous[key]["large"]
         result |= {key: previous[key] for key in ("peak_rss_mb", "large_world_command", "large_world_note")
                    if key in previous}
+        if "large" in previous.get("world", {}):
+            result["large_world_machine"] = previous.get("large_world_machine", previous.get("machine"))
+    # ``machine`` (written with the result) is where the worlds measured now ran; the other world's is kept apart
     database = f"uer_bench_{uuid.uuid4().hex[:6]}"
     try:
         for world in worlds:
