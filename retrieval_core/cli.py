@@ -304,15 +304,26 @@ def index_publish(
 
 @index.command("status")
 def index_status() -> None:
-    """The collections kept, which one the alias serves, and their model versions."""
+    """The collections kept, which one the alias serves, their model versions, and the registration production
+    names (what the next training run is gated against, and what a publication of its version publishes)."""
+    from serving.bundle import ModelNotFound
     from serving.index import IndexLifecycle
+    from serving.refresh import awaiting_publication, production_registration
 
-    lifecycle = IndexLifecycle(get_settings())
+    settings = get_settings()
+    lifecycle = IndexLifecycle(settings)
     serving = lifecycle.serving()
     for v in lifecycle.versions():
         mark = "→" if serving is not None and v.collection == serving.collection else " "
         console.print(f"{mark} {v.collection}  model={v.model_version}  bundle={v.bundle_id}  state={v.state}  "
                       f"created={v.created_at}", soft_wrap=True)
+    try:
+        version, bundle_id = production_registration(settings)
+    except ModelNotFound:
+        console.print("production: nothing promoted yet")
+        return
+    waiting = "  (awaiting publication: the alias serves another)" if awaiting_publication(settings, version) else ""
+    console.print(f"production: {version}  bundle={bundle_id or 'its newest registration'}{waiting}", soft_wrap=True)
 
 
 def _re_point(forward: bool) -> None:

@@ -602,8 +602,8 @@ def test_a_promotion_that_was_never_published_awaits_publication(served: Setting
         pointer.write_bytes(saved)
 
 
-def test_a_rollback_to_an_earlier_registration_of_a_version_moves_production_to_it(served: Settings,
-                                                                                     tmp_path: Path) -> None:
+def test_a_rollback_to_an_earlier_registration_of_a_version_moves_production_to_it(
+        served: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A day retrained under its version name and promoted again: a rollback to the first registration's collection
     used to leave production naming just the version (read as its newest registration), so the day's rerun found
     it "awaiting publication" and published the newer one again, undoing the rollback, and the gate compared with
@@ -611,6 +611,9 @@ def test_a_rollback_to_an_earlier_registration_of_a_version_moves_production_to_
     metrics), a publication built meanwhile does not swap, and a publication publishes production's registration."""
     import json
 
+    from typer.testing import CliRunner
+
+    from retrieval_core import cli
     from serving.bundle import ModelBundle, delete_registration, registrations
     from serving.refresh import (
         awaiting_publication,
@@ -654,9 +657,13 @@ def test_a_rollback_to_an_earlier_registration_of_a_version_moves_production_to_
         assert f"production names {first}, not {second}" in publishing_second(index)  # it would not swap
         assert not awaiting_publication(served, day)  # a rerun of the day leaves the rollback be
         assert serving_registration(served) == chosen_registration(served, day) == (day, first)  # `uer index publish`
+        monkeypatch.setattr(cli, "get_settings", lambda: served)
+        status = CliRunner().invoke(cli.app, ["index", "status"])
+        assert status.exit_code == 0 and f"production: {day}  bundle={first}\n" in status.output
 
         index.rollback(forward=True)  # the alias alone back on the second's collection: production names the first
         assert awaiting_publication(served, day)
+        assert "awaiting publication" in CliRunner().invoke(cli.app, ["index", "status"]).output
         # nightly refreshes of what serves until the first's collection is pruned: production's registration stays
         # live (retention keeps its product embeddings and user states for its publication)
         refreshes = 0
