@@ -64,7 +64,14 @@ def main() -> None:
     from threadpoolctl import threadpool_limits
 
     from feature_repo.store import get_store
-    from feature_repo.warehouse import EMBEDDINGS, USER_STATES, features_dir, write_version
+    from feature_repo.warehouse import (
+        EMBEDDINGS,
+        USER_STATES,
+        WRITTEN_SOURCES,
+        features_dir,
+        version_rows,
+        write_version,
+    )
     from serving.refresh import production_bundle
     from serving.retention import prune_product_embeddings, prune_user_states
     from serving.retriever import Retriever
@@ -144,7 +151,9 @@ def main() -> None:
     # Seven retired versions' product embeddings (production's rows copied, a day older each, so production's
     # still win the join) as a week of retraining without pruning would leave them.
     source = features_dir(settings) / EMBEDDINGS
-    own = pq.read_table(source / f"version={bundle.bundle_id}").to_pandas()
+    names = WRITTEN_SOURCES[EMBEDDINGS][0].names
+    own = version_rows(settings, EMBEDDINGS, bundle.bundle_id, names)
+    own = (own if own.num_rows else version_rows(settings, EMBEDDINGS, bundle.model_version, names)).to_pandas()
 
     def catalogue_read() -> float:  # the read every refresh starts with
         mark = time.perf_counter()
@@ -168,7 +177,7 @@ def main() -> None:
     embeddings |= {"prune_seconds": round(time.perf_counter() - mark, 3),
                    "read_seconds_after_prune": min(catalogue_read() for _ in range(3)),
                    "source_mb_after_prune": source_mb()}
-    assert len(pruned) == 7, pruned
+    assert sum("-retired-" in key for key in pruned) == 7, pruned
     print(embeddings, flush=True)
 
     write_result(args.result, {

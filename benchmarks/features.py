@@ -166,6 +166,8 @@ def main() -> None:
                    if key in previous}
         if "large" in previous.get("world", {}):
             result["large_world_machine"] = previous.get("large_world_machine", previous.get("machine"))
+            result["large_world_date"] = previous.get("large_world_date", previous.get("date"))
+            result.setdefault("large_world_command", previous.get("command"))
     # ``machine`` (written with the result) is where the worlds measured now ran; the other world's is kept apart
     database = f"uer_bench_{uuid.uuid4().hex[:6]}"
     try:

@@ -44,6 +44,8 @@ def main() -> None:
     if args.action == "restore":
         if not kept.exists():
             raise SystemExit(f"nothing to restore: {kept} is missing (run `register` first)")
+        if not version.endswith(SUFFIX):  # a promotion or rollback since `register`: putting it back would undo it
+            raise SystemExit(f"production is {version}, not the full-width bundle: not restoring {kept}")
         restore_pointer(models_dir, kept.read_bytes())
         kept.unlink()
         print(f"production -> {pointer_record(read_pointer(models_dir))['version']}")

@@ -601,18 +601,18 @@ def benchmark_catalogue(settings: Settings, total: int, n_queries: int, noise: f
 
 def run_scaled(args: argparse.Namespace) -> None:
     from serving.index import IndexCheckFailed, IndexLifecycle
-    from serving.refresh import production_model_version, refresh_index
+    from serving.refresh import production_registration, refresh_index
 
     settings = get_settings()
     lifecycle = IndexLifecycle(settings)
     server_version = lifecycle.client.get_server_version()
-    version = production_model_version(settings)
+    version, bundle_id = production_registration(settings)
     figures: dict[str, object] = {}
     load_start = round(os.getloadavg()[0], 2)  # other work on the same 2 cores skews every latency here
 
     # 1. The real world, published in this server (what `uer index publish` does nightly).
     base = lifecycle.serving()
-    if base is not None and base.model_version == version:
+    if base is not None and base.model_version == version and base.bundle_id in (None, bundle_id):
         real_rows = int(lifecycle.client.query(base.collection, filter="product_id < " + str(SYNTHETIC_ID_OFFSET),
                                                output_fields=["count(*)"])[0]["count(*)"])
         total_rows = int(lifecycle.client.query(base.collection, filter="",

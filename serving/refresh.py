@@ -80,6 +80,15 @@ def registration_named(settings: Settings, saved: bytes | None) -> tuple[str, st
     return version, bundle_id
 
 
+def _pointed_registration(settings: Settings, saved: bytes | None) -> str | None:
+    """The bundle id a pointer means: the one it records, or (a pointer from before it recorded one) its version's
+    newest registration's. None: nothing promoted, or nothing registered."""
+    if (recorded := pointer_bundle_id(saved)) is not None or (version := pointer_version(saved)) is None:
+        return recorded
+    found = registrations(settings, version)
+    return found[-1].bundle_id if found else None
+
+
 def production_registration(settings: Settings) -> tuple[str, str | None]:
     """Production's ``registration_named``; ``ModelNotFound`` before the first promotion."""
     return registration_named(settings, _read_production(settings))
@@ -266,11 +275,11 @@ def unchanged_since(settings: Settings, model_version: str | None, expected_prod
     saved = read_pointer(models_dir)
     production = expected_production or pointer_version(saved)
     # and its registration: a rollback to another registration of the version moves only that
-    registration = pointer_bundle_id(saved) if pointer_version(saved) == production else None
+    registration = _pointed_registration(settings, saved) if pointer_version(saved) == production else None
 
     def production_moved(_: IndexLifecycle) -> str | None:
         now = read_pointer(models_dir)
-        promoted, promoted_registration = pointer_version(now), pointer_bundle_id(now)
+        promoted, promoted_registration = pointer_version(now), _pointed_registration(settings, now)
         if promoted == production and registration in (None, promoted_registration):
             return None
         named = (f"{promoted}, not {production}" if promoted != production

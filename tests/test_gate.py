@@ -158,3 +158,19 @@ def test_a_production_model_that_no_longer_loads_is_left_out_of_the_evaluation(t
     pointer.write_text(json.dumps({"version": "gone-20261001", "metrics": str(tmp_path / "metrics.json")}))
     assert production_retriever(settings, tmp_path / "dataset") is None
     assert "gone-20261001" in caplog.text and "does not load" in caplog.text
+
+
+def test_a_registration_never_promoted_has_no_kept_metrics_once_promotions_record_registrations(tmp_path) -> None:
+    """A rollback moves production only to a registration that was promoted (its kept metrics exist); the version's
+    shared file holds whichever registration was promoted last, so it stands in only for promotions recorded
+    before registrations were."""
+    from training.gate import kept_metrics, promote
+
+    models, metrics = tmp_path / "models", tmp_path / "metrics.json"
+    metrics.write_text('{"run": 1}')
+    promote(models, "v", metrics)  # before promotions recorded their registration
+    assert kept_metrics(models, "v", "v@earlier") == models / "v" / "metrics.json"
+    promote(models, "v", metrics, {"bundle_id": "v@first"})
+    own = kept_metrics(models, "v", "v@first")
+    assert own.exists() and own != models / "v" / "metrics.json"
+    assert not kept_metrics(models, "v", "v@never").exists()

@@ -649,6 +649,7 @@ def test_a_rollback_to_an_earlier_registration_of_a_version_moves_production_to_
         assert publish_promoted(served, day).refresh.index.bundle_id == second
         assert not awaiting_publication(served, day)
 
+        promote(models, day, tmp_path / "second" / "metrics.json")  # as written before pointers named registrations
         publishing_second = unchanged_since(served, day)  # a publication of the second, taken before the rollback
         target, said = roll_back(served)
         assert target.bundle_id == index.serving().bundle_id == first
@@ -1064,8 +1065,13 @@ def test_product_embeddings_exported_before_they_were_keyed_by_bundle_are_read_t
     copy_version(served, EMBEDDINGS, production.bundle_id, FIRST)  # as an export before the change left them
     delete_version(served, EMBEDDINGS, production.bundle_id)
     try:
-        read, changed, _ = with_version_encodings(served, production, product_features(served, dt.datetime.now(dt.UTC)))
-        assert changed.all()  # Feast's join gave every product the version-keyed row
+        joined = product_features(served, dt.datetime.now(dt.UTC))
+        assert (joined["embedding_version"] == FIRST).all()  # Feast's join gives every product the version-keyed row
+        # kept while its live bundle has no rows of its own: they are what it reads
+        every = set(written_versions(served, EMBEDDINGS))
+        assert prune_product_embeddings(served, every | {production.bundle_id}) == []
+        read, changed, _ = with_version_encodings(served, production, joined)
+        assert changed.all()
         graph = dict(zip(own["product_id"], own["graph_embedding"], strict=True))
         assert all(np.array_equal(g, graph[p]) for p, g in zip(read["product_id"], read["graph_embedding"],
                                                               strict=True) if g is not None)

@@ -194,9 +194,14 @@ def kept_metrics(models_dir: Path, version: str, bundle_id: str | None = None) -
     """Where a promoted version's metrics (and their ``report.html`` beside them) are kept, whatever run
     directory they came from: a rollback finds them here to make that version production again. With
     ``bundle_id``, that registration's own when its promotion kept them (a day retrained under its version name
-    and promoted again replaces the version's; a rollback to the first registration must take the first's)."""
-    if bundle_id is not None and (own := _registration_metrics(models_dir, version, bundle_id)).exists():
-        return own
+    and promoted again replaces the version's; a rollback to the first registration must take the first's). A
+    registration never promoted has none: the returned path does not exist."""
+    if bundle_id is not None:
+        own = _registration_metrics(models_dir, version, bundle_id)
+        # the version's own only when no promotion of it recorded its registration (promoted before they were):
+        # otherwise it holds another registration's, and this one was never promoted
+        if own.exists() or own.parent.parent.exists():
+            return own
     return models_dir / version / "metrics.json"
 
 
