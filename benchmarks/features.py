@@ -216,7 +216,7 @@ def main() -> None:
             shutil.rmtree(scratch, ignore_errors=True)
     result["reference"] = {"feast_python_server_p99_ms": 15.3}
     result["date_utc"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    command = "make bench-features" + ("  # --skip-large" if args.skip_large else "")
+    command = "python benchmarks/features.py --skip-large" if args.skip_large else "make bench-features"
     if args.only_large:
         result["large_world_command"] = "python benchmarks/features.py --only-large" + (
             f"  # raw partitions from `uer simulate --world large` (seed {world_config('large').seed})"
