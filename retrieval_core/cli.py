@@ -323,7 +323,7 @@ def index_status() -> None:
         console.print("production: nothing promoted yet")
         return
     waiting = "  (awaiting publication: the alias serves another)" if awaiting_publication(settings, version) else ""
-    console.print(f"production: {version}  bundle={bundle_id or 'its newest registration'}{waiting}", soft_wrap=True)
+    console.print(f"production: {version}  bundle={bundle_id or 'none registered'}{waiting}", soft_wrap=True)
 
 
 def _re_point(forward: bool) -> None:

@@ -69,24 +69,15 @@ def production_model_version(settings: Settings) -> str:
 
 
 def registration_named(settings: Settings, saved: bytes | None) -> tuple[str, str | None] | None:
-    """What a production pointer read by ``training.gate.read_pointer`` names, as (version, bundle id); None for the
-    bundle where the pointer records none (written before it did) or the one it records is gone from the model
-    store: the version's newest is meant. None: nothing promoted."""
+    """What a production pointer read by ``training.gate.read_pointer`` names, as (version, bundle id): the bundle
+    it records, or its version's newest registration where it records none (written before it did) or the one it
+    records is gone from the model store; None for the bundle when the version has no registration. None: nothing
+    promoted. The one reading of a pointer's registration (every caller compares or loads what this returns)."""
     if (version := pointer_version(saved)) is None:
         return None
-    bundle_id = pointer_bundle_id(saved)
-    if bundle_id is not None and bundle_id not in {r.bundle_id for r in registrations(settings, version)}:
-        bundle_id = None
-    return version, bundle_id
-
-
-def _pointed_registration(settings: Settings, saved: bytes | None) -> str | None:
-    """The bundle id a pointer means: the one it records, or (a pointer from before it recorded one) its version's
-    newest registration's. None: nothing promoted, or nothing registered."""
-    if (recorded := pointer_bundle_id(saved)) is not None or (version := pointer_version(saved)) is None:
-        return recorded
-    found = registrations(settings, version)
-    return found[-1].bundle_id if found else None
+    found = [r.bundle_id for r in registrations(settings, version)]
+    recorded = pointer_bundle_id(saved)
+    return version, recorded if recorded in found else (found[-1] if found else None)
 
 
 def production_registration(settings: Settings) -> tuple[str, str | None]:
@@ -144,12 +135,10 @@ def awaiting_publication(settings: Settings, model_version: str) -> bool:
         version, bundle_id = production_registration(settings)
     except ModelNotFound:
         return False
-    found = registrations(settings, model_version)
-    if version != model_version or not found:  # not production, or nothing to publish it with
+    if version != model_version or bundle_id is None:  # not production, or nothing to publish it with
         return False
     served = IndexLifecycle(settings).serving()
-    return served is None or served.model_version != model_version or served.bundle_id not in (
-        None, bundle_id or found[-1].bundle_id)
+    return served is None or served.model_version != model_version or served.bundle_id not in (None, bundle_id)
 
 
 def roll_back(settings: Settings, forward: bool = False) -> tuple[IndexVersion, str]:
@@ -164,11 +153,10 @@ def roll_back(settings: Settings, forward: bool = False) -> tuple[IndexVersion, 
     current, target = index.rollback_target(forward)
     models_dir = settings.artifacts_dir / "models"
     before = read_pointer(models_dir)  # once: the version it names is the one a failed swap puts back
-    production = pointer_version(before)
+    production, production_bundle = registration_named(settings, before) or (None, None)
     found = registrations(settings)
     newest = {r.model_version: r.bundle_id for r in found}  # oldest first: the newest wins
     registered = {r.bundle_id for r in found}
-    production_bundle = pointer_bundle_id(before) or newest.get(production)
     metrics = kept_metrics(models_dir, target.model_version, target.bundle_id)
     if target.model_version == production and target.bundle_id in (None, production_bundle):
         said = f"production stays {production}"
@@ -272,14 +260,13 @@ def unchanged_since(settings: Settings, model_version: str | None, expected_prod
 
         return alias_moved
     models_dir = settings.artifacts_dir / "models"
-    saved = read_pointer(models_dir)
-    production = expected_production or pointer_version(saved)
+    named, registration = registration_named(settings, read_pointer(models_dir)) or (None, None)
+    production = expected_production or named
     # and its registration: a rollback to another registration of the version moves only that
-    registration = _pointed_registration(settings, saved) if pointer_version(saved) == production else None
+    registration = registration if named == production else None
 
     def production_moved(_: IndexLifecycle) -> str | None:
-        now = read_pointer(models_dir)
-        promoted, promoted_registration = pointer_version(now), _pointed_registration(settings, now)
+        promoted, promoted_registration = registration_named(settings, read_pointer(models_dir)) or (None, None)
         if promoted == production and registration in (None, promoted_registration):
             return None
         named = (f"{promoted}, not {production}" if promoted != production

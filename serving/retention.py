@@ -29,9 +29,9 @@ from feature_repo.warehouse import EMBEDDINGS, USER_STATES, delete_version, vers
 from retrieval_core.settings import Settings
 from serving.bundle import delete_registration, registrations
 from serving.index import IndexLifecycle
-from serving.refresh import encoding_cache_path
+from serving.refresh import encoding_cache_path, registration_named
 from serving.user_states import delete_online_states
-from training.gate import pointer_bundle_id, pointer_version, read_pointer
+from training.gate import read_pointer
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +53,15 @@ def live(settings: Settings) -> Live:
     collection (a rollback can serve an earlier registration of a version). Raises if Milvus cannot be listed:
     nothing may be deleted on a guess."""
     collections = IndexLifecycle(settings).versions()
-    pointer = read_pointer(settings.artifacts_dir / "models")
-    production = pointer_version(pointer)
+    production, production_bundle = registration_named(settings, read_pointer(settings.artifacts_dir / "models")) or (
+        None, None)
     found = registrations(settings)  # oldest first
     promoted_at = max((r.created for r in found if r.model_version == production), default=None)
     versions = {c.model_version for c in collections} | ({production} if production else set()) | {
         r.model_version for r in found if promoted_at is None or r.created > promoted_at}
     newest = {r.model_version: r for r in found}
     bundle_ids = {newest[version].bundle_id for version in versions if version in newest} | {
-        c.bundle_id for c in collections if c.bundle_id} | ({pointer_bundle_id(pointer)} - {None})
+        c.bundle_id for c in collections if c.bundle_id} | ({production_bundle} - {None})
     return Live(versions, bundle_ids)
 
 

@@ -5,7 +5,7 @@
   queries): one pass of in-batch softmax (multiple-negatives ranking) over query/product-text pairs.
 * ``EmbeddingCache``: encodings keyed by a hash of (encoder version, text), so a nightly refresh only
   encodes new or changed product text; a model version's cache (``version_cache``) also keys by a digest of
-  its adapted encoder's weights, saved beside it (``save_adapted``).
+  its adapted encoder's weights and sequence length, saved beside it (``save_adapted``).
 * speed (``encode``): titles are short, so sequences are cut at ``max_seq_length`` tokens; the texts
   are tokenised once, sorted by token length and cut into batches of about ``bucket_tokens`` padded
   tokens each (short titles go in big batches, long ones in small, and almost nothing is padding),
