@@ -59,6 +59,8 @@ def build_feature_day(settings: Settings, ds: dt.date) -> FeatureDayReport:
     # An earlier day built again publishes its own partitions only: the whole-table marts (training examples, query
     # stats) were built as of it, and the offline store keeps them as of the latest day.
     marts = warehouse.DAILY_MARTS if later_day_published(settings, ds) else warehouse.MARTS
+    if republished := sorted(set(days) & set(warehouse.published_days(settings))):
+        store.note_replaced_entities(settings, republished)
     rows = timed("publish", warehouse.publish_days, settings, days, marts)
     timed("apply", store.apply, settings)
     log.info("features %s: materialise", ds)

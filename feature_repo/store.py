@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import io
+import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,11 @@ def store_config(settings: Settings, secrets: bool = True) -> dict[str, Any]:
     if settings.online_store == "redis":
         conn = redis.connection_string() if secrets or not redis.password else \
             f"{redis.host}:{redis.port},db={redis.db},password=${{UER_REDIS__PASSWORD}}"
-        online = {"type": "redis", "connection_string": conn}
+        # Every writer here already picks the row that belongs online (materialize: each entity's newest row, and an
+        # entity a day published again no longer holds gets its older row back); Feast's Redis writer would keep the
+        # stored row on an equal or newer timestamp, so a corrected day never reached Redis. Without that check
+        # Redis takes what is written, as the SQLite store does.
+        online = {"type": "redis", "connection_string": conn, "skip_dedup": True}
     else:
         online = {"type": "sqlite", "path": str(feast_dir(settings) / "online.db")}
     return {"project": PROJECT, "provider": "local", "registry": registry, "offline_store": offline,
@@ -89,6 +95,53 @@ def apply(settings: Settings) -> list[str]:
     return [getattr(o, "name", str(o)) for o in objects]
 
 
+def replaced_entities_path(settings: Settings, view: str) -> Path:
+    return settings.data_dir / "replaced_entities" / f"{view}.json"
+
+
+def note_replaced_entities(settings: Settings, days: list[dt.date], views: tuple[str, ...] = PIPELINE_VIEWS) -> None:
+    """Before published ``days`` are published again: record, per view, the entities their rows name now, so that
+    the next materialisation can take back the online row of any entity the new rows no longer hold (a corrected
+    day that dropped a user's events). Kept on disk until that materialisation is recorded: a crash after the
+    publish, whose rerun reads the new rows only, still knows them."""
+    from feature_repo.warehouse import published_keys
+
+    store = get_store(settings)
+    for name in views:
+        key = store.get_feature_view(name).entity_columns[0].name
+        path = replaced_entities_path(settings, name)
+        noted = set(json.loads(path.read_text())) if path.exists() else set()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(sorted(noted | published_keys(settings, name, key, days))))
+        os.replace(tmp, path)
+
+
+def _take_back_replaced(settings: Settings, store: Any, name: str, columns: list[str], written: set,
+                        window_end: dt.datetime, chunk_rows: int) -> int:
+    """The entities noted by :func:`note_replaced_entities` that this window did not write: each gets its newest
+    row inside the view's TTL at ``window_end`` back online, or, with none left, leaves the online store. Returns
+    how many entities changed."""
+    from feature_repo.warehouse import latest_rows
+
+    path = replaced_entities_path(settings, name)
+    if not path.exists():
+        return 0
+    stale = set(json.loads(path.read_text())) - written
+    if not stale:
+        return 0
+    view = store.get_feature_view(name)
+    key = columns[0]
+    oldest = window_end - view.ttl if view.ttl else dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    found: set = set()
+    for chunk in latest_rows(settings, name, key, columns, oldest, window_end, chunk_rows, only=sorted(stale)):
+        store.write_to_online_store(name, chunk.to_pandas(types_mapper=pd.ArrowDtype))
+        found.update(chunk[key].to_pylist())
+    if gone := stale - found:
+        delete_online_rows(store, name, [{key: entity} for entity in sorted(gone)])
+    return len(stale)
+
+
 def materialize(settings: Settings, start: dt.datetime, end: dt.datetime,
                 views: tuple[str, ...] = PIPELINE_VIEWS, chunk_rows: int = ONLINE_WRITE_CHUNK_ROWS) -> dict[str, int]:
     """Load the window ``[start, end]`` of each view into the online store, as ``feast materialize`` does,
@@ -105,8 +158,10 @@ def materialize(settings: Settings, start: dt.datetime, end: dt.datetime,
     recorded in the registry exactly as Feast records it (``apply_materialization``), so
     ``most_recent_end_time`` and ``feast materialize-incremental`` carry on from here.
 
-    Two differences from Feast. A window that ends before the view's last recorded end (an earlier day built
-    again) runs on to that end, so rows already online are never replaced by older ones. And before the window
+    Three differences from Feast. A window that ends before the view's last recorded end (an earlier day built
+    again) runs on to that end, so rows already online are never replaced by older ones. An entity that a day
+    published again no longer holds (:func:`note_replaced_entities`) gets its newest remaining row back, or leaves
+    the online store (Feast would leave the replaced row online). And before the window
     is recorded, the view's entities that have aged past its TTL at its end leave the online store
     (:func:`expire_online_rows`): Feast applies no TTL on online reads, so a user inactive for longer would
     be served the history that training's point-in-time join no longer returns (a skew), and other teams
@@ -131,10 +186,17 @@ def materialize(settings: Settings, start: dt.datetime, end: dt.datetime,
         # Feast would write the window's rows over newer ones (SQLite overwrites; Redis keeps equal timestamps).
         last_end = _utc(view.most_recent_end_time) if view.most_recent_end_time else None
         window_end = max(end, last_end) if last_end else end
+        noted = replaced_entities_path(settings, name).exists()
+        written_keys: set = set()
         for chunk in latest_rows(settings, name, keys[0], columns, start, window_end, chunk_rows):
             # Arrow-backed columns: Feast turns the frame back into exactly these Arrow arrays.
             store.write_to_online_store(name, chunk.to_pandas(types_mapper=pd.ArrowDtype))
             written[name] += chunk.num_rows
+            if noted:
+                written_keys.update(chunk[keys[0]].to_pylist())
+        if replaced := _take_back_replaced(settings, store, name, columns, written_keys, window_end, chunk_rows):
+            log.info("%s: %d entities that a day published again no longer holds took back an older row or left "
+                     "the online store", name, replaced)
         # Before the window is recorded: a crash in between makes the next run redo both. Entities whose newest
         # row is older than this window and the last recorded end (a gap: days never built) aged out since then.
         since = min(start, last_end) if last_end else start
@@ -142,6 +204,7 @@ def materialize(settings: Settings, start: dt.datetime, end: dt.datetime,
         if expired:
             log.info("%s: %d entities aged past the view's TTL left the online store", name, expired)
         store.registry.apply_materialization(view, store.project, start, window_end)
+        replaced_entities_path(settings, name).unlink(missing_ok=True)
     return written
 
 

@@ -276,6 +276,19 @@ def published_rows(settings: Settings, mart: str, ds: dt.date) -> int:
 
 
 
+def published_keys(settings: Settings, mart: str, key: str, days: list[dt.date]) -> set:
+    """The distinct ``key`` values of a daily mart's published rows of ``days``."""
+    if settings.offline_store == "duckdb":
+        paths = [path for day in days if (path := published_path(settings, mart, day)).exists()]
+        return {k for path in paths for k in pq.read_table(path, columns=[key])[key].to_pylist()}
+    with postgres(settings) as conn:
+        exists = conn.execute("select to_regclass(%s)", (f"{FEATURES_SCHEMA}.{mart}",)).fetchone()[0]
+        if exists is None:
+            return set()
+        rows = conn.execute(f'select distinct "{key}" from {FEATURES_SCHEMA}.{mart} where ds = any(%s)', (days,))
+        return {row[0] for row in rows}
+
+
 def read_published(settings: Settings, mart: str) -> pd.DataFrame:
     """A published mart as the offline store holds it (every published day of a daily mart)."""
     if settings.offline_store == "duckdb":
@@ -299,10 +312,11 @@ _ARROW_FROM_PG = {"int8": pa.int64(), "int4": pa.int32(), "float8": pa.float64()
 
 
 def latest_rows(settings: Settings, mart: str, key: str, columns: list[str], start: dt.datetime,
-                end: dt.datetime, chunk_rows: int) -> Iterator[pa.Table]:
+                end: dt.datetime, chunk_rows: int, only: list | None = None) -> Iterator[pa.Table]:
     """The newest published row of ``mart`` per ``key`` among rows with ``start <= event_timestamp <= end``
     (what Feast's ``pull_latest_from_table_or_query`` selects for a materialisation window), as Arrow
-    tables of at most ``chunk_rows`` rows. Ties on the timestamp keep one row per key.
+    tables of at most ``chunk_rows`` rows. Ties on the timestamp keep one row per key. With ``only``, the
+    rows of those keys alone.
 
     Locally DuckDB reads the published parquet partitions (the timestamp filter is pushed into the scan,
     so row groups outside the window are skipped by their statistics) and spills to disk past
@@ -317,10 +331,12 @@ def latest_rows(settings: Settings, mart: str, key: str, columns: list[str], sta
         tmp.mkdir(parents=True, exist_ok=True)
         with duckdb.connect(config={"memory_limit": LATEST_ROWS_MEMORY_LIMIT, "temp_directory": str(tmp),
                                     "preserve_insertion_order": False}) as con:
+            keys = "" if only is None else f'and list_contains(?, "{key}") '
             sql = (f"select {cols} from read_parquet('{files}', hive_partitioning = false) "
-                   f"where event_timestamp between ? and ? "
+                   f"where event_timestamp between ? and ? {keys}"
                    f'qualify row_number() over (partition by "{key}" order by event_timestamp desc) = 1')
-            for batch in con.sql(sql, params=[start, end]).to_arrow_reader(chunk_rows):
+            params = [start, end] if only is None else [start, end, list(only)]
+            for batch in con.sql(sql, params=params).to_arrow_reader(chunk_rows):
                 if batch.num_rows:
                     yield pa.Table.from_batches([batch])
         return
@@ -330,11 +346,12 @@ def latest_rows(settings: Settings, mart: str, key: str, columns: list[str], sta
         if not types:
             return
         schema = pa.schema([(c, _ARROW_FROM_PG[types[c]]) for c in columns])
+        keys = "" if only is None else f'and "{key}" = any(%s) '
         sql = (f"select distinct on (\"{key}\") {cols} from {FEATURES_SCHEMA}.{mart} "
-               f"where event_timestamp between %s and %s order by \"{key}\", event_timestamp desc")
+               f"where event_timestamp between %s and %s {keys}order by \"{key}\", event_timestamp desc")
         with conn.cursor(name=f"latest_{mart}") as cur:  # server-side: rows arrive chunk by chunk
             cur.itersize = chunk_rows
-            cur.execute(sql, (start, end))
+            cur.execute(sql, (start, end) if only is None else (start, end, list(only)))
             while rows := cur.fetchmany(chunk_rows):
                 yield pa.Table.from_pylist([dict(zip(columns, row, strict=True)) for row in rows], schema=schema)
 

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
+import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from feature_repo import store
 from feature_repo.warehouse import read_published
+from retrieval_core.contract import partition_path
 from retrieval_core.settings import Settings
 from retrieval_core.simulator import simulate, world_config
 
@@ -75,3 +81,29 @@ def assert_online_is_point_in_time(settings: Settings, at: dt.datetime, view: st
         assert got == expected, f"{view} {key}={entity_id}: online {got} != point-in-time {expected}"
         with_features += any(v is not None for v in got.values())
     return with_features
+
+
+def correct_raw_day(settings: Settings, day: dt.date) -> tuple[Path, dict[str, int]]:
+    """Rewrite ``day``'s raw events as a late correction of that day would, in place: every event of a user whose
+    newest history row is that day but who was active before it goes (their newest row becomes an older one), every
+    event of a user active only that day goes (no row is left), and another user's queries are renamed (their row
+    keeps its timestamp with new values). Returns the original partition's backup and those users."""
+    history = read_published(settings, "user_history")
+    newest = pd.to_datetime(history["ds"]).dt.date.groupby(history["user_id"]).agg(["max", "count"])
+    on_day = newest[newest["max"] == day]
+    earlier, only_day = on_day[on_day["count"] > 1].index, on_day[on_day["count"] == 1].index
+    assert len(earlier) >= 2 and len(only_day) >= 1, "the tiny world should have such users on that day"
+    users = {"dropped_with_earlier_rows": int(earlier[0]), "dropped_entirely": int(only_day[0]),
+             "renamed_queries": int(earlier[1])}
+    path = partition_path(settings.raw_dir, "events", day)
+    backup = path.with_suffix(".orig")
+    shutil.copy(path, backup)
+    events = pq.read_table(path)
+    user = events["user_id"]
+    keep = pc.invert(pc.fill_null(pc.is_in(user, pa.array([users["dropped_with_earlier_rows"],
+                                                          users["dropped_entirely"]])), False))
+    renamed = pc.fill_null(pc.equal(user, users["renamed_queries"]), False)
+    events = events.set_column(events.schema.get_field_index("query"), "query",
+                               pc.if_else(renamed, pa.scalar("corrected lamp query"), events["query"]))
+    pq.write_table(events.filter(keep), path)
+    return backup, users

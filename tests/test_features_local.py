@@ -35,6 +35,7 @@ from tests.feature_helpers import (
     NEXT_DAY,
     VIEW_KEYS,
     assert_online_is_point_in_time,
+    correct_raw_day,
     online_snapshot,
 )
 
@@ -148,6 +149,34 @@ def test_rebuilding_an_earlier_day_works_and_keeps_the_newer_rows_online(local: 
     before, online_before = _digest(files), online_snapshot(local)
     report = build_feature_day(local, days[-2])
     assert report.published_days == [days[-2]]
+    assert _digest(files) == before and online_snapshot(local) == online_before
+
+
+def test_a_corrected_earlier_day_built_again_after_a_crash_takes_back_what_it_no_longer_holds(
+        local: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An earlier day's raw events corrected after later days were published, and the day built again, with a crash
+    between its publish and its materialisation: the rerun still knows which entities the replaced rows named (noted
+    before the publish), so every online row is again the point-in-time join at the last window's end — a user whose
+    events went falls back to their older row, one with no row left has none. Restoring the events and building the
+    day once more gives back the original offline and online stores."""
+    days = published_days(local)
+    files = sorted(features_dir(local).rglob("*.parquet"))
+    before, online_before = _digest(files), online_snapshot(local)
+    end = store.get_store(local).get_feature_view("user_history").most_recent_end_time
+    backup, users = correct_raw_day(local, days[-2])
+    try:
+        with monkeypatch.context() as crash:
+            crash.setattr(store, "materialize", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed")))
+            with pytest.raises(RuntimeError, match="killed"):
+                build_feature_day(local, days[-2])
+        build_feature_day(local, days[-2])
+        for view in store.PIPELINE_VIEWS:
+            assert assert_online_is_point_in_time(local, end, view) > 50
+        dropped, gone, renamed = store.online_user_history(local, list(users.values()))["recent_queries"]
+        assert renamed[0] == "corrected lamp query" and dropped and gone is None
+    finally:
+        shutil.move(backup, backup.with_suffix(".parquet"))
+    build_feature_day(local, days[-2])
     assert _digest(files) == before and online_snapshot(local) == online_before
 
 

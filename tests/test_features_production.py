@@ -5,6 +5,7 @@ unreachable these tests fail: they are never skipped."""
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 import uuid
 from collections.abc import Iterator
 
@@ -17,7 +18,14 @@ from feature_repo import store
 from feature_repo.stages import FIRST_MATERIALIZATION_START, build_feature_day, closed_at
 from feature_repo.warehouse import FEATURES_SCHEMA, postgres, published_days
 from retrieval_core.settings import Settings
-from tests.feature_helpers import FIRST_BUILD, NEXT_DAY, assert_online_is_point_in_time, online_snapshot, simulate_tiny
+from tests.feature_helpers import (
+    FIRST_BUILD,
+    NEXT_DAY,
+    assert_online_is_point_in_time,
+    correct_raw_day,
+    online_snapshot,
+    simulate_tiny,
+)
 
 REDIS_DB = 2
 
@@ -144,3 +152,25 @@ def test_written_sources_are_replaced_per_version_in_postgres_and_read_per_bundl
     assert written_versions(production, USER_STATES) == ["v@b"] and version_keys(production, USER_STATES, "v@a",
                                                                                    "user_id") == []
 
+
+
+def test_a_corrected_day_built_again_reaches_redis_and_drops_what_it_no_longer_holds(production: Settings) -> None:
+    """A day's raw events corrected after it was published, and the day built again (an Airflow clear): every
+    user's online row is again the point-in-time join — the renamed queries replace the row Redis holds for the same
+    event timestamp (Feast's Redis writer keeps the stored row on equal timestamps), a user whose events all went
+    falls back to their older row, one with no row left has none online. Restoring the events and building the day
+    once more gives back the original online store."""
+    before = online_snapshot(production)
+    end = store.get_store(production).get_feature_view("user_history").most_recent_end_time
+    backup, users = correct_raw_day(production, NEXT_DAY)
+    try:
+        build_feature_day(production, NEXT_DAY)
+        assert assert_online_is_point_in_time(production, end) > 50
+        assert assert_online_is_point_in_time(production, end, "product_quality") > 50
+        online = store.online_user_history(production, list(users.values()))
+        dropped, gone, renamed = online["recent_queries"]  # in the order of ``users``
+        assert renamed[0] == "corrected lamp query" and dropped and gone is None, online
+    finally:
+        shutil.move(backup, backup.with_suffix(".parquet"))
+    build_feature_day(production, NEXT_DAY)
+    assert online_snapshot(production) == before
