@@ -284,7 +284,7 @@ def train_command(
     console.print(f"artefacts: {where}")
 
 
-index = typer.Typer(help="The Milvus product index: publish (refresh), status, rollback, rollforward.",
+index = typer.Typer(help="The Milvus product index: publish (refresh), status, rollback, rollforward, prune.",
                     no_args_is_help=True)
 app.add_typer(index, name="index")
 
@@ -324,6 +324,17 @@ def index_status() -> None:
         return
     waiting = "  (awaiting publication: the alias serves another)" if awaiting_publication(settings, version) else ""
     console.print(f"production: {version}  bundle={bundle_id or 'none registered'}{waiting}", soft_wrap=True)
+
+
+@index.command("prune")
+def index_prune() -> None:
+    """Drop the collections no rollback can reach: crashed builds and publications older than the serving one (once
+    older than ``milvus.unfinished_grace_s``) and served ones beyond the newest ``milvus.keep_previous``; never one an
+    alias points to. Each publication does this after its swap; this is for a crash nothing published after."""
+    from serving.index import IndexLifecycle
+
+    dropped = IndexLifecycle(get_settings()).prune()
+    console.print(f"dropped {len(dropped)} collection(s){': ' + ', '.join(dropped) if dropped else ''}", soft_wrap=True)
 
 
 def _re_point(forward: bool) -> None:
