@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import io
-import json
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -49,11 +47,7 @@ def store_config(settings: Settings, secrets: bool = True) -> dict[str, Any]:
     if settings.online_store == "redis":
         conn = redis.connection_string() if secrets or not redis.password else \
             f"{redis.host}:{redis.port},db={redis.db},password=${{UER_REDIS__PASSWORD}}"
-        # Every writer here already picks the row that belongs online (materialize: each entity's newest row, and an
-        # entity a day published again no longer holds gets its older row back); Feast's Redis writer would keep the
-        # stored row on an equal or newer timestamp, so a corrected day never reached Redis. Without that check
-        # Redis takes what is written, as the SQLite store does.
-        online = {"type": "redis", "connection_string": conn, "skip_dedup": True}
+        online = {"type": "redis", "connection_string": conn}
     else:
         online = {"type": "sqlite", "path": str(feast_dir(settings) / "online.db")}
     return {"project": PROJECT, "provider": "local", "registry": registry, "offline_store": offline,
@@ -95,39 +89,28 @@ def apply(settings: Settings) -> list[str]:
     return [getattr(o, "name", str(o)) for o in objects]
 
 
-def replaced_entities_path(settings: Settings, view: str) -> Path:
-    return settings.data_dir / "replaced_entities" / f"{view}.json"
-
-
 def note_replaced_entities(settings: Settings, days: list[dt.date], views: tuple[str, ...] = PIPELINE_VIEWS) -> None:
-    """Before published ``days`` are published again: record, per view, the entities their rows name now, so that
-    the next materialisation can take back the online row of any entity the new rows no longer hold (a corrected
-    day that dropped a user's events). Kept on disk until that materialisation is recorded: a crash after the
+    """Before published ``days`` are published again (a corrected day built again): note, per view, the entities
+    their rows name now (``warehouse.note_published_keys``: beside the published marts, in Postgres in production).
+    The next materialisation lets their new rows replace the online ones whatever their timestamps, and gives back
+    the online row of any entity the new rows no longer hold; the note is kept until then, so a crash after the
     publish, whose rerun reads the new rows only, still knows them."""
-    from feature_repo.warehouse import published_keys
+    from feature_repo.warehouse import note_published_keys
 
     store = get_store(settings)
     for name in views:
-        key = store.get_feature_view(name).entity_columns[0].name
-        path = replaced_entities_path(settings, name)
-        noted = set(json.loads(path.read_text())) if path.exists() else set()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(sorted(noted | published_keys(settings, name, key, days))))
-        os.replace(tmp, path)
+        noted = note_published_keys(settings, name, store.get_feature_view(name).entity_columns[0].name, days)
+        log.info("%s: %d entities noted before their day is published again", name, noted)
 
 
-def _take_back_replaced(settings: Settings, store: Any, name: str, columns: list[str], written: set,
+def _take_back_replaced(settings: Settings, store: Any, name: str, columns: list[str], noted: set, written: set,
                         window_end: dt.datetime, chunk_rows: int) -> int:
-    """The entities noted by :func:`note_replaced_entities` that this window did not write: each gets its newest
+    """The ``noted`` entities (:func:`note_replaced_entities`) that this window did not write: each gets its newest
     row inside the view's TTL at ``window_end`` back online, or, with none left, leaves the online store. Returns
-    how many entities changed."""
+    how many entities that was."""
     from feature_repo.warehouse import latest_rows
 
-    path = replaced_entities_path(settings, name)
-    if not path.exists():
-        return 0
-    stale = set(json.loads(path.read_text())) - written
+    stale = noted - written
     if not stale:
         return 0
     view = store.get_feature_view(name)
@@ -159,14 +142,15 @@ def materialize(settings: Settings, start: dt.datetime, end: dt.datetime,
     ``most_recent_end_time`` and ``feast materialize-incremental`` carry on from here.
 
     Three differences from Feast. A window that ends before the view's last recorded end (an earlier day built
-    again) runs on to that end, so rows already online are never replaced by older ones. An entity that a day
-    published again no longer holds (:func:`note_replaced_entities`) gets its newest remaining row back, or leaves
-    the online store (Feast would leave the replaced row online). And before the window
+    again) runs on to that end, so rows already online are never replaced by older ones. A day published again
+    (:func:`note_replaced_entities`) replaces its entities' online rows also where the timestamp is the same (Feast's
+    Redis writer keeps the stored row then), and an entity it no longer holds gets its newest remaining row back or
+    leaves the online store (Feast would leave the replaced row online). And before the window
     is recorded, the view's entities that have aged past its TTL at its end leave the online store
     (:func:`expire_online_rows`): Feast applies no TTL on online reads, so a user inactive for longer would
     be served the history that training's point-in-time join no longer returns (a skew), and other teams
     would read stale 30-day counts."""
-    from feature_repo.warehouse import latest_rows
+    from feature_repo.warehouse import clear_noted_keys, latest_rows, noted_keys
 
     start, end = _utc(start), _utc(end)
     if start > end:
@@ -186,7 +170,9 @@ def materialize(settings: Settings, start: dt.datetime, end: dt.datetime,
         # Feast would write the window's rows over newer ones (SQLite overwrites; Redis keeps equal timestamps).
         last_end = _utc(view.most_recent_end_time) if view.most_recent_end_time else None
         window_end = max(end, last_end) if last_end else end
-        noted = replaced_entities_path(settings, name).exists()
+        noted = noted_keys(settings, name)
+        if noted:  # their rows of a day published again replace the online ones, also at an equal or older timestamp
+            forget_online_timestamps(store, name, [{keys[0]: entity} for entity in sorted(noted)])
         written_keys: set = set()
         for chunk in latest_rows(settings, name, keys[0], columns, start, window_end, chunk_rows):
             # Arrow-backed columns: Feast turns the frame back into exactly these Arrow arrays.
@@ -194,9 +180,9 @@ def materialize(settings: Settings, start: dt.datetime, end: dt.datetime,
             written[name] += chunk.num_rows
             if noted:
                 written_keys.update(chunk[keys[0]].to_pylist())
-        if replaced := _take_back_replaced(settings, store, name, columns, written_keys, window_end, chunk_rows):
+        if gone := _take_back_replaced(settings, store, name, columns, noted, written_keys, window_end, chunk_rows):
             log.info("%s: %d entities that a day published again no longer holds took back an older row or left "
-                     "the online store", name, replaced)
+                     "the online store", name, gone)
         # Before the window is recorded: a crash in between makes the next run redo both. Entities whose newest
         # row is older than this window and the last recorded end (a gap: days never built) aged out since then.
         since = min(start, last_end) if last_end else start
@@ -204,7 +190,7 @@ def materialize(settings: Settings, start: dt.datetime, end: dt.datetime,
         if expired:
             log.info("%s: %d entities aged past the view's TTL left the online store", name, expired)
         store.registry.apply_materialization(view, store.project, start, window_end)
-        replaced_entities_path(settings, name).unlink(missing_ok=True)
+        clear_noted_keys(settings, name)
     return written
 
 
@@ -306,12 +292,25 @@ def service_join_keys(store: Any, service: Any) -> list[str]:
 _DELETE_CHUNK = 5000
 
 
+def forget_online_timestamps(store: Any, view_name: str, entity_rows: list[dict[str, Any]]) -> int:
+    """Let the next write of ``view_name``'s rows of these entities replace the online ones whatever their event
+    timestamps; returns how many entities were asked for. Feast's Redis writer keeps a stored row whose timestamp is
+    equal to or newer than the written one — so a day built again from corrected raw data (its rows carry the same
+    timestamp) never reached Redis — and reads a row without a timestamp as written at the epoch: this removes the
+    timestamp and leaves the values served until they are replaced. SQLite's writer overwrites anyway."""
+    return _edit_online_rows(store, view_name, entity_rows, timestamps_only=True)
+
+
 def delete_online_rows(store: Any, view_name: str, entity_rows: list[dict[str, Any]]) -> int:
     """Delete ``view_name``'s online rows of these entities; returns how many entities were asked for.
 
     Feast has no API to delete single rows (only whole tables), so this encodes each entity key as the
     online store's own writer does (``serialize_entity_key``, the store's table or hash-field names) for
     the two online stores of the settings: SQLite (embedded) and Redis (production)."""
+    return _edit_online_rows(store, view_name, entity_rows, timestamps_only=False)
+
+
+def _edit_online_rows(store: Any, view_name: str, entity_rows: list[dict[str, Any]], timestamps_only: bool) -> int:
     from feast.infra.key_encoding_utils import serialize_entity_key
     from feast.infra.online_stores.helpers import _mmh3, _redis_key, compute_table_id
     from feast.infra.online_stores.redis import RedisOnlineStore, _versioned_fv_name
@@ -329,6 +328,8 @@ def delete_online_rows(store: Any, view_name: str, entity_rows: list[dict[str, A
     online = store._get_provider().online_store  # noqa: SLF001 - the configured online store instance
     versioning = config.registry.enable_online_feature_view_versioning
     if isinstance(online, SqliteOnlineStore):
+        if timestamps_only:  # its writer replaces a row whatever its timestamp
+            return len(keys)
         conn = online._get_conn(config)  # noqa: SLF001
         table = compute_table_id(config.project, view, versioning)
         with conn:
@@ -339,7 +340,8 @@ def delete_online_rows(store: Any, view_name: str, entity_rows: list[dict[str, A
     elif isinstance(online, RedisOnlineStore):
         client = online._get_client(config.online_store)  # noqa: SLF001
         name = _versioned_fv_name(view, config)
-        fields = [_mmh3(f"{name}:{feature.name}") for feature in view.features] + [f"_ts:{name}".encode()]
+        fields = [] if timestamps_only else [_mmh3(f"{name}:{feature.name}") for feature in view.features]
+        fields.append(f"_ts:{name}".encode())
         for start in range(0, len(keys), _DELETE_CHUNK):
             with client.pipeline(transaction=False) as pipe:
                 for key in keys[start:start + _DELETE_CHUNK]:

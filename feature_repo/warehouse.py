@@ -276,17 +276,61 @@ def published_rows(settings: Settings, mart: str, ds: dt.date) -> int:
 
 
 
-def published_keys(settings: Settings, mart: str, key: str, days: list[dt.date]) -> set:
-    """The distinct ``key`` values of a daily mart's published rows of ``days``."""
+# Entities whose published rows of a day are about to be replaced, per view, until the online store has caught up
+# (feature_repo.store.note_replaced_entities): beside the published marts, so that a retry on another worker finds it.
+REPLACED_ENTITIES = "replaced_entities"
+
+
+def _notes_path(settings: Settings, mart: str) -> Path:
+    return features_dir(settings) / "_replaced_entities" / f"{mart}.json"
+
+
+def note_published_keys(settings: Settings, mart: str, key: str, days: list[dt.date]) -> int:
+    """Add the ``key`` values of a daily mart's published rows of ``days`` to its note (kept with what the note
+    holds already: a crash after the publish leaves its rerun only the new rows to read). Returns the note's size."""
     if settings.offline_store == "duckdb":
         paths = [path for day in days if (path := published_path(settings, mart, day)).exists()]
-        return {k for path in paths for k in pq.read_table(path, columns=[key])[key].to_pylist()}
+        keys = {k for path in paths for k in pq.read_table(path, columns=[key])[key].to_pylist()} | noted_keys(
+            settings, mart)
+        note = _notes_path(settings, mart)
+        note.parent.mkdir(parents=True, exist_ok=True)
+        tmp = note.with_name(f".{note.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(sorted(keys)))
+        os.replace(tmp, note)
+        return len(keys)
     with postgres(settings) as conn:
-        exists = conn.execute("select to_regclass(%s)", (f"{FEATURES_SCHEMA}.{mart}",)).fetchone()[0]
-        if exists is None:
+        conn.execute(f"create table if not exists {FEATURES_SCHEMA}.{REPLACED_ENTITIES} "
+                     "(mart text not null, entity bigint not null, primary key (mart, entity))")
+        if conn.execute("select to_regclass(%s)", (f"{FEATURES_SCHEMA}.{mart}",)).fetchone()[0] is not None:
+            conn.execute(f"insert into {FEATURES_SCHEMA}.{REPLACED_ENTITIES} "
+                         f'select distinct %s, "{key}" from {FEATURES_SCHEMA}.{mart} where ds = any(%s) '
+                         "on conflict do nothing", (mart, days))
+        count = conn.execute(f"select count(*) from {FEATURES_SCHEMA}.{REPLACED_ENTITIES} where mart = %s",
+                             (mart,)).fetchone()[0]
+        conn.commit()
+        return count
+
+
+def noted_keys(settings: Settings, mart: str) -> set:
+    """What :func:`note_published_keys` noted of ``mart`` (empty: nothing is waiting)."""
+    if settings.offline_store == "duckdb":
+        note = _notes_path(settings, mart)
+        return set(json.loads(note.read_text())) if note.exists() else set()
+    with postgres(settings) as conn:
+        if conn.execute("select to_regclass(%s)", (f"{FEATURES_SCHEMA}.{REPLACED_ENTITIES}",)).fetchone()[0] is None:
             return set()
-        rows = conn.execute(f'select distinct "{key}" from {FEATURES_SCHEMA}.{mart} where ds = any(%s)', (days,))
+        rows = conn.execute(f"select entity from {FEATURES_SCHEMA}.{REPLACED_ENTITIES} where mart = %s", (mart,))
         return {row[0] for row in rows}
+
+
+def clear_noted_keys(settings: Settings, mart: str) -> None:
+    if settings.offline_store == "duckdb":
+        _notes_path(settings, mart).unlink(missing_ok=True)
+        return
+    with postgres(settings) as conn:
+        if conn.execute("select to_regclass(%s)", (f"{FEATURES_SCHEMA}.{REPLACED_ENTITIES}",)).fetchone()[0]:
+            conn.execute(f"delete from {FEATURES_SCHEMA}.{REPLACED_ENTITIES} where mart = %s", (mart,))
+            conn.commit()
 
 
 def read_published(settings: Settings, mart: str) -> pd.DataFrame:
@@ -331,7 +375,7 @@ def latest_rows(settings: Settings, mart: str, key: str, columns: list[str], sta
         tmp.mkdir(parents=True, exist_ok=True)
         with duckdb.connect(config={"memory_limit": LATEST_ROWS_MEMORY_LIMIT, "temp_directory": str(tmp),
                                     "preserve_insertion_order": False}) as con:
-            keys = "" if only is None else f'and list_contains(?, "{key}") '
+            keys = "" if only is None else f'and "{key}" in (select unnest(?)) '
             sql = (f"select {cols} from read_parquet('{files}', hive_partitioning = false) "
                    f"where event_timestamp between ? and ? {keys}"
                    f'qualify row_number() over (partition by "{key}" order by event_timestamp desc) = 1')
@@ -346,7 +390,8 @@ def latest_rows(settings: Settings, mart: str, key: str, columns: list[str], sta
         if not types:
             return
         schema = pa.schema([(c, _ARROW_FROM_PG[types[c]]) for c in columns])
-        keys = "" if only is None else f'and "{key}" = any(%s) '
+        # bigint[]: psycopg sends small ints as integer[], which Postgres compares with a bigint key row by row
+        keys = "" if only is None else f'and "{key}" = any(%s::bigint[]) '
         sql = (f"select distinct on (\"{key}\") {cols} from {FEATURES_SCHEMA}.{mart} "
                f"where event_timestamp between %s and %s {keys}order by \"{key}\", event_timestamp desc")
         with conn.cursor(name=f"latest_{mart}") as cur:  # server-side: rows arrive chunk by chunk

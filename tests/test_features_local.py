@@ -23,6 +23,7 @@ from feature_repo.stages import FIRST_MATERIALIZATION_START, build_feature_day, 
 from feature_repo.warehouse import (
     DayRejected,
     features_dir,
+    noted_keys,
     published_days,
     published_path,
     published_rows,
@@ -169,14 +170,16 @@ def test_a_corrected_earlier_day_built_again_after_a_crash_takes_back_what_it_no
             crash.setattr(store, "materialize", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed")))
             with pytest.raises(RuntimeError, match="killed"):
                 build_feature_day(local, days[-2])
+        assert noted_keys(local, "user_history") >= set(users.values())  # kept for the rerun
         build_feature_day(local, days[-2])
         for view in store.PIPELINE_VIEWS:
             assert assert_online_is_point_in_time(local, end, view) > 50
+            assert noted_keys(local, view) == set()
         dropped, gone, renamed = store.online_user_history(local, list(users.values()))["recent_queries"]
         assert renamed[0] == "corrected lamp query" and dropped and gone is None
-    finally:
+    finally:  # the session's later tests read the original day
         shutil.move(backup, backup.with_suffix(".parquet"))
-    build_feature_day(local, days[-2])
+        build_feature_day(local, days[-2])
     assert _digest(files) == before and online_snapshot(local) == online_before
 
 
