@@ -110,6 +110,8 @@ class ServingSettings(BaseModel):
     # with a 503 ("process is overloaded"). A batch of n requests takes n searches: at 20 ms this refused a
     # 65-request call (split at the batch maximum, the rest waits) and concurrent calls on Milvus Lite.
     batch_max_latency_ms: int = Field(10_000, ge=100)
+    # The most requests one /retrieve_batch call may carry (more is a 400): each takes a search and up to k results.
+    batch_call_max_requests: int = Field(256, ge=1, le=10_000)
     # How often a running service looks for a new alias target / model version.
     reload_interval_s: float = 10.0
     # Threads of the sync endpoint /retrieve_batch (BentoML's default, 1, serialises its calls). /retrieve is

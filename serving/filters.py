@@ -10,13 +10,23 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 
 # Category paths look like "pets > collars"; countries are ISO-3166 alpha-2 codes.
-CATEGORY_PATTERN = r"^[A-Za-z0-9_&/ .,>-]{1,128}$"
+CATEGORY_PATTERN = r"^[a-z0-9_&/ .,>-]{1,128}$"
 COUNTRY_PATTERN = r"^[A-Z]{2}$"
 CURRENCY_PATTERN = r"^[A-Z]{3}$"  # ISO 4217
-Category = Annotated[str, StringConstraints(pattern=CATEGORY_PATTERN)]
+# Between a category path's levels.
+CATEGORY_SEPARATOR = " > "
+
+
+def _as_stored(value: object) -> object:
+    """A category as the catalogue stores it (dbt's stg_catalogue: lower(trim(path))): "Jewelry " was accepted and
+    matched nothing."""
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+Category = Annotated[str, BeforeValidator(_as_stored), StringConstraints(pattern=CATEGORY_PATTERN)]
 Country = Annotated[str, StringConstraints(pattern=COUNTRY_PATTERN)]
 Currency = Annotated[str, StringConstraints(pattern=CURRENCY_PATTERN)]
 
@@ -27,11 +37,14 @@ class Filters(BaseModel):
     # An empty list is refused, not read as "no filter": a caller that sends [] wants nothing, not everything.
     category: list[Category] | None = Field(None, min_length=1, max_length=50,
                                             description="exact category paths (any of)")
-    category_prefix: Category | None = Field(None, description="a category subtree")
+    category_prefix: Category | None = Field(None, description="a category subtree: the path given and every path "
+                                                               "below it (\"pets\" matches \"pets > collars\", "
+                                                               "not \"petsupplies\")")
     shop_country: list[Country] | None = Field(None, min_length=1, max_length=50,
                                                description="ISO country codes (any of)")
-    price_min: float | None = Field(None, ge=0, le=1e7, description="in `currency`")
-    price_max: float | None = Field(None, ge=0, le=1e7, description="in `currency`")
+    # strict: a JSON number only (true, "12.5" were read as 1.0 and 12.5)
+    price_min: float | None = Field(None, ge=0, le=1e7, strict=True, description="in `currency`, inclusive")
+    price_max: float | None = Field(None, ge=0, le=1e7, strict=True, description="in `currency`, inclusive")
     currency: Currency | None = Field(None, description="ISO 4217 code: only listings priced in it (prices are "
                                                         "never converted); required with price_min / price_max")
 
@@ -60,17 +73,21 @@ class Filters(BaseModel):
         if self.category:
             clauses.append(f"category_path in [{', '.join(literal(v) for v in self.category)}]")
         if self.category_prefix:
-            # A range, not LIKE: Milvus 2.3 reads "_" in a LIKE pattern as itself and has no escape for it, Milvus
-            # Lite 3 (as newer servers) as a wildcard unless escaped, so no one pattern matches a prefix with "_" on
-            # both (tried on both). Every path that starts with the prefix sorts from it to the prefix with its last
-            # character incremented: strings compare bytewise, and the pattern allows ASCII only.
-            prefix = self.category_prefix
-            upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
-            clauses.append(f"category_path >= {literal(prefix)} and category_path < {literal(upper)}")
+            # The node, or a range of what lies below it, not LIKE: Milvus 2.3 reads "_" in a LIKE pattern as itself
+            # and has no escape for it, Milvus Lite 3 (as newer servers) as a wildcard unless escaped, so no one
+            # pattern matches a prefix with "_" on both (tried on both). Every path below the node starts with
+            # "node > " and so sorts from it to "node >!" (the separator's last character incremented): strings
+            # compare bytewise, and the pattern allows ASCII only.
+            node = self.category_prefix
+            below = node + CATEGORY_SEPARATOR
+            upper = below[:-1] + chr(ord(below[-1]) + 1)
+            clauses.append(f"(category_path == {literal(node)} or "
+                           f"(category_path >= {literal(below)} and category_path < {literal(upper)}))")
         if self.shop_country:
             clauses.append(f"shop_country in [{', '.join(literal(v) for v in self.shop_country)}]")
-        if self.price_min is not None:
-            clauses.append(f"price >= {float(self.price_min)!r}")
+        if self.price_min is not None or self.price_max is not None:
+            # A listing without a price is indexed at -1 (serving.index): a price bound never matches it.
+            clauses.append(f"price >= {float(self.price_min or 0.0)!r}")
         if self.price_max is not None:
             clauses.append(f"price <= {float(self.price_max)!r}")
         if self.currency:

@@ -171,7 +171,9 @@ class IndexLifecycle:
         schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=int(vectors.shape[1]))
         for scalar, length in SCALAR_FIELDS.items():
             schema.add_field(scalar, DataType.VARCHAR, max_length=length)
-        schema.add_field("price", DataType.FLOAT)
+        # DOUBLE, as the catalogue's prices: a FLOAT field held 19.99 as 19.98999977, which a request's bound of
+        # 19.99 (compared as a double) left out, for about half of all cent prices at either bound.
+        schema.add_field("price", DataType.DOUBLE)
         params = self.client.prepare_index_params()
         params.add_index(field_name="embedding", index_type=self.config.index_type, metric_type="IP",
                          params=self.index_params(self.config.index_type, len(products)))
@@ -183,7 +185,7 @@ class IndexLifecycle:
         ids = products["product_id"].to_numpy(np.int64)
         scalars = {f: products.get(f, pd.Series("", index=products.index)).fillna("").astype(str).str[:n].tolist()
                    for f, n in SCALAR_FIELDS.items()}
-        price = pd.to_numeric(products.get("price"), errors="coerce").fillna(-1.0).to_numpy(np.float32)
+        price = pd.to_numeric(products.get("price"), errors="coerce").fillna(-1.0).to_numpy(np.float64)
         batch = self.config.insert_batch
         for start in range(0, len(ids), batch):
             stop = min(start + batch, len(ids))

@@ -38,8 +38,9 @@ class RetrievalRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     query: Query
-    user_id: Annotated[int, Field(ge=0, le=2**62)] | None = None
-    k: Annotated[int, Field(ge=1, le=1000)] = 100
+    # strict: a JSON integer only (true was read as user 1, "10" and 10.0 as k 10)
+    user_id: Annotated[int, Field(ge=0, le=2**62, strict=True)] | None = None
+    k: Annotated[int, Field(ge=1, le=1000, strict=True)] = 100
     filters: Filters | None = None
 
 

@@ -111,6 +111,29 @@ def test_filter_expression_quotes_every_value() -> None:
     assert expr == ('category_path in ["pets > collars", "art & craft"] and shop_country in ["US", "FR"] '
                     'and price >= 1.5 and price <= 20.0 and currency == "EUR"')
     assert Filters().expression() == ""
+    # a listing without a price is indexed at -1: an upper bound alone must not match it
+    assert Filters(price_max=20, currency="EUR").expression() == 'price >= 0.0 and price <= 20.0 and currency == "EUR"'
+    # the node and what lies below it, never a sibling that merely starts with its name
+    assert Filters(category_prefix="pets").expression() == (
+        '(category_path == "pets" or (category_path >= "pets > " and category_path < "pets >!"))')
+
+
+def test_categories_are_read_as_the_catalogue_stores_them() -> None:
+    """dbt stores lower(trim(path)): "Jewelry > Necklaces " was accepted and matched nothing."""
+    filters = Filters(category=[" Jewelry > Necklaces "], category_prefix="Pets ")
+    assert filters.category == ["jewelry > necklaces"] and filters.category_prefix == "pets"
+
+
+@pytest.mark.parametrize("body", ['{"query": "a", "k": true}', '{"query": "a", "k": "10"}', '{"query": "a", "k": 10.0}',
+                                  '{"query": "a", "user_id": true}', '{"query": "a", "user_id": " 42 "}',
+                                  '{"query": "a", "filters": {"price_max": "12.5", "currency": "USD"}}',
+                                  '{"query": "a", "filters": {"price_max": true, "currency": "USD"}}'])
+def test_numbers_must_be_json_numbers(body: str) -> None:
+    """true was read as user 1 (someone else's personalised results), "10" and 10.0 as k 10."""
+    from serving.retriever import RetrievalRequest
+
+    with pytest.raises(ValidationError):
+        RetrievalRequest.model_validate_json(body)
 
 
 # -- index lifecycle -------------------------------------------------------------------------------------
@@ -204,11 +227,29 @@ def test_a_category_prefix_matches_exactly_the_paths_that_start_with_it(served: 
     """``_`` and the characters next to the prefix's last one are where a LIKE pattern or a string range goes
     wrong. The same probe on Milvus 2.3 and Milvus Lite: ``benchmarks/filter_engines.py``, whose result shows the
     LIKE pattern of before matching nothing on Milvus 2.3 for a prefix with ``_``."""
-    from benchmarks.filter_engines import PATHS, PREFIXES, matching_rows
+    from benchmarks.filter_engines import PATHS, PREFIXES, in_subtree, matching_rows
 
     rows = matching_rows(lifecycle(served).client,
                          {prefix: Filters(category_prefix=prefix).expression() for prefix in PREFIXES})
-    assert rows == {prefix: sorted(p for p in PATHS if p.startswith(prefix)) for prefix in PREFIXES}
+    assert rows == {prefix: sorted(p for p in PATHS if in_subtree(p, prefix)) for prefix in PREFIXES}
+    assert "home decor" not in rows["home"] and "home > kitchenware" not in rows["home > kitchen"]
+
+
+def test_price_bounds_are_inclusive_at_every_catalogue_price(served: Settings) -> None:
+    """Prices were indexed as float32: 19.99 became 19.98999977, which a bound of 19.99 (a double) left out — about
+    half of all cent prices at either bound. Every listing priced exactly at a bound is matched."""
+    from training.dataset import product_features
+
+    index = lifecycle(served)
+    current = index.serving()
+    products = product_features(served, dt.datetime.now(dt.UTC))
+    currency = products["currency"].mode()[0]
+    priced = products[products["currency"] == currency]
+    prices = priced["price"].drop_duplicates().sample(40, random_state=0).tolist()
+    for price in prices:  # a scalar query: what the filter matches, apart from any ANN recall
+        rows = index.client.query(current.collection, output_fields=["product_id"],
+                                  filter=Filters(price_min=price, price_max=price, currency=currency).expression())
+        assert {row["product_id"] for row in rows} == set(priced.loc[priced["price"] == price, "product_id"]), price
 
 
 def test_a_collection_built_before_currency_was_indexed_refuses_currency_filters_and_serves_the_rest(
@@ -1380,6 +1421,7 @@ def test_metrics_expose_garbage_collector_pauses(api: str) -> None:
     {"query": "bowl", "filters": {"price_min": 9, "price_max": 1}}, {"query": "bowl", "filters": {"raw": "x"}},
     {"query": "bowl", "k": "many"}, {"query": "bowl", "userid": 5}, {"query": "bowl", "filter": {"price_max": 20}},
     {"query": "bowl", "filters": {"category": []}}, {"query": "bowl", "filters": {"price_max": 20}},
+    {"query": "bowl", "user_id": True}, {"query": "bowl", "k": 10.0},
 ])
 def test_api_rejects_bad_input_with_a_clear_4xx(api: str, body: dict) -> None:
     response = post(api, "/retrieve", body)
@@ -1387,6 +1429,18 @@ def test_api_rejects_bad_input_with_a_clear_4xx(api: str, body: dict) -> None:
     assert response.text  # a message a person can act on
     if body.get("filters") == {"price_max": 20}:
         assert "need a currency" in response.text, response.text
+
+
+@pytest.mark.parametrize("body", [
+    {"requests": []}, {"requests": [{"query": "bowl", "k": 2}], "filters": {"category": ["kitchen"]}},
+    {"requests": [{"query": "bowl", "k": 2}] * 257}, {"requests": [{"query": "bowl", "k": True}]}, {"query": "bowl"},
+])
+def test_the_batch_endpoint_rejects_bad_input_with_a_400(api: str, body: dict) -> None:
+    """An unknown top-level field (a misspelt place for filters) used to be dropped, serving the batch unfiltered; an
+    empty list was served; a call had no length limit (serving.batch_call_max_requests, 256, now)."""
+    response = post(api, "/retrieve_batch", body)
+    assert response.status_code == 400, response.text[:300]
+    assert response.text
 
 
 def test_alias_swap_under_load_fails_no_request_and_is_picked_up(api: str, served: Settings) -> None:
