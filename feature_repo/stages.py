@@ -11,10 +11,16 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+import psycopg
+from filelock import FileLock, Timeout
 
 from feature_repo import store, warehouse
 from feature_repo.quality_gate import validate_days
+from retrieval_core.errors import OperatorError
 from retrieval_core.settings import Settings
 
 FIRST_MATERIALIZATION_START = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
@@ -36,8 +42,56 @@ def closed_at(day: dt.date) -> dt.datetime:
     return dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
 
 
+class FeatureBuildInProgress(OperatorError, RuntimeError):
+    """Another process is building features or writing the pipeline's online rows."""
+
+
+# The advisory lock of feature builds on the production profile's Postgres (any constant of our own).
+FEATURE_BUILD_LOCK_KEY = 0x5545_5246  # "UERF"
+
+
+@contextmanager
+def feature_build_lock(settings: Settings) -> Iterator[None]:
+    """Held by whatever publishes features or writes the pipeline's views online (a day's build, ``uer features
+    materialize`` / ``expire``): two at once would interleave their publishes and online writes — an older day's
+    rows written after a newer day's, one build's note of replaced entities used up by the other. Not waited for:
+    the second is refused at once, saying so (an Airflow retry runs it again later). Locally an flock on
+    ``data/.features.lock``; in production a Postgres advisory lock, as the warehouse is shared by every worker.
+    Both go with the process that holds them, however it ends."""
+    what = "another process is building features or writing them online"
+    if settings.offline_store == "duckdb":
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(settings.data_dir / ".features.lock", timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise FeatureBuildInProgress(f"{what} (the lock {lock.lock_file} is held); run this again once it "
+                                         "has finished") from None
+        try:
+            yield
+        finally:
+            lock.release()
+        return
+    warehouse.ensure_database(settings)
+    with psycopg.connect(settings.postgres.dsn(), autocommit=True) as conn:
+        if not conn.execute("select pg_try_advisory_lock(%s)", (FEATURE_BUILD_LOCK_KEY,)).fetchone()[0]:
+            raise FeatureBuildInProgress(f"{what} (Postgres advisory lock {FEATURE_BUILD_LOCK_KEY} on "
+                                         f"{settings.postgres.database} is held: pg_locks names its pid); run this "
+                                         "again once it has finished")
+        try:
+            yield
+        finally:
+            conn.execute("select pg_advisory_unlock(%s)", (FEATURE_BUILD_LOCK_KEY,))
+
+
 def build_feature_day(settings: Settings, ds: dt.date) -> FeatureDayReport:
-    """Build, check, publish and materialise the features of day ``ds`` (idempotent for ``ds``)."""
+    """Build, check, publish and materialise the features of day ``ds`` (idempotent for ``ds``), holding
+    :func:`feature_build_lock`."""
+    with feature_build_lock(settings):
+        return _build_feature_day(settings, ds)
+
+
+def _build_feature_day(settings: Settings, ds: dt.date) -> FeatureDayReport:
     seconds: dict[str, float] = {}
 
     def timed(name: str, fn, *args):  # noqa: ANN001, ANN202 - tiny local helper

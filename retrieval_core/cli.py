@@ -163,11 +163,12 @@ def features_apply() -> None:
 @features.command("materialize")
 def features_materialize(ds: DsOption = None) -> None:
     """Load published feature rows up to the close of DS into the online store."""
-    from feature_repo.stages import FIRST_MATERIALIZATION_START, closed_at
+    from feature_repo.stages import FIRST_MATERIALIZATION_START, closed_at, feature_build_lock
     from feature_repo.store import materialize
 
     day = _day(ds)
-    materialize(get_settings(), FIRST_MATERIALIZATION_START, closed_at(day) + dt.timedelta(seconds=1))
+    with feature_build_lock(get_settings()):
+        materialize(get_settings(), FIRST_MATERIALIZATION_START, closed_at(day) + dt.timedelta(seconds=1))
     console.print(f"[green]materialised[/] up to {closed_at(day)} (or the later end already online)")
 
 
@@ -175,9 +176,11 @@ def features_materialize(ds: DsOption = None) -> None:
 def features_expire() -> None:
     """Delete online rows older than their view's TTL, reading every published row (once, after upgrading from
     a version that did not expire them; each materialisation expires what aged out since the previous one)."""
+    from feature_repo.stages import feature_build_lock
     from feature_repo.store import expire_all
 
-    console.print(f"[green]expired[/] entities per view: {expire_all(get_settings())}")
+    with feature_build_lock(get_settings()):
+        console.print(f"[green]expired[/] entities per view: {expire_all(get_settings())}")
 
 
 @features.command("lookup")

@@ -183,6 +183,27 @@ def test_a_corrected_earlier_day_built_again_after_a_crash_takes_back_what_it_no
     assert _digest(files) == before and online_snapshot(local) == online_before
 
 
+def test_a_second_feature_build_is_refused_while_one_holds_the_lock(local: Settings) -> None:
+    """Two builds at once (a hand-run `uer features build` beside the DAG) would interleave their publishes and
+    online writes; the second is refused at once, saying why, and changes nothing."""
+    from typer.testing import CliRunner
+
+    from feature_repo.stages import FeatureBuildInProgress, feature_build_lock
+    from retrieval_core import cli
+
+    online_before, days = online_snapshot(local), published_days(local)
+    with feature_build_lock(local):
+        with pytest.raises(FeatureBuildInProgress, match="run this again once it has finished"):
+            build_feature_day(local, days[-1])
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(cli, "get_settings", lambda: local)
+            refused = CliRunner().invoke(cli.app, ["features", "materialize", "--ds", str(days[-1])])
+        assert isinstance(refused.exception, FeatureBuildInProgress), refused.output  # `uer`: its message, exit 3
+    assert online_snapshot(local) == online_before and published_days(local) == days
+    with feature_build_lock(local):  # released: taken again
+        pass
+
+
 def test_chunked_online_write_matches_feast_materialize(local: Settings, tmp_path: Path) -> None:
     """The chunked writer leaves the online store exactly as Feast's own materialize did: the same
     values and event timestamps for every entity, after a backlog window and an incremental one, and

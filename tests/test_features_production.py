@@ -175,3 +175,15 @@ def test_a_corrected_day_built_again_reaches_redis_and_drops_what_it_no_longer_h
         shutil.move(backup, backup.with_suffix(".parquet"))
         build_feature_day(production, NEXT_DAY)
     assert online_snapshot(production) == before
+
+
+def test_a_second_feature_build_is_refused_while_another_worker_holds_the_lock(production: Settings) -> None:
+    """In production the lock is Postgres's (every worker shares the warehouse): a build is refused while another
+    session holds it, and runs once that session is gone."""
+    from feature_repo.stages import FEATURE_BUILD_LOCK_KEY, FeatureBuildInProgress
+
+    with psycopg.connect(production.postgres.dsn(), autocommit=True) as other_worker:
+        assert other_worker.execute("select pg_try_advisory_lock(%s)", (FEATURE_BUILD_LOCK_KEY,)).fetchone()[0]
+        with pytest.raises(FeatureBuildInProgress, match="advisory lock"):
+            build_feature_day(production, NEXT_DAY)
+    assert build_feature_day(production, NEXT_DAY).published_days == [NEXT_DAY]
