@@ -39,7 +39,7 @@ class RetrievalRequest(BaseModel):
 
     query: Query
     # strict: a JSON integer only (true was read as user 1, "10" and 10.0 as k 10)
-    user_id: Annotated[int, Field(ge=0, le=2**62, strict=True)] | None = None
+    user_id: Annotated[int, Field(ge=0, le=2**63 - 1, strict=True)] | None = None  # the raw data's int64
     k: Annotated[int, Field(ge=1, le=1000, strict=True)] = 100
     filters: Filters | None = None
 

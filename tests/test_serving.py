@@ -136,6 +136,14 @@ def test_numbers_must_be_json_numbers(body: str) -> None:
         RetrievalRequest.model_validate_json(body)
 
 
+def test_user_ids_span_the_raw_datas_int64() -> None:
+    from serving.retriever import RetrievalRequest
+
+    assert RetrievalRequest.model_validate_json('{"query": "a", "user_id": 9223372036854775807}').user_id == 2**63 - 1
+    with pytest.raises(ValidationError):
+        RetrievalRequest.model_validate_json('{"query": "a", "user_id": 9223372036854775808}')
+
+
 # -- index lifecycle -------------------------------------------------------------------------------------
 
 
