@@ -474,8 +474,8 @@ def filtered_recall(client: object, collection: str, frame: pd.DataFrame, vector
     category = shares.index[np.argmin(np.abs(shares.to_numpy() - 0.02))]  # the category nearest 2 % of rows
     countries = frame["shop_country"].value_counts(normalize=True)
     country = countries.index[np.argmin(np.abs(countries.to_numpy() - 0.15))]
-    # Milvus holds price as FLOAT (-1 when unknown): compare what it compares
-    price = pd.to_numeric(frame["price"], errors="coerce").fillna(-1.0).astype(np.float32).astype(np.float64)
+    # Milvus holds price as DOUBLE (-1 when unknown): compare what it compares
+    price = pd.to_numeric(frame["price"], errors="coerce").fillna(-1.0).astype(np.float64)
     lo, hi = (float(round(x, 2)) for x in price[frame["shop_country"] == country].quantile([0.4, 0.6]))
     small = countries.index[-1]
     currency = frame.loc[frame["shop_country"] == country, "currency"].mode()[0]  # prices compare within one

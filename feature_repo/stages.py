@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -51,13 +51,14 @@ FEATURE_BUILD_LOCK_KEY = 0x5545_5246  # "UERF"
 
 
 @contextmanager
-def feature_build_lock(settings: Settings) -> Iterator[None]:
+def feature_build_lock(settings: Settings) -> Iterator[Callable[[], None]]:
     """Held by whatever publishes features or writes the pipeline's views online (a day's build, ``uer features
     materialize`` / ``expire``): two at once would interleave their publishes and online writes — an older day's
     rows written after a newer day's, one build's note of replaced entities used up by the other. Not waited for:
     the second is refused at once, saying so (an Airflow retry runs it again later). Locally an flock on
     ``data/.features.lock``; in production a Postgres advisory lock, as the warehouse is shared by every worker.
-    Both go with the process that holds them, however it ends."""
+    Both go with the process that holds them, however it ends. Yields a check that raises when the lock was lost
+    (production: its connection ended — a Postgres restart, a dropped link — and another worker may hold it now)."""
     what = "another process is building features or writing them online"
     if settings.offline_store == "duckdb":
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -68,30 +69,45 @@ def feature_build_lock(settings: Settings) -> Iterator[None]:
             raise FeatureBuildInProgress(f"{what} (the lock {lock.lock_file} is held); run this again once it "
                                          "has finished") from None
         try:
-            yield
+            yield lambda: None  # an flock ends only with its process
         finally:
             lock.release()
         return
     warehouse.ensure_database(settings)
-    with psycopg.connect(settings.postgres.dsn(), autocommit=True) as conn:
-        if not conn.execute("select pg_try_advisory_lock(%s)", (FEATURE_BUILD_LOCK_KEY,)).fetchone()[0]:
-            raise FeatureBuildInProgress(f"{what} (Postgres advisory lock {FEATURE_BUILD_LOCK_KEY} on "
-                                         f"{settings.postgres.database} is held: pg_locks names its pid); run this "
-                                         "again once it has finished")
+    key = FEATURE_BUILD_LOCK_KEY
+
+    def still_held() -> None:
         try:
-            yield
+            held = conn.execute("select count(*) from pg_locks where locktype = 'advisory' and granted "
+                                "and pid = pg_backend_pid() and objid = %s", (key,)).fetchone()[0]
+        except psycopg.Error as exc:
+            raise FeatureBuildInProgress(f"the feature build lost its Postgres advisory lock ({exc}); another "
+                                         "worker may be building: run this again") from exc
+        if not held:
+            raise FeatureBuildInProgress("the feature build lost its Postgres advisory lock; run this again")
+
+    # Keepalives: a dead link is noticed, and the lock (the session's) goes with it, not hours later.
+    with psycopg.connect(settings.postgres.dsn(), autocommit=True, keepalives=1, keepalives_idle=30) as conn:
+        if not conn.execute("select pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+            raise FeatureBuildInProgress(f"{what} (Postgres advisory lock {key} on {settings.postgres.database} "
+                                         "is held: pg_locks names its pid); run this again once it has finished")
+        try:
+            yield still_held
         finally:
-            conn.execute("select pg_advisory_unlock(%s)", (FEATURE_BUILD_LOCK_KEY,))
+            try:
+                conn.execute("select pg_advisory_unlock(%s)", (key,))
+            except psycopg.Error:  # the connection is gone, and the lock with it: never hide the build's outcome
+                log.warning("the feature build lock's connection ended before its release", exc_info=True)
 
 
 def build_feature_day(settings: Settings, ds: dt.date) -> FeatureDayReport:
     """Build, check, publish and materialise the features of day ``ds`` (idempotent for ``ds``), holding
     :func:`feature_build_lock`."""
-    with feature_build_lock(settings):
-        return _build_feature_day(settings, ds)
+    with feature_build_lock(settings) as still_held:
+        return _build_feature_day(settings, ds, still_held)
 
 
-def _build_feature_day(settings: Settings, ds: dt.date) -> FeatureDayReport:
+def _build_feature_day(settings: Settings, ds: dt.date, still_held: Callable[[], None]) -> FeatureDayReport:
     seconds: dict[str, float] = {}
 
     def timed(name: str, fn, *args):  # noqa: ANN001, ANN202 - tiny local helper
@@ -113,11 +129,13 @@ def _build_feature_day(settings: Settings, ds: dt.date) -> FeatureDayReport:
     # An earlier day built again publishes its own partitions only: the whole-table marts (training examples, query
     # stats) were built as of it, and the offline store keeps them as of the latest day.
     marts = warehouse.DAILY_MARTS if later_day_published(settings, ds) else warehouse.MARTS
+    still_held()  # before anything is published
     if republished := sorted(set(days) & set(warehouse.published_days(settings))):
         store.note_replaced_entities(settings, republished)
     rows = timed("publish", warehouse.publish_days, settings, days, marts)
     timed("apply", store.apply, settings)
     log.info("features %s: materialise", ds)
+    still_held()
     online = timed("materialize", materialize_days, settings, days, first_publication)
     return FeatureDayReport(ds=ds, published_days=days, rows=rows, warnings=report.warnings, seconds=seconds,
                             online_rows=online)

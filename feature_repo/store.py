@@ -118,8 +118,10 @@ def _take_back_replaced(settings: Settings, store: Any, name: str, columns: list
     oldest = window_end - view.ttl if view.ttl else dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
     found: set = set()
     for chunk in latest_rows(settings, name, key, columns, oldest, window_end, chunk_rows, only=sorted(stale)):
+        entities = chunk[key].to_pylist()
+        forget_online_timestamps(store, name, [{key: entity} for entity in entities])  # an older row replaces theirs
         store.write_to_online_store(name, chunk.to_pandas(types_mapper=pd.ArrowDtype))
-        found.update(chunk[key].to_pylist())
+        found.update(entities)
     if gone := stale - found:
         delete_online_rows(store, name, [{key: entity} for entity in sorted(gone)])
     return len(stale)
@@ -171,15 +173,15 @@ def materialize(settings: Settings, start: dt.datetime, end: dt.datetime,
         last_end = _utc(view.most_recent_end_time) if view.most_recent_end_time else None
         window_end = max(end, last_end) if last_end else end
         noted = noted_keys(settings, name)
-        if noted:  # their rows of a day published again replace the online ones, also at an equal or older timestamp
-            forget_online_timestamps(store, name, [{keys[0]: entity} for entity in sorted(noted)])
         written_keys: set = set()
         for chunk in latest_rows(settings, name, keys[0], columns, start, window_end, chunk_rows):
+            if noted:  # their rows of a day published again replace the online ones, also at an equal timestamp
+                replacing = [entity for entity in chunk[keys[0]].to_pylist() if entity in noted]
+                forget_online_timestamps(store, name, [{keys[0]: entity} for entity in replacing])
+                written_keys.update(replacing)
             # Arrow-backed columns: Feast turns the frame back into exactly these Arrow arrays.
             store.write_to_online_store(name, chunk.to_pandas(types_mapper=pd.ArrowDtype))
             written[name] += chunk.num_rows
-            if noted:
-                written_keys.update(chunk[keys[0]].to_pylist())
         if gone := _take_back_replaced(settings, store, name, columns, noted, written_keys, window_end, chunk_rows):
             log.info("%s: %d entities that a day published again no longer holds took back an older row or left "
                      "the online store", name, gone)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, WithJsonSchema, model_validator
 
-# Category paths look like "pets > collars"; countries are ISO-3166 alpha-2 codes.
-CATEGORY_PATTERN = r"^[a-z0-9_&/ .,>-]{1,128}$"
+# Category paths look like "pets > collars" (a level never ends the path); countries are ISO-3166 alpha-2 codes.
+CATEGORY_PATTERN = r"^[a-z0-9_&/ .,>-]{0,127}[a-z0-9_&/.,-]$"
 COUNTRY_PATTERN = r"^[A-Z]{2}$"
 CURRENCY_PATTERN = r"^[A-Z]{3}$"  # ISO 4217
 # Between a category path's levels.
@@ -23,10 +23,13 @@ CATEGORY_SEPARATOR = " > "
 def _as_stored(value: object) -> object:
     """A category as the catalogue stores it (dbt's stg_catalogue: lower(trim(path))): "Jewelry " was accepted and
     matched nothing."""
-    return value.strip().lower() if isinstance(value, str) else value
+    return value.strip(" ").lower() if isinstance(value, str) else value
 
 
-Category = Annotated[str, BeforeValidator(_as_stored), StringConstraints(pattern=CATEGORY_PATTERN)]
+# The JSON schema (OpenAPI) states the rule the normalised value must meet; the validator alone would hide it.
+Category = Annotated[str, BeforeValidator(_as_stored), StringConstraints(pattern=CATEGORY_PATTERN),
+                     WithJsonSchema({"type": "string", "pattern": CATEGORY_PATTERN, "maxLength": 128,
+                                     "description": "lower case after trimming spaces (as the catalogue stores it)"})]
 Country = Annotated[str, StringConstraints(pattern=COUNTRY_PATTERN)]
 Currency = Annotated[str, StringConstraints(pattern=CURRENCY_PATTERN)]
 

@@ -187,3 +187,20 @@ def test_a_second_feature_build_is_refused_while_another_worker_holds_the_lock(p
         with pytest.raises(FeatureBuildInProgress, match="advisory lock"):
             build_feature_day(production, NEXT_DAY)
     assert build_feature_day(production, NEXT_DAY).published_days == [NEXT_DAY]
+
+
+def test_a_build_that_lost_its_lock_is_stopped_and_its_release_hides_nothing(production: Settings) -> None:
+    """The lock is its connection's: a Postgres restart or a dropped link ends both, and another worker may take it.
+    The build checks it before publishing and before materialising; leaving the lock then raises nothing, so a
+    build's own outcome (its result or its error) is what the caller sees."""
+    from feature_repo.stages import FEATURE_BUILD_LOCK_KEY, FeatureBuildInProgress, feature_build_lock
+
+    with feature_build_lock(production) as still_held:
+        still_held()
+        with psycopg.connect(production.postgres.dsn(), autocommit=True) as admin:
+            [holder] = admin.execute("select pid from pg_locks where locktype = 'advisory' and granted and objid = %s "
+                                     "and database = (select oid from pg_database where datname = current_database())",
+                                     (FEATURE_BUILD_LOCK_KEY,)).fetchall()
+            assert admin.execute("select pg_terminate_backend(%s)", holder).fetchone()[0]
+        with pytest.raises(FeatureBuildInProgress, match="lost its Postgres advisory lock"):
+            still_held()

@@ -21,7 +21,7 @@ import pytest
 from pydantic import ValidationError
 
 from retrieval_core.settings import PROJECT_ROOT, MilvusSettings, ServingSettings, Settings
-from serving.filters import Filters
+from serving.filters import CATEGORY_PATTERN, Filters
 from serving.index import (
     MAX_QUERIES_PER_CALL,
     AliasTargetMissing,
@@ -90,6 +90,7 @@ def publish_without_currency(settings: Settings, monkeypatch: pytest.MonkeyPatch
     {"shop_country": ["US\" or true"]},
     {"shop_country": ["us"]},
     {"category_prefix": "home%' or 1"},
+    {"category_prefix": "pets >"},  # a level never ends a path: it would match nothing
     {"price_min": -1, "currency": "USD"},
     {"price_min": 10, "price_max": 5, "currency": "USD"},
     {"price_max": float("nan"), "currency": "USD"},
@@ -122,6 +123,8 @@ def test_categories_are_read_as_the_catalogue_stores_them() -> None:
     """dbt stores lower(trim(path)): "Jewelry > Necklaces " was accepted and matched nothing."""
     filters = Filters(category=[" Jewelry > Necklaces "], category_prefix="Pets ")
     assert filters.category == ["jewelry > necklaces"] and filters.category_prefix == "pets"
+    rule = Filters.model_json_schema()["properties"]["category_prefix"]["anyOf"][0]
+    assert rule["pattern"] == CATEGORY_PATTERN  # the OpenAPI schema says what is accepted
 
 
 @pytest.mark.parametrize("body", ['{"query": "a", "k": true}', '{"query": "a", "k": "10"}', '{"query": "a", "k": 10.0}',
