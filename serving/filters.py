@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
+import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, WithJsonSchema, model_validator
 
 # Category paths look like "pets > collars" (a level never ends the path); countries are ISO-3166 alpha-2 codes.
@@ -67,10 +68,15 @@ class Filters(BaseModel):
                 "price": self.price_min is not None or self.price_max is not None, "currency": self.currency}
         return {name for name, value in used.items() if value}
 
-    def expression(self) -> str:
-        """The Milvus filter expression ('' when no filter is set)."""
+    def expression(self, float32_prices: bool = False) -> str:
+        """The Milvus filter expression ('' when no filter is set). With ``float32_prices`` (a collection that holds
+        prices as FLOAT), each price bound is written as the float32 value the collection holds for that price, so
+        that a listing priced exactly at it still matches."""
         def literal(value: str) -> str:
             return json.dumps(value, ensure_ascii=True)
+
+        def amount(value: float) -> str:
+            return repr(float(np.float32(value)) if float32_prices else float(value))
 
         clauses = []
         if self.category:
@@ -90,9 +96,9 @@ class Filters(BaseModel):
             clauses.append(f"shop_country in [{', '.join(literal(v) for v in self.shop_country)}]")
         if self.price_min is not None or self.price_max is not None:
             # A listing without a price is indexed at -1 (serving.index): a price bound never matches it.
-            clauses.append(f"price >= {float(self.price_min or 0.0)!r}")
+            clauses.append(f"price >= {amount(self.price_min or 0.0)}")
         if self.price_max is not None:
-            clauses.append(f"price <= {float(self.price_max)!r}")
+            clauses.append(f"price <= {amount(self.price_max)}")
         if self.currency:
             clauses.append(f"currency == {literal(self.currency)}")
         return " and ".join(clauses)

@@ -74,6 +74,8 @@ StillWanted = Callable[["IndexLifecycle"], "str | None"]
 # is a publication that crashed before its swap. Collections published before the SERVED state existed say
 # "ready" (checked, and all but a crashed few served): read as SERVED.
 BUILDING, CHECKED, SERVED = "building", "checked", "served"
+# The price field's Milvus type (DOUBLE, as the catalogue's prices; FLOAT before, see ``build``).
+PRICE_FIELD_TYPE = "DOUBLE"
 LEGACY_STATES = {"ready": SERVED}
 
 
@@ -87,6 +89,8 @@ class IndexVersion:
     bundle_id: str | None = None  # None: a collection built before BUNDLE_ID was recorded (its version's newest)
     # The collection's fields, where listed (``versions``): one built before a filter field existed lacks it.
     fields: frozenset[str] | None = field(default=None, compare=False)
+    # Prices held as FLOAT (collections built before they were DOUBLE): a filter's bounds must be float32 values too.
+    float32_prices: bool = field(default=False, compare=False)
 
     @property
     def ready(self) -> bool:
@@ -123,6 +127,8 @@ class IndexLifecycle:
 
     def versions(self) -> list[IndexVersion]:
         """Our collections, oldest first."""
+        from pymilvus import DataType
+
         out = []
         for name in self.client.list_collections():
             if not name.startswith(self.config.collection_prefix + "_"):
@@ -132,9 +138,11 @@ class IndexLifecycle:
             if MODEL_VERSION not in props:
                 continue
             state = props.get(STATE, BUILDING)
+            fields = described.get("fields", [])
             out.append(IndexVersion(name, props[MODEL_VERSION], props[INDEX_VERSION], props[CREATED_AT],
                                     LEGACY_STATES.get(state, state), props.get(BUNDLE_ID),
-                                    frozenset(f["name"] for f in described.get("fields", []))))
+                                    frozenset(f["name"] for f in fields),
+                                    any(f["name"] == "price" and f.get("type") == DataType.FLOAT for f in fields)))
         return sorted(out, key=lambda v: v.created_at)
 
     def alias_target(self) -> str | None:
@@ -173,7 +181,7 @@ class IndexLifecycle:
             schema.add_field(scalar, DataType.VARCHAR, max_length=length)
         # DOUBLE, as the catalogue's prices: a FLOAT field held 19.99 as 19.98999977, which a request's bound of
         # 19.99 (compared as a double) left out, for about half of all cent prices at either bound.
-        schema.add_field("price", DataType.DOUBLE)
+        schema.add_field("price", getattr(DataType, PRICE_FIELD_TYPE))
         params = self.client.prepare_index_params()
         params.add_index(field_name="embedding", index_type=self.config.index_type, metric_type="IP",
                          params=self.index_params(self.config.index_type, len(products)))

@@ -307,7 +307,8 @@ class Retriever:
         # one Milvus call per distinct (filter, k): the usual batch shares both
         groups: dict[tuple[str, int], list[int]] = {}
         for i, r in enumerate(requests):
-            groups.setdefault((r.filters.expression() if r.filters else "", r.k), []).append(i)
+            expr = r.filters.expression(float32_prices=pair.index.float32_prices) if r.filters else ""
+            groups.setdefault((expr, r.k), []).append(i)
         lifecycle = self.lifecycle()
         for (expr, k), members in groups.items():
             try:

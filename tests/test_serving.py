@@ -263,6 +263,53 @@ def test_price_bounds_are_inclusive_at_every_catalogue_price(served: Settings) -
         assert {row["product_id"] for row in rows} == set(priced.loc[priced["price"] == price, "product_id"]), price
 
 
+def test_a_collection_that_holds_prices_as_float_still_matches_listings_priced_at_a_bound(
+        served: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Collections built before prices were DOUBLE (kept for a rollback) hold them as FLOAT: there a bound is written
+    as the float32 value the collection holds, and the retriever does so for such a collection."""
+    from serving import index as index_module
+    from serving.refresh import refresh_index
+    from serving.retriever import RetrievalRequest, Retriever
+    from training.dataset import product_features
+
+    index = lifecycle(served)
+    first = index.serving()
+    monkeypatch.setattr(index_module, "PRICE_FIELD_TYPE", "FLOAT")
+    old = refresh_index(served).index
+    monkeypatch.undo()
+    try:
+        [listed] = [v for v in index.versions() if v.collection == old.collection]
+        assert listed.float32_prices and not first.float32_prices
+        products = product_features(served, dt.datetime.now(dt.UTC))
+        currency = products["currency"].mode()[0]
+        priced = products[products["currency"] == currency]
+        missed = 0
+        for price in priced["price"].drop_duplicates().sample(40, random_state=1).tolist():
+            want = set(priced.loc[priced["price"] == price, "product_id"])
+            bounds = Filters(price_min=price, price_max=price, currency=currency)
+            rows = index.client.query(old.collection, filter=bounds.expression(float32_prices=True),
+                                      output_fields=["product_id"])
+            assert {row["product_id"] for row in rows} == want, price
+            missed += {row["product_id"] for row in index.client.query(
+                old.collection, filter=bounds.expression(), output_fields=["product_id"])} != want
+        assert missed > 0  # written as doubles, bounds miss listings priced at them: what the flag is for
+        retriever = Retriever(served)
+        retriever.reload()
+        assert retriever.pair.index.collection == old.collection and retriever.pair.index.float32_prices
+        searched: list[str] = []
+        original = index_module.IndexLifecycle.search
+        monkeypatch.setattr(index_module.IndexLifecycle, "search",
+                            lambda self, collection, queries, k, expr="": searched.append(expr) or original(
+                                self, collection, queries, k, expr))
+        retriever.retrieve([RetrievalRequest(query="mug", k=5, filters=Filters(price_max=19.99, currency="USD"))])
+        assert searched == [Filters(price_max=19.99, currency="USD").expression(float32_prices=True)]
+    finally:  # the module's later tests expect the one collection they started with
+        index.swap(first)
+        for version in index.versions():
+            if version.collection != first.collection:
+                index.drop(version.collection)
+
+
 def test_a_collection_built_before_currency_was_indexed_refuses_currency_filters_and_serves_the_rest(
         served: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """A collection kept from before ``currency`` was a field (a rollback can serve one) cannot apply a price or
