@@ -125,6 +125,11 @@ def postgres(settings: Settings) -> Iterator[object]:
         yield conn
 
 
+def _published_table_exists(conn: object, table: str) -> bool:
+    """Whether ``features.<table>`` exists in the production warehouse."""
+    return conn.execute("select to_regclass(%s)", (f"{FEATURES_SCHEMA}.{table}",)).fetchone()[0] is not None
+
+
 def ensure_database(settings: Settings) -> None:
     """Create the settings' database on the server if it does not exist yet."""
     import psycopg
@@ -198,7 +203,7 @@ def published_days(settings: Settings, mart: str = "product_quality") -> list[dt
         base = features_dir(settings) / mart
         return sorted(dt.date.fromisoformat(p.name[3:]) for p in base.glob("ds=*")) if base.exists() else []
     with postgres(settings) as conn:
-        if conn.execute("select to_regclass(%s)", (f"{FEATURES_SCHEMA}.{mart}",)).fetchone()[0] is None:
+        if not _published_table_exists(conn, mart):
             return []
         return [r[0] for r in conn.execute(f"select distinct ds from {FEATURES_SCHEMA}.{mart} order by 1")]
 
@@ -301,7 +306,7 @@ def note_published_keys(settings: Settings, mart: str, key: str, days: list[dt.d
     with postgres(settings) as conn:
         conn.execute(f"create table if not exists {FEATURES_SCHEMA}.{REPLACED_ENTITIES} "
                      "(mart text not null, entity bigint not null, primary key (mart, entity))")
-        if conn.execute("select to_regclass(%s)", (f"{FEATURES_SCHEMA}.{mart}",)).fetchone()[0] is not None:
+        if _published_table_exists(conn, mart):
             conn.execute(f"insert into {FEATURES_SCHEMA}.{REPLACED_ENTITIES} "
                          f'select distinct %s, "{key}" from {FEATURES_SCHEMA}.{mart} where ds = any(%s) '
                          "on conflict do nothing", (mart, days))
@@ -317,7 +322,7 @@ def noted_keys(settings: Settings, mart: str) -> set:
         note = _notes_path(settings, mart)
         return set(json.loads(note.read_text())) if note.exists() else set()
     with postgres(settings) as conn:
-        if conn.execute("select to_regclass(%s)", (f"{FEATURES_SCHEMA}.{REPLACED_ENTITIES}",)).fetchone()[0] is None:
+        if not _published_table_exists(conn, REPLACED_ENTITIES):
             return set()
         rows = conn.execute(f"select entity from {FEATURES_SCHEMA}.{REPLACED_ENTITIES} where mart = %s", (mart,))
         return {row[0] for row in rows}
@@ -328,7 +333,7 @@ def clear_noted_keys(settings: Settings, mart: str) -> None:
         _notes_path(settings, mart).unlink(missing_ok=True)
         return
     with postgres(settings) as conn:
-        if conn.execute("select to_regclass(%s)", (f"{FEATURES_SCHEMA}.{REPLACED_ENTITIES}",)).fetchone()[0]:
+        if _published_table_exists(conn, REPLACED_ENTITIES):
             conn.execute(f"delete from {FEATURES_SCHEMA}.{REPLACED_ENTITIES} where mart = %s", (mart,))
             conn.commit()
 
