@@ -320,6 +320,9 @@ def _edit_online_rows(store: Any, view_name: str, entity_rows: list[dict[str, An
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
     from feast.type_map import python_values_to_proto_values
 
+    online = store._get_provider().online_store  # noqa: SLF001 - the configured online store instance
+    if timestamps_only and isinstance(online, SqliteOnlineStore):  # its writer replaces a row whatever its timestamp
+        return len(entity_rows)
     view = store.get_feature_view(view_name)
     config = store.config
     columns = {field.name: field.dtype.to_value_type() for field in view.entity_columns}
@@ -327,11 +330,8 @@ def _edit_online_rows(store: Any, view_name: str, entity_rows: list[dict[str, An
               for name, value_type in columns.items()}
     keys = [EntityKey(join_keys=list(columns), entity_values=[values[name][i] for name in columns])
             for i in range(len(entity_rows))]
-    online = store._get_provider().online_store  # noqa: SLF001 - the configured online store instance
     versioning = config.registry.enable_online_feature_view_versioning
     if isinstance(online, SqliteOnlineStore):
-        if timestamps_only:  # its writer replaces a row whatever its timestamp
-            return len(keys)
         conn = online._get_conn(config)  # noqa: SLF001
         table = compute_table_id(config.project, view, versioning)
         with conn:
