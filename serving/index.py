@@ -180,7 +180,7 @@ class IndexLifecycle:
         for scalar, length in SCALAR_FIELDS.items():
             schema.add_field(scalar, DataType.VARCHAR, max_length=length)
         # DOUBLE, as the catalogue's prices: a FLOAT field held 19.99 as 19.98999977, which a request's bound of
-        # 19.99 (compared as a double) left out, for about half of all cent prices at either bound.
+        # 19.99 (compared as a double) left out.
         schema.add_field("price", getattr(DataType, PRICE_FIELD_TYPE))
         params = self.client.prepare_index_params()
         params.add_index(field_name="embedding", index_type=self.config.index_type, metric_type="IP",
