@@ -19,7 +19,7 @@ from typing import Annotated
 
 import numpy as np
 from cachetools import TTLCache
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from feature_repo.store import online_rows
 from retrieval_core.settings import Settings
@@ -27,11 +27,24 @@ from serving.bundle import ModelBundle, ModelNotFound
 from serving.engine import EngineUnavailable
 from serving.filters import Filters
 from serving.index import AliasTargetMissing, IndexLifecycle, IndexVersion
+from training.featurizer import searchable_words
 from training.model import PackedUserState, UserState
 
 log = logging.getLogger(__name__)
 
-Query = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
+
+
+def _has_searchable_words(query: str) -> str:
+    # Such a query was served as if it were empty: results that answer nothing the caller typed, as a 200.
+    if not searchable_words(query):
+        raise ValueError("the query has no word the model can read: it reads letters a-z and digits 0-9 "
+                         "(accents and fullwidth forms are folded to them), and punctuation or other scripts are "
+                         "not searchable")
+    return query
+
+
+Query = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256),
+                  AfterValidator(_has_searchable_words)]
 
 
 class RetrievalRequest(BaseModel):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from training.featurizer import FeaturizerConfig, encode_texts, join_terms, term_ids
+import pytest
+
+from training.featurizer import FeaturizerConfig, encode_texts, join_terms, searchable_words, term_ids
 
 CONFIG = FeaturizerConfig(n_buckets=1 << 16, max_terms=64)
 
@@ -40,3 +42,18 @@ def test_encode_texts_pads_with_zero_and_keeps_empty_texts_empty() -> None:
     mug = term_ids("mug", CONFIG)
     assert padded[2, : len(mug)].tolist() == mug and not padded[2, len(mug):].any()
     assert join_terms(None) == "" and join_terms(float("nan")) == "" and join_terms(["a", "b"]) == "a b"
+
+
+@pytest.mark.parametrize(("typed", "plain"), [("ＣＨＡＩＲ ｃｏｖｅｒ", "chair cover"), ("Café crème", "cafe creme"),
+                                              ("Straße", "strasse"), ("ﬁsh", "fish")])
+def test_text_is_folded_to_the_letters_the_model_reads(typed: str, plain: str) -> None:
+    """Fullwidth letters (a CJK input method's) lost every term, and "café" read as "caf"."""
+    assert term_ids(typed, CONFIG) == term_ids(plain, CONFIG)
+    assert searchable_words(typed) == plain.split()
+
+
+def test_a_model_saved_before_folding_reads_text_as_it_was_trained_to() -> None:
+    unfolded = CONFIG.model_copy(update={"unicode_folding": False})
+    assert term_ids("ＣＨＡＩＲ", unfolded) == [] and term_ids("café", unfolded) == term_ids("caf", unfolded)
+    assert encode_texts(["café"], unfolded).tolist() != encode_texts(["café"], CONFIG).tolist()
+    assert searchable_words("!!! — 椅子") == []

@@ -128,6 +128,19 @@ def test_a_model_saved_before_the_history_expansion_still_loads(tmp_path) -> Non
         assert torch.allclose(loaded.query_tower(batch), old.query_tower(batch))
 
 
+def test_a_model_saved_before_text_folding_still_reads_text_unfolded(tmp_path) -> None:
+    """Its product vectors were encoded from unfolded titles: folding its queries now would be skew."""
+    import json
+
+    from training.stages import load_model, save_model
+
+    save_model(UnifiedModel(CONFIG).eval(), tmp_path)
+    saved = json.loads((tmp_path / "model_config.json").read_text())
+    assert saved["featurizer"].pop("unicode_folding") is True  # what a model trained today saves
+    (tmp_path / "model_config.json").write_text(json.dumps(saved))
+    assert load_model(tmp_path).config.featurizer.unicode_folding is False
+
+
 def test_a_hard_negative_pool_smaller_than_the_negatives_it_must_hold_is_refused() -> None:
     import pytest
     from pydantic import ValidationError

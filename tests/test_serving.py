@@ -1396,6 +1396,9 @@ def test_api_happy_path_signed_out_and_unknown_user(api: str) -> None:
     assert scores == sorted(scores, reverse=True)
     signed_out = post(api, "/retrieve", {"query": "wooden bowl", "k": 5}).json()
     assert len(signed_out["results"]) == 5 and signed_out["personalized"] is False
+    # typed with a CJK input method (fullwidth letters): the same words, so the same answer
+    fullwidth = post(api, "/retrieve", {"query": "ｗｏｏｄｅｎ ＢＯＷＬ", "k": 5}).json()
+    assert fullwidth["results"] == signed_out["results"]
     unknown = post(api, "/retrieve", {"query": "wooden bowl", "user_id": 10**12, "k": 5}).json()
     assert unknown["personalized"] is False and [r["product_id"] for r in unknown["results"]] == [
         r["product_id"] for r in signed_out["results"]]
@@ -1479,7 +1482,7 @@ def test_metrics_expose_garbage_collector_pauses(api: str) -> None:
     {"query": "bowl", "filters": {"price_min": 9, "price_max": 1}}, {"query": "bowl", "filters": {"raw": "x"}},
     {"query": "bowl", "k": "many"}, {"query": "bowl", "userid": 5}, {"query": "bowl", "filter": {"price_max": 20}},
     {"query": "bowl", "filters": {"category": []}}, {"query": "bowl", "filters": {"price_max": 20}},
-    {"query": "bowl", "user_id": True}, {"query": "bowl", "k": 10.0},
+    {"query": "bowl", "user_id": True}, {"query": "bowl", "k": 10.0}, {"query": "?!"}, {"query": "椅子", "user_id": 1},
 ])
 def test_api_rejects_bad_input_with_a_clear_4xx(api: str, body: dict) -> None:
     response = post(api, "/retrieve", body)
@@ -1487,11 +1490,14 @@ def test_api_rejects_bad_input_with_a_clear_4xx(api: str, body: dict) -> None:
     assert response.text  # a message a person can act on
     if body.get("filters") == {"price_max": 20}:
         assert "need a currency" in response.text, response.text
+    if body.get("query") in ("?!", "椅子"):  # was served as an empty query: a 200 that answered nothing typed
+        assert "no word the model can read" in response.text, response.text
 
 
 @pytest.mark.parametrize("body", [
     {"requests": []}, {"requests": [{"query": "bowl", "k": 2}], "filters": {"category": ["kitchen"]}},
     {"requests": [{"query": "bowl", "k": 2}] * 257}, {"requests": [{"query": "bowl", "k": True}]}, {"query": "bowl"},
+    {"requests": [{"query": "bowl"}, {"query": "..."}]},
 ])
 def test_the_batch_endpoint_rejects_bad_input_with_a_400(api: str, body: dict) -> None:
     """An unknown top-level field (a misspelt place for filters) used to be dropped, serving the batch unfiltered; an

@@ -8,6 +8,7 @@ CRC32 with a per-kind salt: stable across processes and machines, unlike Python'
 from __future__ import annotations
 
 import re
+import unicodedata
 import zlib
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
@@ -25,11 +26,28 @@ class FeaturizerConfig(BaseModel):
     max_terms: int = Field(96, ge=8, description="terms kept per text (unigrams first)")
     bigrams: bool = True
     char_trigrams: bool = True
+    # Before it, "ＣＨＡＩＲ" (typed with a CJK input method) and "café" lost letters ("caf"), or every term.
+    # A bundle saved before the field read text without it (``training.stages.load_model`` says so).
+    unicode_folding: bool = Field(True, description="fold text to a-z/0-9 first: compatibility forms (fullwidth "
+                                  "letters, ligatures) decomposed, accents dropped, case folded")
 
 
-def words(text: str) -> list[str]:
-    """Lower-cased alphanumeric words (HTML already unescaped upstream)."""
-    return _WORD.findall(text.lower())
+def fold(text: str) -> str:
+    """``text`` decomposed (NFKD: fullwidth "Ａ" → "A", "ﬁ" → "fi", "é" → "e" + accent), without its accents,
+    case-folded ("ß" → "ss")."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+
+
+def words(text: str, unicode_folding: bool = False) -> list[str]:
+    """Lower-cased alphanumeric words (HTML already unescaped upstream), of the folded text if asked."""
+    return _WORD.findall(fold(text) if unicode_folding else text.lower())
+
+
+def searchable_words(text: str) -> list[str]:
+    """The words a model reads from ``text`` (with folding, as every model trained since it existed): none means the
+    text carries nothing to search for (punctuation only, or a script the featuriser does not read)."""
+    return words(text, unicode_folding=True)
 
 
 def _bucket(kind: bytes, term: str, n_buckets: int) -> int:
@@ -39,13 +57,18 @@ def _bucket(kind: bytes, term: str, n_buckets: int) -> int:
 
 def term_ids(text: str, config: FeaturizerConfig) -> list[int]:
     """Hashed term ids of one text: unigrams, then bigrams, then character trigrams, truncated."""
-    return list(_term_ids(text, config.n_buckets, config.max_terms, config.bigrams, config.char_trigrams))
+    return list(_term_ids(text, *_key(config)))
+
+
+def _key(config: FeaturizerConfig) -> tuple[int, int, bool, bool, bool]:
+    return config.n_buckets, config.max_terms, config.bigrams, config.char_trigrams, config.unicode_folding
 
 
 @lru_cache(maxsize=500_000)
-def _term_ids(text: str, n: int, max_terms: int, bigrams: bool, char_trigrams: bool) -> tuple[int, ...]:
+def _term_ids(text: str, n: int, max_terms: int, bigrams: bool, char_trigrams: bool,
+              unicode_folding: bool) -> tuple[int, ...]:
     # Cached: queries, history items and titles repeat a lot, and hashing is the hot path of training.
-    toks = words(text)
+    toks = words(text, unicode_folding)
     ids = [_bucket(b"w", t, n) for t in toks]
     if bigrams:
         ids += [_bucket(b"b", f"{a} {b}", n) for a, b in zip(toks, toks[1:], strict=False)]
@@ -60,7 +83,7 @@ def encode_texts(texts: Sequence[str], config: FeaturizerConfig) -> np.ndarray:
     """Term ids of each text, right-padded with 0 to (len(texts), max_terms): the input of an
     ``EmbeddingBag`` with ``padding_idx=0`` (an empty text embeds to zeros)."""
     out = np.zeros((len(texts), config.max_terms), dtype=np.int64)
-    key = (config.n_buckets, config.max_terms, config.bigrams, config.char_trigrams)
+    key = _key(config)
     for i, text in enumerate(texts):
         ids = _term_ids(text or "", *key)
         out[i, : len(ids)] = ids

@@ -244,6 +244,7 @@ def load_model(directory: Path) -> UnifiedModel:
     # Versions saved before the history expansion existed have no such key: they were trained without it,
     # and yesterday's production model must still load (serving, the evaluation's production row).
     saved.setdefault("history_expansion", 0.0)
+    saved.setdefault("featurizer", {}).setdefault("unicode_folding", False)  # likewise: read text unfolded
     model = UnifiedModel(ModelConfig.model_validate(saved))
     model.load_state_dict(torch.load(directory / "weights.pt", weights_only=True))
     return model.eval()
