@@ -106,18 +106,10 @@ class ServingSettings(BaseModel):
     # day's DAG failed) are not used: the state is computed from query_tower_v1 as without them.
     precomputed_user_states: bool = True
     user_state_max_age_s: float = Field(36 * 3600.0, gt=0)
-    # How long a /retrieve_batch call may wait in BentoML's adaptive batching queue before BentoML refuses it
-    # with a 503 ("process is overloaded"). A batch of n requests takes n searches: at 20 ms this refused a
-    # 65-request call (split at the batch maximum, the rest waits) and concurrent calls on Milvus Lite.
-    batch_max_latency_ms: int = Field(10_000, ge=100)
     # The most requests one /retrieve_batch call may carry (more is a 400): each takes a search and up to k results.
     batch_call_max_requests: int = Field(256, ge=1, le=10_000)
     # How often a running service looks for a new alias target / model version.
     reload_interval_s: float = 10.0
-    # Threads of the sync endpoint /retrieve_batch (BentoML's default, 1, serialises its calls). /retrieve is
-    # async and batches through the coalescer below: as a sync endpoint on these threads it saturated near
-    # 40 requests/s at 1M.
-    threads: int = Field(4, ge=1)
     # API worker processes (BentoML ``workers``): each has its own GIL, model copy, coalescer and user-state
     # cache. One is GIL-bound near 0.8 cores; on this 2-core machine, shared with Milvus, 2 were worse (20k
     # products, 200 requests/s: p99 95 ms vs 71 ms, ad hoc): more CPU per request, half the cache hits each.

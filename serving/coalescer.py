@@ -1,9 +1,9 @@
 """Coalesce concurrent single requests into batches for one handler call.
 
-Why not BentoML's adaptive batching here: it serves ``/retrieve_batch`` (a list in, a list out), but
-``/retrieve`` takes one request with its own typed fields and returns a custom 503 body, which
-BentoML's batched endpoints cannot. Per request the costly parts — the query tower forward pass and
-the Milvus search (one gRPC round trip, then a search of every segment) — cost nearly the same for
+It serves ``/retrieve`` and each request of ``/retrieve_batch``. Why not BentoML's adaptive batching: its batched
+endpoints take a list and return a list for all the calls merged, so they cannot answer one call with a 503 of its
+own (its text, or one call's refusal failing only that call). Per request the costly parts — the query tower
+forward pass and the Milvus search (one gRPC round trip, then a search of every segment) — cost nearly the same for
 one query as for a few, so under load a batch of n pays them about once instead of n times.
 
 Batching is *natural*: a worker takes whatever is queued when it becomes free (up to ``max_batch``),

@@ -1,4 +1,4 @@
-"""The retrieval API (BentoML): ``POST /retrieve`` and the adaptively batched ``POST /retrieve_batch``.
+"""The retrieval API (BentoML): ``POST /retrieve`` and ``POST /retrieve_batch``, batched together by the coalescer.
 
 BentoML provides ``/livez``, ``/readyz`` (ready = a model and the index it built are loaded) and
 ``/metrics`` (Prometheus; ours: per-stage latency and history-cache hits). Start it with
@@ -30,7 +30,7 @@ from threadpoolctl import threadpool_limits
 from retrieval_core.settings import ServingSettings, get_settings
 from serving.coalescer import Coalescer
 from serving.filters import Filters
-from serving.retriever import RetrievalRequest, RetrievalResponse, Retriever, Unavailable, first_refusal
+from serving.retriever import RetrievalRequest, RetrievalResponse, Retriever, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,7 @@ class RetrieveBatchInput(bentoml.IODescriptor):
     requests: list[RetrievalRequest] = Field(min_length=1, max_length=get_settings().serving.batch_call_max_requests)
 
 
-@bentoml.service(name="unified_retrieval", traffic={"timeout": 30}, threads=get_settings().serving.threads,
-                 workers=get_settings().serving.workers,
+@bentoml.service(name="unified_retrieval", traffic={"timeout": 30}, workers=get_settings().serving.workers,
                  logging={"access": {"enabled": get_settings().serving.access_log}},
                  tracing=_tracing(get_settings().serving.tracing_sample_rate))
 class RetrievalService:
@@ -97,7 +96,7 @@ class RetrievalService:
         cache = Counter("uer_history_cache_total", "User-history cache lookups", ["result"])
         misses = Counter("uer_user_state_misses_total", "User-state cache misses by the state's source: stored "
                          "(precomputed by `uer user-states`) or computed from query_tower_v1", ["source"])
-        batch = Histogram("uer_retrieve_batch_size", "Requests of /retrieve served together",
+        batch = Histogram("uer_retrieve_batch_size", "Requests of /retrieve and /retrieve_batch served together",
                           buckets=(1, 2, 4, 8, 16, 32, 64))
         gc_pause = Histogram("uer_gc_pause_seconds", "Pauses of Python's cyclic garbage collector (it holds "
                              "the GIL: every request waits)", ["generation"],
@@ -157,25 +156,31 @@ class RetrievalService:
         """Top-k products for one query, personalized by the user's history when ``user_id`` is known.
         Concurrent requests are served together (``serving.coalescer``): one query-tower pass, one search."""
         # BentoML validated the body against RetrieveInput, RetrievalRequest's own rules: no need to check again.
-        request = RetrievalRequest.model_construct(query=query, user_id=user_id, k=k, filters=filters)
-        try:
-            row = await asyncio.wrap_future(self._coalescer.submit(request))
-        except (ServiceUnavailable, Unavailable) as exc:  # the batch's, or this request's alone (its filters)
-            # BentoML hides the text of 5xx errors; the caller should learn which dependency is down.
-            return JSONResponse({"error": str(exc)}, status_code=HTTPStatus.SERVICE_UNAVAILABLE)
-        # Written as it is (orjson): the same JSON as RetrievalResponse's, without validating 100 results again.
-        return Response(orjson.dumps(row), media_type="application/json")
+        return await self._answer([RetrievalRequest.model_construct(query=query, user_id=user_id, k=k,
+                                                                    filters=filters)], one=True)
 
-    @bentoml.api(route="/retrieve_batch", input_spec=RetrieveBatchInput, batchable=True, max_batch_size=64,
-                 max_latency_ms=get_settings().serving.batch_max_latency_ms)
-    def retrieve_batch(self, requests: list[RetrievalRequest]) -> list[RetrievalResponse]:
-        """Many requests in one call; concurrent calls are merged by BentoML's adaptive batching.
-        (A 503 here carries BentoML's generic text: batched outputs cannot be a custom response.)"""
-        rows = self._run(requests)
-        if refused := first_refusal(rows):
-            # One call's refusal fails the merged batch: BentoML's batched outputs cannot carry an error per row.
-            raise ServiceUnavailable(str(refused))
-        return [RetrievalResponse.model_validate(row) for row in rows]
+    @bentoml.api(route="/retrieve_batch", input_spec=RetrieveBatchInput)
+    async def retrieve_batch(self, requests: list[RetrievalRequest]) -> list[RetrievalResponse]:
+        """Many requests in one call, each answered as ``/retrieve`` would: they join the same coalescer, so they are
+        served together with each other and with concurrent ``/retrieve`` requests."""
+        # Why not BentoML's adaptive batching (batchable=True), as before: it merges concurrent calls into one
+        # handler call whose output cannot carry an error per call, so one call's refusal (a filter the served
+        # collection cannot apply) failed every call merged with it, and its 503s carried BentoML's generic text.
+        return await self._answer(requests, one=False)
+
+    async def _answer(self, requests: list[RetrievalRequest], one: bool) -> Response:
+        """The JSON of each request's response (of one alone when ``one``), or a 503 that says what failed."""
+        rows = await asyncio.gather(*(asyncio.wrap_future(self._coalescer.submit(request)) for request in requests),
+                                    return_exceptions=True)
+        for i, row in enumerate(rows):
+            if isinstance(row, (ServiceUnavailable, Unavailable)):  # the batch's, or a request's alone (its filters)
+                # BentoML hides the text of 5xx errors; the caller should learn which dependency is down.
+                return JSONResponse({"error": str(row) if one else f"request {i}: {row}"},
+                                    status_code=HTTPStatus.SERVICE_UNAVAILABLE)
+            if isinstance(row, BaseException):
+                raise row
+        # Written as it is (orjson): the same JSON as RetrievalResponse's, without validating 100 results again.
+        return Response(orjson.dumps(rows[0] if one else rows), media_type="application/json")
 
 
 def limit_compute_threads(serving: ServingSettings) -> None:

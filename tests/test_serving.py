@@ -1411,9 +1411,9 @@ def test_api_happy_path_signed_out_and_unknown_user(api: str) -> None:
 
 
 def test_the_batch_endpoint_serves_a_call_beyond_its_batch_size_and_concurrent_calls(api: str) -> None:
-    """BentoML splits a /retrieve_batch call longer than its batch maximum (64) and merges concurrent calls. Neither
-    may be refused as "overloaded" because a batch of searches outlasts BentoML's latency budget (it was 20 ms;
-    once its dispatcher had learnt a batch's duration, both were 503s)."""
+    """A /retrieve_batch call longer than the coalescer's batch maximum (32), beside concurrent calls. Neither may be
+    refused as "overloaded" (under BentoML's adaptive batching, used before, both were 503s once its dispatcher had
+    learnt a batch's duration: a batch of searches outlasted its latency budget)."""
     from concurrent.futures import ThreadPoolExecutor
 
     for _ in range(12):  # what the dispatcher learns its timings from
@@ -1561,6 +1561,16 @@ def test_a_filter_the_served_collection_cannot_apply_is_a_503_for_that_request_a
             [r.text for r in refused][:2]
         assert all(r.status_code == 200 and r.json()["index_version"] == old.index_version for r in answered), \
             [r.text for r in answered if r.status_code != 200][:2]
+        # the same through /retrieve_batch: the refused call names its request, the calls beside it are served
+        # (BentoML's adaptive batching merged concurrent calls and failed them all, with a generic 503 text)
+        calls = [{"requests": [plain, priced]}, {"requests": [plain, plain]}] * 8
+        with ThreadPoolExecutor(16) as pool:
+            responses = list(pool.map(lambda body: post(api, "/retrieve_batch", body), calls))
+        refused, answered = responses[::2], responses[1::2]
+        assert all(r.status_code == 503 and r.json()["error"].startswith("request 1: the served index")
+                   and "built before currency was indexed" in r.text for r in refused), [r.text for r in refused][:2]
+        assert all(r.status_code == 200 and [row["index_version"] for row in r.json()] == [old.index_version] * 2
+                   for r in answered), [r.text for r in answered if r.status_code != 200][:2]
     finally:  # back to the collection the module's later tests expect
         index.swap(first)
         serving_now(first.index_version)
