@@ -27,6 +27,7 @@ from feature_repo.warehouse import (
     published_days,
     published_path,
     published_rows,
+    read_published,
 )
 from retrieval_core.contract import partition_path, read_table
 from retrieval_core.settings import Settings
@@ -181,6 +182,29 @@ def test_a_corrected_earlier_day_built_again_after_a_crash_takes_back_what_it_no
         shutil.move(backup, backup.with_suffix(".parquet"))
         build_feature_day(local, days[-2])
     assert _digest(files) == before and online_snapshot(local) == online_before
+
+
+def test_an_entity_a_rebuilt_day_no_longer_holds_takes_back_only_a_row_inside_the_views_ttl(local: Settings) -> None:
+    """The take-back's bound: a noted entity that the window did not write gets its newest row back only if that row
+    is inside the view's TTL at the window's end (the point-in-time join returns nothing older); past it, the entity
+    leaves the online store."""
+    feast = store.get_store(local)
+    view = feast.get_feature_view("user_history")
+    end = view.most_recent_end_time
+    columns = ["user_id", *(f.name for f in view.features), view.batch_source.timestamp_field]
+    user = int(read_published(local, "user_history")["user_id"].iloc[0])
+    before = online_snapshot(local)
+
+    def take_back(window_end: dt.datetime) -> list | None:
+        assert store._take_back_replaced(local, feast, "user_history", columns, {user}, set(), window_end, 100) == 1
+        return store.online_user_history(local, [user])["recent_queries"][0]
+
+    try:
+        # every published row of the user is older than the TTL at this end: none may come back
+        assert take_back(end + view.ttl + dt.timedelta(days=len(published_days(local)))) is None
+    finally:  # at the real end, the newest row comes back: the online store as it was
+        assert take_back(end) is not None
+    assert online_snapshot(local) == before
 
 
 def test_a_second_feature_build_is_refused_while_one_holds_the_lock(local: Settings) -> None:

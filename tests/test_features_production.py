@@ -154,16 +154,34 @@ def test_written_sources_are_replaced_per_version_in_postgres_and_read_per_bundl
 
 
 
-def test_a_corrected_day_built_again_reaches_redis_and_drops_what_it_no_longer_holds(production: Settings) -> None:
+def test_a_corrected_day_built_again_reaches_redis_and_drops_what_it_no_longer_holds(
+        production: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """A day's raw events corrected after it was published, and the day built again (an Airflow clear): every
     user's online row is again the point-in-time join — the renamed queries replace the row Redis holds for the same
     event timestamp (Feast's Redis writer keeps the stored row on equal timestamps), a user whose events all went
-    falls back to their older row, one with no row left has none online. Restoring the events and building the day
-    once more gives back the original online store."""
+    falls back to their older row, one with no row left has none online. The first rebuild is killed half-way
+    through its online writes, after a chunk's Redis timestamps were removed and before its rows were written: the
+    retry still finishes the job. Restoring the events and building the day once more gives back the original
+    online store."""
+    from feast import FeatureStore
+
     before = online_snapshot(production)
     end = store.get_store(production).get_feature_view("user_history").most_recent_end_time
     backup, users = correct_raw_day(production, NEXT_DAY)
     try:
+        writes, write = [], FeatureStore.write_to_online_store
+
+        def killed_at_the_second_write(self: FeatureStore, *args: object, **kwargs: object) -> None:
+            writes.append(args[0] if args else kwargs.get("feature_view_name"))
+            if len(writes) == 2:
+                raise RuntimeError("killed mid-materialisation")
+            write(self, *args, **kwargs)
+
+        with monkeypatch.context() as crash:
+            crash.setattr(FeatureStore, "write_to_online_store", killed_at_the_second_write)
+            with pytest.raises(RuntimeError, match="killed mid-materialisation"):
+                build_feature_day(production, NEXT_DAY)
+        assert noted_keys(production, writes[1]), writes  # the killed view's note is kept for the retry
         build_feature_day(production, NEXT_DAY)
         for view in store.PIPELINE_VIEWS:
             assert assert_online_is_point_in_time(production, end, view) > 50
