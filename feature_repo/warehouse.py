@@ -137,7 +137,12 @@ def ensure_database(settings: Settings) -> None:
     with psycopg.connect(settings.postgres.dsn(database="postgres"), autocommit=True) as conn:
         exists = conn.execute("select 1 from pg_database where datname = %s", (settings.postgres.database,)).fetchone()
         if not exists:
-            conn.execute(f'create database "{settings.postgres.database}"')
+            try:
+                conn.execute(f'create database "{settings.postgres.database}"')
+            except (psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
+                # Another worker's first build created it since the check (it is made before any lock can be taken
+                # in it): the second CREATE fails, with UniqueViolation while the first is still committing.
+                pass
 
 
 def load_raw_to_postgres(settings: Settings, up_to: dt.date) -> int:

@@ -8,6 +8,7 @@ import datetime as dt
 import shutil
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pandas as pd
 import psycopg
@@ -44,6 +45,34 @@ def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     with psycopg.connect(settings.postgres.dsn(database="postgres"), autocommit=True) as conn:
         conn.execute(f'drop database if exists "{database}" with (force)')
     redis.Redis(host=settings.redis.host, port=settings.redis.port, db=REDIS_DB).flushdb()
+
+
+def test_first_builds_started_together_both_find_the_database(tmp_path: Path) -> None:
+    """The first build on a new server creates the warehouse's database, before any lock can be taken in it: two
+    workers starting at once both saw no database, and the second's CREATE DATABASE failed its build."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from feature_repo.warehouse import ensure_database
+
+    database = f"uer_test_{uuid.uuid4().hex[:8]}"
+    settings = Settings(profile="production", data_dir=tmp_path / "data", artifacts_dir=tmp_path / "artifacts",
+                        postgres={"database": database})
+    together = Barrier(4)
+
+    def first_build() -> None:
+        together.wait()
+        ensure_database(settings)
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            for started in [pool.submit(first_build) for _ in range(4)]:
+                started.result()
+        with psycopg.connect(settings.postgres.dsn(), autocommit=True) as conn:
+            assert conn.execute("select current_database()").fetchone()[0] == database
+    finally:
+        with psycopg.connect(settings.postgres.dsn(database="postgres"), autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{database}" with (force)')
 
 
 def test_marts_are_published_to_postgres(production: Settings) -> None:
