@@ -45,9 +45,11 @@ def test_encode_texts_pads_with_zero_and_keeps_empty_texts_empty() -> None:
 
 
 @pytest.mark.parametrize(("typed", "plain"), [("ＣＨＡＩＲ ｃｏｖｅｒ", "chair cover"), ("Café crème", "cafe creme"),
-                                              ("Straße", "strasse"), ("ﬁsh", "fish")])
+                                              ("Straße", "strasse"), ("ﬁsh", "fish"), ("Łódź kılıf", "lodz kilif"),
+                                              ("Coca™ x²", "coca tm x 2")])
 def test_text_is_folded_to_the_letters_the_model_reads(typed: str, plain: str) -> None:
-    """Fullwidth letters (a CJK input method's) lost every term, and "café" read as "caf"."""
+    """Fullwidth letters (a CJK input method's) lost every term, and "café" read as "caf". A symbol's letters are a
+    word of their own ("Coca™" is not "cocatm")."""
     assert term_ids(typed, CONFIG) == term_ids(plain, CONFIG)
     assert searchable_words(typed) == plain.split()
 

@@ -32,11 +32,25 @@ class FeaturizerConfig(BaseModel):
                                   "letters, ligatures) decomposed, accents dropped, case folded")
 
 
+# Letters that Unicode does not decompose into a base letter and an accent.
+_BASE_LETTERS = {"ø": "o", "Ø": "O", "ł": "l", "Ł": "L", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE", "ı": "i",
+                 "đ": "d", "Đ": "D", "ð": "d", "Ð": "D", "þ": "th", "Þ": "TH"}
+
+
+@lru_cache(maxsize=8192)
+def _fold_char(char: str) -> str:
+    decomposed = unicodedata.normalize("NFKD", _BASE_LETTERS.get(char, char))
+    kept = "".join(c for c in decomposed if not unicodedata.combining(c))
+    # A symbol's or number's letters are a word of their own: "Coca™" is "coca tm", not "cocatm"; "x²" is "x 2".
+    return f" {kept} " if unicodedata.category(char) in ("So", "No", "Nl") else kept
+
+
 def fold(text: str) -> str:
     """``text`` decomposed (NFKD: fullwidth "Ａ" → "A", "ﬁ" → "fi", "é" → "e" + accent), without its accents,
-    case-folded ("ß" → "ss")."""
-    decomposed = unicodedata.normalize("NFKD", text)
-    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+    with a few letters that do not decompose mapped to their base ("ø" → "o", "æ" → "ae"), case-folded ("ß" → "ss")."""
+    if text.isascii():
+        return text.lower()
+    return "".join(map(_fold_char, text)).casefold()
 
 
 def words(text: str, unicode_folding: bool = False) -> list[str]:
