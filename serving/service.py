@@ -170,12 +170,21 @@ class RetrievalService:
 
     async def _answer(self, requests: list[RetrievalRequest], one: bool) -> Response:
         """The JSON of each request's response (of one alone when ``one``), or a 503 that says what failed."""
-        rows = await asyncio.gather(*(asyncio.wrap_future(self._coalescer.submit(request)) for request in requests),
-                                    return_exceptions=True)
+        rows: list = []
+        # A call's requests join the queue one batch's worth at a time: a /retrieve that arrives meanwhile waits behind
+        # at most that much, not behind the whole call (256 requests are 8 batches).
+        step = self.settings.serving.batch_max
+        for start in range(0, len(requests), step):
+            rows += await asyncio.gather(*(asyncio.wrap_future(self._coalescer.submit(request))
+                                           for request in requests[start:start + step]), return_exceptions=True)
+            if any(isinstance(row, BaseException) for row in rows):
+                break
         for i, row in enumerate(rows):
-            if isinstance(row, (ServiceUnavailable, Unavailable)):  # the batch's, or a request's alone (its filters)
-                # BentoML hides the text of 5xx errors; the caller should learn which dependency is down.
-                return JSONResponse({"error": str(row) if one else f"request {i}: {row}"},
+            # BentoML hides the text of 5xx errors; the caller should learn which dependency is down.
+            if isinstance(row, ServiceUnavailable):  # the whole batch's: a dependency is down
+                return JSONResponse({"error": str(row)}, status_code=HTTPStatus.SERVICE_UNAVAILABLE)
+            if isinstance(row, Unavailable):  # this request's alone (its filters)
+                return JSONResponse({"error": str(row) if one else f"request {i} (counted from 0): {row}"},
                                     status_code=HTTPStatus.SERVICE_UNAVAILABLE)
             if isinstance(row, BaseException):
                 raise row

@@ -191,8 +191,11 @@ def test_an_entity_a_rebuilt_day_no_longer_holds_takes_back_only_a_row_inside_th
     feast = store.get_store(local)
     view = feast.get_feature_view("user_history")
     end = view.most_recent_end_time
-    columns = ["user_id", *(f.name for f in view.features), view.batch_source.timestamp_field]
-    user = int(read_published(local, "user_history")["user_id"].iloc[0])
+    timestamp = view.batch_source.timestamp_field
+    columns = ["user_id", *(f.name for f in view.features), timestamp]
+    history = read_published(local, "user_history")
+    user = int(history["user_id"].iloc[0])
+    newest = pd.Timestamp(history.loc[history["user_id"] == user, timestamp].max()).to_pydatetime()
     before = online_snapshot(local)
 
     def take_back(window_end: dt.datetime) -> list | None:
@@ -200,8 +203,8 @@ def test_an_entity_a_rebuilt_day_no_longer_holds_takes_back_only_a_row_inside_th
         return store.online_user_history(local, [user])["recent_queries"][0]
 
     try:
-        # every published row of the user is older than the TTL at this end: none may come back
-        assert take_back(end + view.ttl + dt.timedelta(days=len(published_days(local)))) is None
+        assert take_back(newest + view.ttl) is not None  # the newest row is just inside the TTL (inclusive, as Feast)
+        assert take_back(newest + view.ttl + dt.timedelta(microseconds=1)) is None  # and just outside it
     finally:  # at the real end, the newest row comes back: the online store as it was
         assert take_back(end) is not None
     assert online_snapshot(local) == before

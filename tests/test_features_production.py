@@ -188,11 +188,20 @@ def test_a_corrected_day_built_again_reaches_redis_and_drops_what_it_no_longer_h
     """A day's raw events corrected after it was published, and the day built again (an Airflow clear): every
     user's online row is again the point-in-time join — the renamed queries replace the row Redis holds for the same
     event timestamp (Feast's Redis writer keeps the stored row on equal timestamps), a user whose events all went
-    falls back to their older row, one with no row left has none online. The first rebuild is killed half-way
-    through its online writes, after a chunk's Redis timestamps were removed and before its rows were written: the
+    falls back to their older row, one with no row left has none online. The first rebuild is killed at its second
+    online write, after that write's entities lost their Redis timestamps and before their rows were written: the
     retry still finishes the job. Restoring the events and building the day once more gives back the original
     online store."""
     from feast import FeatureStore
+    from feast.infra.online_stores.helpers import _mmh3
+
+    client = redis.Redis(host=production.redis.host, port=production.redis.port, db=REDIS_DB)
+
+    def rows_without_timestamp(view: str) -> int:
+        """The view's online rows (Redis hashes holding its features) whose event timestamp was removed."""
+        feature = _mmh3(f"{view}:{store.get_store(production).get_feature_view(view).features[0].name}")
+        return sum(client.hexists(key, feature) and not client.hexists(key, f"_ts:{view}")
+                   for key in client.scan_iter(count=1000))
 
     before = online_snapshot(production)
     end = store.get_store(production).get_feature_view("user_history").most_recent_end_time
@@ -211,7 +220,9 @@ def test_a_corrected_day_built_again_reaches_redis_and_drops_what_it_no_longer_h
             with pytest.raises(RuntimeError, match="killed mid-materialisation"):
                 build_feature_day(production, NEXT_DAY)
         assert noted_keys(production, writes[1]), writes  # the killed view's note is kept for the retry
+        assert rows_without_timestamp(writes[1]) > 0, writes  # killed where it matters: timestamps gone, rows not in
         build_feature_day(production, NEXT_DAY)
+        assert rows_without_timestamp(writes[1]) == 0
         for view in store.PIPELINE_VIEWS:
             assert assert_online_is_point_in_time(production, end, view) > 50
             assert noted_keys(production, view) == set()  # the note goes once the online store caught up

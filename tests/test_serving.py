@@ -1567,7 +1567,7 @@ def test_a_filter_the_served_collection_cannot_apply_is_a_503_for_that_request_a
         with ThreadPoolExecutor(16) as pool:
             responses = list(pool.map(lambda body: post(api, "/retrieve_batch", body), calls))
         refused, answered = responses[::2], responses[1::2]
-        assert all(r.status_code == 503 and r.json()["error"].startswith("request 1: the served index")
+        assert all(r.status_code == 503 and r.json()["error"].startswith("request 1 (counted from 0): the served index")
                    and "built before currency was indexed" in r.text for r in refused), [r.text for r in refused][:2]
         assert all(r.status_code == 200 and [row["index_version"] for row in r.json()] == [old.index_version] * 2
                    for r in answered), [r.text for r in answered if r.status_code != 200][:2]
