@@ -33,7 +33,6 @@ from training.model import PackedUserState, UserState
 log = logging.getLogger(__name__)
 
 
-
 def _has_searchable_words(query: str) -> str:
     # Such a query was served as if it were empty: results that answer nothing the caller typed, as a 200.
     if not searchable_words(query):
