@@ -176,7 +176,7 @@ class RetrievalService:
         step = self.settings.serving.batch_max
         for start in range(0, len(requests), step):
             futures = [asyncio.wrap_future(self._coalescer.submit(request)) for request in requests[start:start + step]]
-            # One request (every /retrieve) is awaited as it is: gather costs ~10 us more, on the hot path.
+            # One request (every /retrieve) is awaited as it is: gather cost ~10 us more (ad hoc timeit), a hot path.
             rows += (await asyncio.gather(*futures, return_exceptions=True) if len(futures) > 1
                      else [await _outcome(futures[0])])
             if any(isinstance(row, BaseException) for row in rows[start:]):
